@@ -1,0 +1,94 @@
+"""Image conversions shared by the extractors: anything image-like → uint8 arrays, arrays → PIL."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image
+
+from t2iadapter.errors import ConditionError
+
+ImageInput = Union[Image.Image, np.ndarray, str, Path]
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Open and fully decode an image file, so a truncated file fails here and not later."""
+    image = Image.open(path)
+    image.load()
+    return image
+
+
+def to_rgb(image: ImageInput) -> np.ndarray:
+    """HxWx3 uint8 RGB; alpha is composited on white as ControlNet's HWC3 does."""
+    if isinstance(image, (str, Path)):
+        image = open_image(image)
+    if isinstance(image, Image.Image):
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            image = image.convert("RGBA")
+        elif image.mode not in ("RGB", "L"):
+            image = image.convert("RGB")
+        array = np.asarray(image)
+    elif isinstance(image, np.ndarray):
+        array = image
+    else:
+        raise ConditionError(f"expected a PIL image, a numpy array or a path, got {type(image).__name__}")
+    if array.dtype != np.uint8:
+        raise ConditionError(f"expected a uint8 image, got dtype {array.dtype}")
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[2] not in (1, 3, 4) or 0 in array.shape[:2]:
+        raise ConditionError(f"expected an HxW, HxWx1, HxWx3 or HxWx4 image, got shape {array.shape}")
+    if array.shape[2] == 1:
+        return np.repeat(array, 3, axis=2)
+    if array.shape[2] == 4:
+        color = array[:, :, :3].astype(np.float32)
+        alpha = array[:, :, 3:4].astype(np.float32) / 255.0
+        return (color * alpha + 255.0 * (1.0 - alpha)).clip(0, 255).astype(np.uint8)
+    return np.ascontiguousarray(array)
+
+
+def to_gray(image: ImageInput) -> np.ndarray:
+    """HxW uint8 luma (ITU-R 601, as cv2.COLOR_RGB2GRAY)."""
+    import cv2
+
+    return cv2.cvtColor(to_rgb(image), cv2.COLOR_RGB2GRAY)
+
+
+def to_labels(image: ImageInput) -> np.ndarray:
+    """HxW integer class indices from a 1-channel label map (L, P, I;16, I, or a 2-D array)."""
+    if isinstance(image, (str, Path)):
+        image = open_image(image)
+    if isinstance(image, Image.Image):
+        if image.mode in ("RGB", "RGBA"):
+            array = np.asarray(image)
+        elif image.mode in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
+            array = np.asarray(image)
+        else:
+            raise ConditionError(f"a label map must be a 1-channel image of class indices, got mode {image.mode}")
+    elif isinstance(image, np.ndarray):
+        array = image
+    else:
+        raise ConditionError(f"expected a label map image, array or path, got {type(image).__name__}")
+    if array.ndim == 3 and array.shape[2] in (3, 4):
+        rgb = array[:, :, :3]
+        if not (np.array_equal(rgb[:, :, 0], rgb[:, :, 1]) and np.array_equal(rgb[:, :, 0], rgb[:, :, 2])):
+            raise ConditionError(
+                "a label map must hold class indices in one channel; this image has colours "
+                "(is it already a colour map?)"
+            )
+        array = rgb[:, :, 0]
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
+        raise ConditionError(f"a label map must be an HxW integer array, got shape {array.shape} dtype {array.dtype}")
+    if array.size and array.min() < 0:
+        raise ConditionError("a label map cannot hold negative class indices")
+    return array.astype(np.int64)
+
+
+def to_pil(array: np.ndarray) -> Image.Image:
+    """HxW (→ mode L) or HxWx3 (→ RGB) uint8 array as a PIL image."""
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    return Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8))

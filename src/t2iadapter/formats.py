@@ -1,0 +1,534 @@
+"""Reading and writing adapter checkpoints in every format users have.
+
+Formats (DESIGN.md §4):
+- original TencentARC files (`.pth`/`.ckpt` pickles or `.safetensors`, with or without an
+  `adapter.` prefix): full, light, style, fuser; SD1 vs SDXL and the input channels are read
+  from the tensors' shapes. Our module names *are* the original key names, so this is 1:1.
+- diffusers folders (`config.json` + `diffusion_pytorch_model.safetensors` or `.bin`), and bare
+  diffusers-keyed weight files: keys `adapter.body.{stage}.resnets.{j}.*` mapped to ours.
+- our single file: safetensors with the config JSON in its metadata (`t2iadapter_config`).
+- our folder for kinds diffusers does not know (style, fuser): `config.json` + `adapter.safetensors`.
+- hub ids (`org/repo`, or `org/repo/path/in/repo.pth`), through huggingface_hub when online.
+
+Pickles are only ever read with `torch.load(weights_only=True)`; anything needing more is refused.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from t2iadapter.errors import CheckpointError, ConfigError, UnsafeCheckpointError
+from t2iadapter.models import (
+    AdapterModule,
+    FullAdapterConfig,
+    FuserConfig,
+    LightAdapterConfig,
+    StyleAdapterConfig,
+    build_adapter,
+    config_from_dict,
+)
+from t2iadapter.models.base import config_to_dict
+
+log = logging.getLogger(__name__)
+
+StateDict = dict[str, torch.Tensor]
+
+FORMAT_VERSION = "1"
+METADATA_KEY = "t2iadapter_config"
+OUR_FOLDER_WEIGHTS = "adapter.safetensors"
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+PICKLE_SUFFIXES = {".pth", ".pt", ".ckpt", ".bin"}
+DIFFUSERS_TYPES = {"full": "full_adapter", "full_xl": "full_adapter_xl", "light": "light_adapter"}
+
+# Released checkpoints and what the loader detects them as (README table; DESIGN.md §4).
+RELEASED: list[tuple[str, str, str]] = [
+    ("TencentARC/T2I-Adapter models/t2iadapter_{sketch,canny}_sd14v1.pth", "original", "full, 1-channel, SD1"),
+    ("TencentARC/T2I-Adapter models/t2iadapter_{keypose,seg,depth,openpose}_sd14v1.pth", "original", "full, 3-channel, SD1"),
+    ("TencentARC/T2I-Adapter models/t2iadapter_color_sd14v1.pth", "original", "light, 3-channel, SD1"),
+    ("TencentARC/T2I-Adapter models/t2iadapter_style_sd14v1.pth", "original", "style (8 tokens, 768 context)"),
+    ("TencentARC/T2I-Adapter models/t2iadapter_{canny,sketch}_sd15v2.pth", "original", "full, 1-channel, SD1"),
+    ("TencentARC/T2I-Adapter models/t2iadapter_{depth,zoedepth}_sd15v{2,1}.pth", "original", "full, 3-channel, SD1"),
+    ("TencentARC/T2I-Adapter models/coadapter-{sketch,canny}-sd15v1.pth", "original", "full, 1-channel, SD1"),
+    ("TencentARC/T2I-Adapter models/coadapter-depth-sd15v1.pth", "original", "full, 3-channel, SD1"),
+    ("TencentARC/T2I-Adapter models/coadapter-color-sd15v1.pth", "original", "light, 3-channel, SD1"),
+    ("TencentARC/T2I-Adapter models/coadapter-style-sd15v1.pth", "original", "style"),
+    ("TencentARC/T2I-Adapter models/coadapter-fuser-sd15v1.pth", "original", "fuser"),
+    ("TencentARC/t2iadapter_{sketch,canny,...}_sd14v1 (diffusers)", "diffusers", "full or light, SD1"),
+    ("TencentARC/t2i-adapter-{sketch,canny,lineart}-sdxl-1.0", "diffusers", "full_xl, 3-channel, SDXL"),
+    ("TencentARC/t2i-adapter-{openpose,depth-zoe,depth-midas}-sdxl-1.0", "diffusers", "full_xl, 3-channel, SDXL"),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# reading raw files
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def read_weights(path: str | Path) -> tuple[StateDict, dict[str, str]]:
+    """Tensors and (safetensors) metadata of one weights file; pickles only with weights_only=True."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path)), _safetensors_metadata(path)
+        except Exception as exc:  # safetensors raises its own error types for bad headers
+            raise CheckpointError(f"{path}: cannot read this safetensors file (truncated or corrupt?): {exc}") from None
+    if path.suffix not in PICKLE_SUFFIXES:
+        raise CheckpointError(
+            f"{path}: unknown checkpoint type {path.suffix!r}; expected .safetensors, .pth, .pt, .ckpt or .bin"
+        )
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(
+            f"{path}: refused: this pickle needs more than tensors to load (it could run code). Nothing in it was "
+            f"executed. If you trust its source, convert it to safetensors yourself. Detail: {str(exc).splitlines()[0]}"
+        ) from None
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot read this checkpoint (truncated or corrupt?): {exc}") from None
+    return _unwrap(obj, path), {}
+
+
+def _unwrap(obj: Any, path: Path) -> StateDict:
+    """The tensor dict inside a loaded pickle (also inside Lightning's `state_dict`)."""
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not obj:
+        raise CheckpointError(f"{path}: holds no state dict (got {type(obj).__name__})")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if len(tensors) != len(obj):
+        other = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)][:5]
+        raise CheckpointError(f"{path}: entries that are not tensors: {other}")
+    return tensors
+
+
+# ---------------------------------------------------------------------------------------------
+# key layouts
+
+
+_DIFF_RESNET = re.compile(r"^body\.(\d+)\.resnets\.(\d+)\.(.+)$")
+_DIFF_STAGE = re.compile(r"^body\.(\d+)\.(in_conv|out_conv)\.(.+)$")
+
+
+def _strip_prefix(sd: StateDict) -> StateDict:
+    if sd and all(k.startswith("adapter.") for k in sd):
+        return {k[len("adapter.") :]: v for k, v in sd.items()}
+    return dict(sd)
+
+
+def is_diffusers_layout(sd: StateDict) -> bool:
+    return any(".resnets." in k for k in sd)
+
+
+def diffusers_to_ours(sd: StateDict, config: FullAdapterConfig | LightAdapterConfig) -> StateDict:
+    """diffusers `adapter.body.{i}.resnets.{j}.*` keys → original/ours (`body.{i*n+j}.*` or `body.{i}.body.{j}.*`)."""
+    sd = _strip_prefix(sd)
+    light = config.kind == "light"
+    n = config.num_res_blocks
+    out: StateDict = {}
+    for key, value in sd.items():
+        if m := _DIFF_RESNET.match(key):
+            i, j, rest = int(m[1]), int(m[2]), m[3]
+            out[f"body.{i}.body.{j}.{rest}" if light else f"body.{i * n + j}.{rest}"] = value
+        elif m := _DIFF_STAGE.match(key):
+            i, name, rest = int(m[1]), m[2], m[3]
+            out[f"body.{i}.{name}.{rest}" if light else f"body.{i * n}.{name}.{rest}"] = value
+        else:
+            out[key] = value
+    return out
+
+
+def ours_to_diffusers(sd: StateDict, config: FullAdapterConfig | LightAdapterConfig) -> StateDict:
+    """Inverse of `diffusers_to_ours`, with diffusers' `adapter.` prefix."""
+    light = config.kind == "light"
+    n = config.num_res_blocks
+    out: StateDict = {}
+    for key, value in sd.items():
+        parts = key.split(".")
+        if parts[0] == "body" and light:
+            i = int(parts[1])
+            if parts[2] == "body":
+                key = f"body.{i}.resnets.{parts[3]}.{'.'.join(parts[4:])}"
+        elif parts[0] == "body":
+            k = int(parts[1])
+            i, j = divmod(k, n)
+            rest = ".".join(parts[2:])
+            key = f"body.{i}.in_conv.{'.'.join(parts[3:])}" if parts[2] == "in_conv" else f"body.{i}.resnets.{j}.{rest}"
+        out[f"adapter.{key}"] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# detection from tensor shapes
+
+
+def _split_input_channels(cin: int) -> tuple[int, int]:
+    """(raw channels, unshuffle factor) from conv_in's input width: 64/192 → SD1, 256/768 → SDXL."""
+    known = {64: (1, 8), 192: (3, 8), 256: (1, 16), 768: (3, 16)}
+    if cin in known:
+        return known[cin]
+    if cin % 64 == 0:
+        return cin // 64, 8
+    raise CheckpointError(f"input width {cin} is not channels x 8^2 or x 16^2; not a T2I-Adapter?")
+
+
+def _indices(sd: StateDict, pattern: str) -> list[int]:
+    rx = re.compile(pattern)
+    return sorted({int(m[1]) for k in sd if (m := rx.match(k))})
+
+
+def detect_config(sd: StateDict) -> Any:
+    """The adapter config that a state dict (original or diffusers keys, any prefix) describes."""
+    sd = _strip_prefix(sd)
+    if "style_embedding" in sd and "proj" in sd:
+        emb, proj = sd["style_embedding"], sd["proj"]
+        layers = _indices(sd, r"^transformer_layes\.(\d+)\.")
+        # Heads cannot be read from shapes; every released style adapter uses 8.
+        return StyleAdapterConfig(width=emb.shape[-1], context_dim=proj.shape[1], num_layers=len(layers), num_tokens=emb.shape[1])
+    if "task_embedding" in sd and "seq_proj" in sd:
+        chans = tuple(sd[f"spatial_ch_projs.{i}.weight"].shape[0] for i in _indices(sd, r"^spatial_ch_projs\.(\d+)\."))
+        emb = sd["task_embedding"]
+        layers = _indices(sd, r"^transformer_layes\.(\d+)\.")
+        return FuserConfig(unet_channels=chans, width=emb.shape[1], num_layers=len(layers), num_tasks=emb.shape[0])
+    diffusers = is_diffusers_layout(sd)
+    if "conv_in.weight" in sd:
+        in_ch, factor = _split_input_channels(sd["conv_in.weight"].shape[1])
+        if diffusers:
+            stages = _indices(sd, r"^body\.(\d+)\.")
+            n = len(_indices(sd, r"^body\.0\.resnets\.(\d+)\."))
+            channels = tuple(sd[f"body.{i}.resnets.0.block1.weight"].shape[0] for i in stages)
+            ksize, skip, conv_down = 1, False, False
+        else:
+            blocks = _indices(sd, r"^body\.(\d+)\.")
+            num_stages = 4  # one per UNet encoder scale in every released layout
+            if len(blocks) % num_stages:
+                raise CheckpointError(f"{len(blocks)} residual blocks cannot form {num_stages} stages")
+            n = len(blocks) // num_stages
+            channels = tuple(sd[f"body.{i * n}.block1.weight"].shape[0] for i in range(num_stages))
+            ksize = sd["body.0.block2.weight"].shape[-1]
+            skip = any(".skep." in k for k in sd)
+            conv_down = any(".down_opt.op." in k for k in sd)
+        if conv_down:
+            downs = tuple(f"body.{i * n}.down_opt.op.weight" in sd for i in range(len(channels)))
+        elif factor == 16:
+            downs = (False, False, True, False)[: len(channels)]
+        else:
+            downs = (False,) + (True,) * (len(channels) - 1)
+        return FullAdapterConfig(
+            in_channels=in_ch,
+            channels=channels,
+            num_res_blocks=n,
+            downscale_factor=factor,
+            downsample=downs,
+            ksize=ksize,
+            skip_conv=skip,
+            conv_downsample=conv_down,
+        )
+    if "body.0.in_conv.weight" in sd and "body.0.out_conv.weight" in sd:
+        stages = _indices(sd, r"^body\.(\d+)\.")
+        inner = r"^body\.0\.resnets\.(\d+)\." if diffusers else r"^body\.0\.body\.(\d+)\."
+        in_ch, factor = _split_input_channels(sd["body.0.in_conv.weight"].shape[1])
+        return LightAdapterConfig(
+            in_channels=in_ch,
+            channels=tuple(sd[f"body.{i}.out_conv.weight"].shape[0] for i in stages),
+            num_res_blocks=len(_indices(sd, inner)),
+            downscale_factor=factor,
+        )
+    first = sorted(sd)[:4]
+    raise CheckpointError(
+        "does not look like a T2I-Adapter checkpoint: no conv_in/body (full), body.*.out_conv (light), "
+        f"style_embedding (style) or task_embedding (fuser) keys; first keys: {first}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# building a module from tensors
+
+
+def _floating_dtype(sd: StateDict) -> torch.dtype:
+    dtypes = {v.dtype for v in sd.values() if v.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def adapter_from_state_dict(sd: StateDict, config: Any = None, *, source: str = "state dict") -> AdapterModule:
+    """An adapter holding exactly these tensors (dtype kept, no copy); strict key and shape check."""
+    sd = _strip_prefix(sd)
+    if config is None:
+        config = detect_config(sd)
+    if config.kind in DIFFUSERS_TYPES and is_diffusers_layout(sd):
+        sd = diffusers_to_ours(sd, config)
+    with torch.device("meta"):
+        module = build_adapter(config)
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: keys do not match a {config.kind} adapter "
+            f"(missing {len(missing)}: {missing[:4]}; unexpected {len(unexpected)}: {unexpected[:4]})"
+        )
+    wrong = [f"{k}: {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if sd[k].shape != v.shape]
+    if wrong:
+        raise CheckpointError(f"{source}: tensor shapes do not match a {config.kind} adapter: {wrong[:3]}")
+    dtype = _floating_dtype(sd)
+    module.to_empty(device="cpu")
+    module.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}, strict=True, assign=True)
+    return module.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def _config_from_metadata(meta: Mapping[str, str]) -> Any | None:
+    if METADATA_KEY not in meta:
+        return None
+    try:
+        return config_from_dict(json.loads(meta[METADATA_KEY]))
+    except (json.JSONDecodeError, ConfigError) as exc:
+        raise CheckpointError(f"the config stored in this file is invalid: {exc}") from None
+
+
+def _diffusers_config(data: Mapping[str, Any]) -> Any:
+    """Our config from a diffusers `T2IAdapter` config.json."""
+    kind = {v: k for k, v in DIFFUSERS_TYPES.items()}.get(data.get("adapter_type", "full_adapter"))
+    if kind is None:
+        raise CheckpointError(f"unknown diffusers adapter_type {data.get('adapter_type')!r}")
+    channels = tuple(data.get("channels", (320, 640, 1280, 1280)))
+    in_ch = int(data.get("in_channels", 3))
+    n = int(data.get("num_res_blocks", 2))
+    factor = int(data.get("downscale_factor", 8))
+    if kind == "light":
+        return LightAdapterConfig(in_channels=in_ch, channels=channels + channels[-1:], num_res_blocks=n, downscale_factor=factor)
+    if kind == "full_xl":
+        return FullAdapterConfig.sdxl(in_ch, channels=channels, num_res_blocks=n, downscale_factor=factor)
+    return FullAdapterConfig(in_channels=in_ch, channels=channels, num_res_blocks=n, downscale_factor=factor,
+                             downsample=(False,) + (True,) * (len(channels) - 1))
+
+
+def _load_folder(path: Path) -> AdapterModule:
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{path}: folder has no config.json (expected a diffusers or t2iadapter adapter folder)")
+    try:
+        data = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{cfg_path}: not valid JSON: {exc}") from None
+    if "kind" in data:  # our folder format
+        weights = path / OUR_FOLDER_WEIGHTS
+        config = config_from_dict({k: v for k, v in data.items() if not k.startswith("_")})
+    else:
+        cls = data.get("_class_name", "T2IAdapter")
+        if cls != "T2IAdapter":
+            raise CheckpointError(f"{path}: a diffusers {cls}, not a T2IAdapter; load each adapter folder on its own")
+        config = _diffusers_config(data)
+        weights = next((path / w for w in DIFFUSERS_WEIGHTS if (path / w).is_file()), path / DIFFUSERS_WEIGHTS[0])
+    sd, _ = read_weights(weights)
+    return adapter_from_state_dict(sd, config, source=str(path))
+
+
+def _load_file(path: Path) -> AdapterModule:
+    sd, meta = read_weights(path)
+    return adapter_from_state_dict(sd, _config_from_metadata(meta), source=str(path))
+
+
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(/.+)?$")
+
+
+def _download(source: str) -> Path:
+    """A local path for a hub id `org/repo` (whole adapter folder) or `org/repo/file/in/repo`."""
+    try:
+        from huggingface_hub import hf_hub_download, snapshot_download
+
+        parts = source.split("/")
+        repo, rest = "/".join(parts[:2]), "/".join(parts[2:])
+        if rest:
+            return Path(hf_hub_download(repo, rest))
+        patterns = ["config.json", "*.safetensors", "*.bin"]
+        return Path(snapshot_download(repo, allow_patterns=patterns))
+    except Exception as exc:  # offline, missing repo, missing file: all one message
+        raise CheckpointError(
+            f"{source!r} is not a local file or folder, and fetching it from the Hugging Face hub failed "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Check the path, or go online."
+        ) from None
+
+
+def resolve(source: str | os.PathLike) -> Path:
+    """A local path for a file, folder, packaged demo name (`demo/sketch`) or hub id."""
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.exists():
+        return path
+    if text.startswith("demo/"):
+        from t2iadapter import assets
+
+        return assets.demo_adapter_path(text[len("demo/") :])
+    if _HUB_ID.match(text) and not text.startswith((".", "/")):
+        return _download(text)
+    raise CheckpointError(f"{text}: no such file or folder")
+
+
+def load_adapter(
+    source: str | os.PathLike | AdapterModule,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> AdapterModule:
+    """Load any adapter checkpoint (format detected), returning a module that carries its config and kind."""
+    if isinstance(source, AdapterModule):
+        module = source
+    else:
+        path = resolve(source)
+        module = _load_folder(path) if path.is_dir() else _load_file(path)
+        log.info("loaded %s adapter from %s (%s)", module.kind, path, module.config)
+    if dtype is not None or device is not None:
+        module = module.to(device=device, dtype=dtype)
+    return module
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def _check_target(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise CheckpointError(f"{path} already exists; choose another name or pass overwrite (--force)")
+
+
+def _atomic_save_safetensors(tensors: StateDict, path: Path, metadata: dict[str, str] | None) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _atomic_write_text(text: str, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _metadata(module: AdapterModule) -> dict[str, str]:
+    return {"format": "pt", METADATA_KEY: module.config_json(), "t2iadapter_format_version": FORMAT_VERSION}
+
+
+def save_single_file(module: AdapterModule, path: str | Path, *, overwrite: bool = False) -> Path:
+    """Our single file: safetensors, original key names, config JSON in the metadata."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"{path}: our single-file format is safetensors; name it *.safetensors")
+    _check_target(path, overwrite)
+    _atomic_save_safetensors(module.state_dict(), path, _metadata(module))
+    return path
+
+
+def diffusers_config(module: AdapterModule) -> dict[str, Any]:
+    """diffusers' `T2IAdapter` config.json for this adapter, or ConfigError if diffusers cannot express it."""
+    cfg = module.config
+    if cfg.kind not in DIFFUSERS_TYPES:
+        raise ConfigError(f"diffusers has no {cfg.kind} adapter; save it in our format (--to single)")
+    if cfg.kind == "light":
+        if len(cfg.channels) < 2 or cfg.channels[-1] != cfg.channels[-2]:
+            raise ConfigError("diffusers' light adapter repeats its last channel count; this one does not")
+        channels = cfg.channels[:-1]
+    else:
+        standard = _diffusers_config({"adapter_type": DIFFUSERS_TYPES[cfg.kind], "channels": list(cfg.channels),
+                                      "in_channels": cfg.in_channels, "num_res_blocks": cfg.num_res_blocks,
+                                      "downscale_factor": cfg.downscale_factor})
+        if standard != cfg:
+            raise ConfigError(
+                "diffusers can only express the released layout (ksize=1, no skip conv, avg-pool downsample); "
+                "save this adapter in our format (--to single) or the original one (--to original)"
+            )
+        channels = cfg.channels
+    import diffusers  # only for its version string, which diffusers writes too
+
+    return {
+        "_class_name": "T2IAdapter",
+        "_diffusers_version": diffusers.__version__,
+        "adapter_type": DIFFUSERS_TYPES[cfg.kind],
+        "channels": list(channels),
+        "downscale_factor": cfg.downscale_factor,
+        "in_channels": cfg.in_channels,
+        "num_res_blocks": cfg.num_res_blocks,
+    }
+
+
+def save_pretrained(module: AdapterModule, directory: str | Path, *, overwrite: bool = False) -> Path:
+    """A folder: diffusers' layout for full/light/full_xl (when expressible), ours for style/fuser."""
+    directory = Path(directory)
+    if directory.exists() and any(directory.iterdir()) and not overwrite:
+        raise CheckpointError(f"{directory} exists and is not empty; choose another folder or pass overwrite (--force)")
+    directory.mkdir(parents=True, exist_ok=True)
+    if module.kind in DIFFUSERS_TYPES:
+        config = diffusers_config(module)
+        _atomic_save_safetensors(ours_to_diffusers(module.state_dict(), module.config), directory / DIFFUSERS_WEIGHTS[0],
+                                 _metadata(module))
+    else:
+        config = {"_t2iadapter_format_version": FORMAT_VERSION, **config_to_dict(module.config)}
+        _atomic_save_safetensors(module.state_dict(), directory / OUR_FOLDER_WEIGHTS, _metadata(module))
+    _atomic_write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", directory / "config.json")
+    return directory
+
+
+def save_original(module: AdapterModule, path: str | Path, *, overwrite: bool = False) -> Path:
+    """The original TencentARC layout: a plain tensor dict, as .pth (torch.save) or .safetensors (no config)."""
+    path = Path(path)
+    _check_target(path, overwrite)
+    sd = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    if path.suffix == ".safetensors":
+        _atomic_save_safetensors(sd, path, None)
+    elif path.suffix in PICKLE_SUFFIXES:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        torch.save(sd, tmp)
+        os.replace(tmp, path)
+    else:
+        raise CheckpointError(f"{path}: the original format is .pth or .safetensors")
+    return path
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str | None = None, *, overwrite: bool = False) -> tuple[AdapterModule, str]:
+    """Load `src` in any format and write `dst` as `to` (diffusers | original | single; guessed from dst)."""
+    module = load_adapter(src)
+    dst = Path(dst)
+    if to is None:
+        to = "single" if dst.suffix == ".safetensors" else "original" if dst.suffix in PICKLE_SUFFIXES else "diffusers"
+    if to == "single":
+        save_single_file(module, dst, overwrite=overwrite)
+    elif to == "original":
+        save_original(module, dst, overwrite=overwrite)
+    elif to == "diffusers":
+        if module.kind not in DIFFUSERS_TYPES:
+            raise ConfigError(f"diffusers has no {module.kind} adapter; use --to single or --to original")
+        save_pretrained(module, dst, overwrite=overwrite)
+    else:
+        raise ConfigError(f"unknown target format {to!r}; choose diffusers, original or single")
+    return module, to
