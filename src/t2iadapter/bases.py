@@ -1,0 +1,290 @@
+"""Frozen text-to-image bases: load SD1.x/SD2.x/SDXL components, and the built-in `tiny` presets.
+
+A base is whatever diffusers can load: a pipeline folder, a single-file checkpoint
+(`.safetensors`/`.ckpt`, through diffusers' single-file loading; offline it needs a local
+`config_dir`), a hub id when online, or a preset name (`tiny`, `tiny-xl`, `demo`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from t2iadapter.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BaseModel:
+    """The frozen components an adapter pipeline or trainer needs."""
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler: Any
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+    source: str = "?"
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None or self.unet.config.get("addition_embed_type") == "text_time"
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def modules(self) -> dict[str, torch.nn.Module]:
+        mods = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+        return {k: v for k, v in mods.items() if v is not None}
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "BaseModel":
+        for module in self.modules.values():
+            module.to(device=device, dtype=dtype)
+        return self
+
+    def freeze(self) -> "BaseModel":
+        """requires_grad_(False) and eval mode on every network (the base is never trained)."""
+        for module in self.modules.values():
+            module.requires_grad_(False).eval()
+        return self
+
+    def diffusers_pipeline(self):
+        """The equivalent plain diffusers text-to-image pipeline (shares the modules)."""
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        if self.is_sdxl:
+            return StableDiffusionXLPipeline(vae=self.vae, text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2,
+                                             tokenizer=self.tokenizer, tokenizer_2=self.tokenizer_2, unet=self.unet,
+                                             scheduler=self.scheduler)
+        return StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+                                       scheduler=self.scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+
+    def save_pretrained(self, directory: str | Path, *, overwrite: bool = False) -> Path:
+        """A diffusers pipeline folder (safetensors) that `load_base` and diffusers both read."""
+        directory = Path(directory)
+        if directory.exists() and any(directory.iterdir()) and not overwrite:
+            raise CheckpointError(f"{directory} exists and is not empty; choose another folder or pass --force")
+        self.diffusers_pipeline().save_pretrained(directory, safe_serialization=True)
+        return directory
+
+
+def _from_pipeline(pipe, source: str) -> BaseModel:
+    return BaseModel(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                     scheduler=pipe.scheduler, text_encoder_2=getattr(pipe, "text_encoder_2", None),
+                     tokenizer_2=getattr(pipe, "tokenizer_2", None), source=source)
+
+
+def _single_file_is_sdxl(path: Path) -> bool:
+    """SDXL checkpoints carry a second text encoder under `conditioner.embedders.1`."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return any(k.startswith("conditioner.embedders.1") for k in f.keys())
+    sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    sd = sd.get("state_dict", sd)
+    return any(k.startswith("conditioner.embedders.1") for k in sd)
+
+
+def load_base(
+    source: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    config_dir: str | os.PathLike | None = None,
+) -> BaseModel:
+    """Load a base: preset name, diffusers folder, single file (.safetensors/.ckpt) or hub id."""
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    text = str(source)
+    if text in PRESETS:
+        base = PRESETS[text]()
+    else:
+        path = Path(text).expanduser()
+        kwargs = dict(torch_dtype=dtype) if dtype is not None else {}
+        try:
+            if path.is_dir():
+                index = path / "model_index.json"
+                if not index.is_file():
+                    raise CheckpointError(f"{path}: not a diffusers pipeline folder (no model_index.json)")
+                cls_name = json.loads(index.read_text()).get("_class_name", "")
+                cls = StableDiffusionXLPipeline if "XL" in cls_name else StableDiffusionPipeline
+                extra = {} if cls is StableDiffusionXLPipeline else dict(safety_checker=None, requires_safety_checker=False)
+                pipe = cls.from_pretrained(path, **extra, **kwargs)
+            elif path.is_file():
+                if path.suffix not in (".safetensors", ".ckpt", ".pt", ".pth"):
+                    raise CheckpointError(f"{path}: a base checkpoint is a folder, .safetensors or .ckpt")
+                cls = StableDiffusionXLPipeline if _single_file_is_sdxl(path) else StableDiffusionPipeline
+                sf = dict(config=str(config_dir), local_files_only=True) if config_dir else {}
+                pipe = cls.from_single_file(str(path), **sf, **kwargs)
+            elif "/" in text and not text.startswith((".", "/")):
+                pipe = DiffusionPipeline.from_pretrained(text, **kwargs)
+            else:
+                raise CheckpointError(f"{text}: no such base model folder or file, and not a preset ({', '.join(PRESETS)})")
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            hint = " (offline single-file loading needs --config-dir with the model's diffusers configs)" if path.is_file() else ""
+            raise CheckpointError(f"cannot load base model {text!r}: {type(exc).__name__}: {str(exc).splitlines()[0]}{hint}") from None
+        base = _from_pipeline(pipe, text)
+    base.source = text
+    if dtype is not None or device is not None:
+        base.to(device=device, dtype=dtype)
+    return base.freeze()
+
+
+# ---------------------------------------------------------------------------------------------
+# presets: seeded tiny random bases (shaped like SD1.5 and SDXL) for tests, CPU smoke runs and docs
+
+TINY_WORDS = (
+    "a an the of and with on in left right above below near small large red green blue yellow orange purple "
+    "pink cyan white black circle square triangle star ring person cat dog house tree car sketch photo drawing"
+).split()
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Sizes of the tiny presets (as diffusers' own adapter pipeline tests, with an f=8 VAE)."""
+
+    unet_channels: tuple[int, ...] = (32, 32, 64, 64)
+    text_width: int = 32
+    vae_channels: tuple[int, ...] = (8, 8, 16, 16)
+    sdxl: bool = False
+
+
+def _tiny_text_encoder(tokenizer, width: int, seed: int, projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, hidden_size=width, intermediate_size=37,
+                         num_attention_heads=4, num_hidden_layers=2, vocab_size=len(tokenizer), projection_dim=width,
+                         max_position_embeddings=tokenizer.model_max_length, hidden_act="gelu")
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
+
+
+def tiny_base(spec: TinySpec = TinySpec(), seed: int = 0) -> BaseModel:
+    """A seeded tiny random base with real diffusers/transformers classes; its images are noise."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    from t2iadapter.tokenizer import build_clip_tokenizer
+
+    tokenizer = build_clip_tokenizer(TINY_WORDS)
+    ch = spec.unet_channels
+    torch.manual_seed(seed)
+    if spec.sdxl:
+        unet = UNet2DConditionModel(
+            block_out_channels=ch, layers_per_block=2, sample_size=16, in_channels=4, out_channels=4,
+            down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(ch) - 1),
+            up_block_types=("CrossAttnUpBlock2D",) * (len(ch) - 1) + ("UpBlock2D",),
+            attention_head_dim=(2,) + (4,) * (len(ch) - 1), use_linear_projection=True, norm_num_groups=8,
+            addition_embed_type="text_time", addition_time_embed_dim=8, transformer_layers_per_block=1,
+            projection_class_embeddings_input_dim=8 * 6 + spec.text_width, cross_attention_dim=2 * spec.text_width,
+        )
+    else:
+        unet = UNet2DConditionModel(
+            block_out_channels=ch, layers_per_block=2, sample_size=8, in_channels=4, out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D",) * (len(ch) - 1) + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(ch) - 1),
+            cross_attention_dim=spec.text_width, attention_head_dim=4, norm_num_groups=8,
+        )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(block_out_channels=spec.vae_channels, in_channels=3, out_channels=3,
+                        down_block_types=("DownEncoderBlock2D",) * len(spec.vae_channels),
+                        up_block_types=("UpDecoderBlock2D",) * len(spec.vae_channels), latent_channels=4,
+                        norm_num_groups=4, layers_per_block=1, sample_size=64)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    text_encoder = _tiny_text_encoder(tokenizer, spec.text_width, seed + 2)
+    text_encoder_2 = tokenizer_2 = None
+    if spec.sdxl:
+        tokenizer_2 = build_clip_tokenizer(TINY_WORDS)
+        text_encoder_2 = _tiny_text_encoder(tokenizer_2, spec.text_width, seed + 3, projection=True)
+    return BaseModel(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+                     text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, source="tiny-xl" if spec.sdxl else "tiny")
+
+
+def tiny_adapter_config(base: BaseModel, in_channels: int = 3):
+    """A full adapter config whose features fit a tiny base."""
+    from t2iadapter.models import FullAdapterConfig
+    from t2iadapter.unet_hook import feature_channels
+
+    chans = tuple(feature_channels(base.unet))
+    return FullAdapterConfig.sdxl(in_channels, channels=chans) if base.is_sdxl else FullAdapterConfig.sd(in_channels, channels=chans)
+
+
+def _demo() -> BaseModel:
+    from t2iadapter import assets
+
+    return load_base(assets.demo_base_path())
+
+
+PRESETS = {
+    "tiny": lambda: tiny_base(TinySpec()),
+    "tiny-xl": lambda: tiny_base(TinySpec(unet_channels=(32, 64, 64), sdxl=True)),
+    "demo": _demo,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# text conditioning (as diffusers' SD/SDXL pipelines compute it, so outputs agree with theirs)
+
+
+@dataclass
+class TextContext:
+    """Per-prompt cross-attention context, plus SDXL's pooled embedding."""
+
+    context: torch.Tensor  # [B, 77, D]
+    pooled: torch.Tensor | None = None  # [B, D2] (SDXL only)
+
+    def repeat(self, n: int) -> "TextContext":
+        if n == 1:
+            return self
+        return TextContext(self.context.repeat_interleave(n, dim=0),
+                           None if self.pooled is None else self.pooled.repeat_interleave(n, dim=0))
+
+
+def _tokens(tokenizer, prompts: list[str], device) -> torch.Tensor:
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids.to(device)
+
+
+@torch.no_grad()
+def encode_text(base: BaseModel, prompts: list[str], *, zeros: bool = False) -> TextContext:
+    """CLIP text context for `prompts` (SDXL: penultimate hidden states of both encoders, concatenated)."""
+    device = base.text_encoder.device
+    if not base.is_sdxl:
+        enc = base.text_encoder
+        mask = None
+        if getattr(enc.config, "use_attention_mask", False):
+            mask = base.tokenizer(prompts, padding="max_length", max_length=base.tokenizer.model_max_length,
+                                  truncation=True, return_tensors="pt").attention_mask.to(device)
+        ctx = enc(_tokens(base.tokenizer, prompts, device), attention_mask=mask)[0]
+        return TextContext(torch.zeros_like(ctx) if zeros else ctx)
+    contexts, pooled = [], None
+    for tok, enc in ((base.tokenizer, base.text_encoder), (base.tokenizer_2, base.text_encoder_2)):
+        out = enc(_tokens(tok, prompts, device), output_hidden_states=True)
+        if pooled is None and out[0].ndim == 2:
+            pooled = out[0]
+        contexts.append(out.hidden_states[-2])
+    ctx = torch.cat(contexts, dim=-1)
+    if zeros:  # SDXL's force_zeros_for_empty_prompt
+        return TextContext(torch.zeros_like(ctx), torch.zeros_like(pooled))
+    return TextContext(ctx, pooled)
+
+
+def sdxl_time_ids(height: int, width: int, batch: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """SDXL micro-conditioning: (original size, crop top-left, target size) per sample."""
+    ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype, device=device)
+    return ids.repeat(batch, 1)

@@ -1,0 +1,85 @@
+"""The one module that knows how adapter outputs enter diffusers' UNet2DConditionModel.
+
+Spatial features (DESIGN.md §3) go in through `down_intrablock_additional_residuals`: diffusers
+adds the k-th map after the k-th encoder level (after its last res/attn pair; for SDXL after
+DownBlock2D 0's downsampler, and the 4th after the mid block), so skip connections carry it.
+The UNet consumes that list with `pop(0)`, so every call gets a fresh list and the caller's
+tensors are never touched. Style tokens (paper §3.3) extend the cross-attention context.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from t2iadapter.errors import ConfigError
+
+
+def is_sdxl(unet: UNet2DConditionModel) -> bool:
+    """SDXL UNets take pooled text embeddings and size/crop ids (`addition_embed_type="text_time"`)."""
+    return unet.config.get("addition_embed_type") == "text_time"
+
+
+def feature_channels(unet: UNet2DConditionModel) -> list[int]:
+    """Channel count of each adapter feature this UNet accepts, in injection order."""
+    channels = list(unet.config.block_out_channels)
+    if is_sdxl(unet):
+        channels.append(channels[-1])  # the 4th SDXL feature enters after the mid block
+    return channels
+
+
+def expected_unshuffle(unet: UNet2DConditionModel) -> int:
+    """PixelUnshuffle factor an adapter for this UNet uses: 8 (SD1.x/SD2.x) or 16 (SDXL)."""
+    return 16 if is_sdxl(unet) else 8
+
+
+def check_adapter_fits(unet: UNet2DConditionModel, config, name: str) -> None:
+    """Raise a clear ConfigError when a spatial adapter was made for another base."""
+    want_channels = feature_channels(unet)
+    base = "SDXL" if is_sdxl(unet) else "SD1.x/SD2.x"
+    if config.downscale_factor != expected_unshuffle(unet):
+        made_for = "SDXL" if config.downscale_factor == 16 else "SD1.x/SD2.x"
+        raise ConfigError(f"adapter {name!r} was made for {made_for} (pixel-unshuffle {config.downscale_factor}); the base is {base}")
+    if list(config.channels) != want_channels:
+        raise ConfigError(f"adapter {name!r} gives features with channels {list(config.channels)}; this {base} UNet takes "
+                          f"{want_channels}")
+
+
+def check_style_fits(unet: UNet2DConditionModel, config, name: str) -> None:
+    if config.context_dim != unet.config.cross_attention_dim:
+        raise ConfigError(f"style adapter {name!r} makes {config.context_dim}-wide tokens; this UNet's context is "
+                          f"{unet.config.cross_attention_dim} wide")
+
+
+def extend_context(context: torch.Tensor, style_tokens: torch.Tensor | None, *, unconditional: bool) -> torch.Tensor:
+    """Append style tokens to the text context; the unconditional branch repeats its own last tokens."""
+    if style_tokens is None:
+        return context
+    n = style_tokens.shape[1]
+    extra = context[:, -n:] if unconditional else style_tokens.to(context.dtype).expand(context.shape[0], -1, -1)
+    return torch.cat([context, extra], dim=1)
+
+
+def unet_forward(
+    unet: UNet2DConditionModel,
+    sample: torch.Tensor,
+    timestep: torch.Tensor | float | int,
+    context: torch.Tensor,
+    features: Sequence[torch.Tensor] | None = None,
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+    timestep_cond: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One UNet evaluation with adapter features added to the encoder; returns the model output."""
+    kwargs = {}
+    if features is not None:
+        kwargs["down_intrablock_additional_residuals"] = list(features)  # fresh list: the UNet pops from it
+    return unet(
+        sample,
+        timestep,
+        encoder_hidden_states=context,
+        added_cond_kwargs=added_cond_kwargs,
+        timestep_cond=timestep_cond,
+        return_dict=False,
+        **kwargs,
+    )[0]

@@ -1,0 +1,68 @@
+"""Controllability metrics: exact on the world's own images, low on unrelated ones."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from t2iadapter import world
+from t2iadapter.evaluation import metrics
+from t2iadapter.evaluation import colour_accuracy, foreground_mask, palette_error, structure_iou
+
+
+@pytest.fixture(scope="module")
+def scenes() -> list[world.Scene]:
+    return [world.generate(s) for s in world.EVAL_SEEDS[:40]]
+
+
+def test_world_images_score_perfectly(scenes: list[world.Scene]) -> None:
+    for s in scenes:
+        assert structure_iou(s.image, s) >= 0.95
+        assert colour_accuracy(s.image, s) == 1.0
+        assert colour_accuracy(s.image, s, region="image") == 1.0
+        assert palette_error(s.image, s.color) == 0.0
+
+
+def test_accepts_pil_and_other_sizes(scenes: list[world.Scene]) -> None:
+    s = scenes[0]
+    assert structure_iou(Image.fromarray(s.image), s) >= 0.95
+    big = np.asarray(Image.fromarray(s.image).resize((512, 512), Image.NEAREST))
+    assert structure_iou(big, s) >= 0.9
+    assert colour_accuracy(s.image.astype(np.float32) / 255.0, s) == 1.0
+
+
+def test_blank_and_noise_score_low(scenes: list[world.Scene]) -> None:
+    rng = np.random.default_rng(0)
+    blank = np.full((256, 256, 3), 200, np.uint8)
+    for s in scenes[:10]:
+        noise = rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)
+        assert structure_iou(blank, s) == 0.0 and colour_accuracy(blank, s) == 0.0
+        assert structure_iou(noise, s) < 0.35
+        assert structure_iou(s.depth, s) < 0.35  # grey images have no saturated foreground
+    assert not foreground_mask(blank).any()
+
+
+def test_wrong_colour_is_caught(scenes: list[world.Scene]) -> None:
+    s = next(x for x in scenes if len({o.colour for o in x.objects}) == len(x.objects) >= 2)
+    recoloured = s.image.copy()
+    target = s.objects[0]
+    other = next(c for c in world.COLOURS if c != target.colour)
+    recoloured[target.mask] = world.COLOURS[other]
+    assert structure_iou(recoloured, s) >= 0.95
+    assert colour_accuracy(recoloured, s) == pytest.approx(1 - 1 / len(s.objects))
+
+
+def test_palette_error_range(scenes: list[world.Scene]) -> None:
+    s = scenes[0]
+    assert palette_error(np.zeros_like(s.image), np.full_like(s.color, 255)) == pytest.approx(1.0)
+    assert 0.0 < palette_error(scenes[1].image, s.color) < 1.0
+
+
+def test_hue_helpers() -> None:
+    names = list(world.COLOURS)
+    hues = metrics.hsv(np.array([list(world.COLOURS.values())], np.uint8))[0][0]
+    assert [names[i] for i in metrics.nearest_colour(hues)] == names
+    assert metrics.iou(np.zeros((2, 2), bool), np.zeros((2, 2), bool)) == 1.0
+    with pytest.raises(ValueError):
+        colour_accuracy(np.zeros((256, 256, 3), np.uint8), world.generate(1), region="everywhere")
