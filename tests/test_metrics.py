@@ -35,11 +35,16 @@ def test_accepts_pil_and_other_sizes(scenes: list[world.Scene]) -> None:
 def test_blank_and_noise_score_low(scenes: list[world.Scene]) -> None:
     rng = np.random.default_rng(0)
     blank = np.full((256, 256, 3), 200, np.uint8)
+    uniform = []
     for s in scenes[:10]:
-        noise = rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)
+        noise = rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)  # iid colours: ~60% "saturated"
+        grey_noise = np.clip(rng.normal(150, 25, (256, 256, 3)), 0, 255).astype(np.uint8)
         assert structure_iou(blank, s) == 0.0 and colour_accuracy(blank, s) == 0.0
-        assert structure_iou(noise, s) < 0.35
-        assert structure_iou(s.depth, s) < 0.35  # grey images have no saturated foreground
+        uniform.append(structure_iou(noise, s))
+        assert structure_iou(grey_noise, s) < 0.1
+        assert structure_iou(s.depth, s) == 0.0  # grey images have no saturated foreground
+        assert structure_iou(s.image[::-1, ::-1], s) < 0.9
+    assert np.mean(uniform) < 0.25
     assert not foreground_mask(blank).any()
 
 
