@@ -1,4 +1,5 @@
 """Offline extractors against exact expected outputs, the registry, and the `extract` CLI."""
+
 from __future__ import annotations
 
 import json
@@ -24,9 +25,24 @@ def square(size: int = 96, color: tuple[int, int, int] = (40, 80, 200)) -> np.nd
 
 # ---- registry ------------------------------------------------------------------------------
 
+
 def test_registry_lists_every_extractor_with_its_adapters_and_channels():
-    expected = {"canny", "color", "sketch-classic", "binarize", "pose-json", "seg-palette", "sketch", "hed",
-                "lineart", "depth", "zoedepth", "openpose", "seg", "style"}
+    expected = {
+        "canny",
+        "color",
+        "sketch-classic",
+        "binarize",
+        "pose-json",
+        "seg-palette",
+        "sketch",
+        "hed",
+        "lineart",
+        "depth",
+        "zoedepth",
+        "openpose",
+        "seg",
+        "style",
+    }
     assert set(extractors.names()) == expected
     for name in expected:
         cls = extractors.info(name)
@@ -54,11 +70,12 @@ def test_unknown_names_and_options_are_config_errors():
 
 def test_docs_table_names_every_extractor():
     text = (Path(__file__).parents[1] / "docs" / "extractors.md").read_text(encoding="utf-8")
-    for name, feeds, needs, _ in extractors.table():
+    for name, feeds, _, _ in extractors.table():
         assert f"| `{name}` |" in text and feeds.split(", ")[0] in text
 
 
 # ---- canny, color ---------------------------------------------------------------------------
+
 
 def test_canny_equals_the_original_cv2_call_on_a_drawn_square():
     image = square()
@@ -75,14 +92,15 @@ def test_color_palette_is_cubic_down_by_64_then_nearest_up():
     blocks = np.zeros((128, 192, 3), np.uint8)
     colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (250, 250, 0), (0, 128, 128), (10, 20, 30)]
     for i, c in enumerate(colors):
-        blocks[(i // 3) * 64:(i // 3 + 1) * 64, (i % 3) * 64:(i % 3 + 1) * 64] = c
+        blocks[(i // 3) * 64 : (i // 3 + 1) * 64, (i % 3) * 64 : (i % 3 + 1) * 64] = c
     # Each 64x64 block is uniform, so its 1/64 sample is exactly its colour and nearest-up repeats it.
     np.testing.assert_array_equal(np.asarray(extractors.get("color")(blocks)), blocks)
 
     rng = np.random.default_rng(0)
     photo = rng.integers(0, 256, (200, 130, 3), dtype=np.uint8)
-    expected = cv2.resize(cv2.resize(photo, (2, 3), interpolation=cv2.INTER_CUBIC), (130, 200),
-                          interpolation=cv2.INTER_NEAREST)
+    expected = cv2.resize(
+        cv2.resize(photo, (2, 3), interpolation=cv2.INTER_CUBIC), (130, 200), interpolation=cv2.INTER_NEAREST
+    )
     out = extractors.get("color")(photo)
     assert out.mode == "RGB" and out.size == (130, 200)
     np.testing.assert_array_equal(np.asarray(out), expected)
@@ -90,6 +108,7 @@ def test_color_palette_is_cubic_down_by_64_then_nearest_up():
 
 
 # ---- sketch-classic, binarize ---------------------------------------------------------------
+
 
 def test_sketch_classic_outlines_a_square_in_white_on_black():
     out = np.asarray(extractors.get("sketch-classic")(square()))
@@ -130,6 +149,7 @@ def test_inputs_are_checked():
 
 # ---- pose-json ------------------------------------------------------------------------------
 
+
 def keypoints(points: dict[int, tuple[float, float]], count: int = 18) -> list[float]:
     """An OpenPose pose_keypoints_2d list with the given (0-based) points visible."""
     flat: list[float] = []
@@ -141,8 +161,11 @@ def keypoints(points: dict[int, tuple[float, float]], count: int = 18) -> list[f
 
 def test_pose_json_draws_limbs_in_openpose_colours(tmp_path):
     # Neck (1) to right shoulder (2) is limb 0, red; right shoulder to elbow (3) is limb 2, orange-yellow.
-    data = {"people": [{"pose_keypoints_2d": keypoints({1: (40, 50), 2: (100, 50), 3: (100, 110)})}],
-            "canvas_width": 160, "canvas_height": 128}
+    data = {
+        "people": [{"pose_keypoints_2d": keypoints({1: (40, 50), 2: (100, 50), 3: (100, 110)})}],
+        "canvas_width": 160,
+        "canvas_height": 128,
+    }
     path = tmp_path / "pose.json"
     path.write_text(json.dumps(data))
     out = extractors.get("pose-json")(path)
@@ -157,8 +180,9 @@ def test_pose_json_draws_limbs_in_openpose_colours(tmp_path):
     np.testing.assert_array_equal(aux[50, 70], (np.array(pose.COLORS[0]) * 0.6).astype(np.uint8))
     np.testing.assert_array_equal(aux[50, 40], pose.COLORS[1])  # joints drawn last at full colour
 
-    normalized = {"people": [{"pose_keypoints_2d": keypoints({1: (0.25, 50 / 128), 2: (0.625, 50 / 128),
-                                                               3: (0.625, 110 / 128)})}]}
+    normalized = {
+        "people": [{"pose_keypoints_2d": keypoints({1: (0.25, 50 / 128), 2: (0.625, 50 / 128), 3: (0.625, 110 / 128)})}]
+    }
     scaled = extractors.get("pose-json", width=160, height=128)(normalized)
     np.testing.assert_array_equal(np.asarray(scaled)[50, 70], blended[0])
 
@@ -177,6 +201,7 @@ def test_pose_json_reads_body25_and_rejects_malformed_files(tmp_path):
 
 
 # ---- seg-palette ----------------------------------------------------------------------------
+
 
 def test_seg_palette_maps_label_k_to_palette_k():
     coco, ade = palettes.palette("coco-stuff"), palettes.palette("ade20k")
@@ -209,6 +234,7 @@ def test_seg_palette_raw_dataset_ids():
 
 # ---- controlnet-aux extractors --------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", ["sketch", "hed", "lineart", "openpose"])
 def test_controlnet_aux_extractors_say_how_to_install_it(name):
     pytest.importorskip("t2iadapter")
@@ -226,14 +252,25 @@ def test_annotator_weights_folder_is_checked(tmp_path):
 
     (tmp_path / "sk_model.pth").write_bytes(b"x")
     with pytest.raises(MissingWeightsError, match="lacks sk_model2.pth.*lllyasviel/Annotators.*--model DIR"):
-        hub_folder(str(tmp_path), ("sk_model.pth", "sk_model2.pth"), extractor="lineart", what="lineart",
-                   default="lllyasviel/Annotators")
+        hub_folder(
+            str(tmp_path),
+            ("sk_model.pth", "sk_model2.pth"),
+            extractor="lineart",
+            what="lineart",
+            default="lllyasviel/Annotators",
+        )
     (tmp_path / "sk_model2.pth").write_bytes(b"x")
-    assert hub_folder(str(tmp_path), ("sk_model.pth", "sk_model2.pth"), extractor="lineart", what="lineart",
-                      default="lllyasviel/Annotators") == str(tmp_path)
+    assert hub_folder(
+        str(tmp_path),
+        ("sk_model.pth", "sk_model2.pth"),
+        extractor="lineart",
+        what="lineart",
+        default="lllyasviel/Annotators",
+    ) == str(tmp_path)
 
 
 # ---- CLI ------------------------------------------------------------------------------------
+
 
 def test_cli_single_file_with_options(tmp_path, capsys):
     source = tmp_path / "in.png"
@@ -280,8 +317,10 @@ def test_cli_batch_is_resumable_and_skips_unreadable_files(tmp_path, capsys):
     assert "12 done, 0 already there, 1 failed of 13" in captured.out
     assert "corrupt.jpg" in captured.err
     assert (outputs / "sub" / "img0.png").is_file() and not (outputs / "corrupt.png").exists()
-    np.testing.assert_array_equal(np.asarray(Image.open(outputs / "img1.png")),
-                                  np.asarray(extractors.get("color")(Image.open(inputs / "img1.png"))))
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(outputs / "img1.png")),
+        np.asarray(extractors.get("color")(Image.open(inputs / "img1.png"))),
+    )
     assert not list(outputs.rglob("*.part"))
 
     (outputs / "img1.png").unlink()
@@ -291,8 +330,10 @@ def test_cli_batch_is_resumable_and_skips_unreadable_files(tmp_path, capsys):
     only_bad = tmp_path / "bad"
     only_bad.mkdir()
     (only_bad / "x.png").write_bytes(b"garbage")
-    assert main(["extract", "canny", "--input-dir", str(only_bad), "--output-dir", str(tmp_path / "o2"),
-                 "--no-progress"]) == 1
+    assert (
+        main(["extract", "canny", "--input-dir", str(only_bad), "--output-dir", str(tmp_path / "o2"), "--no-progress"])
+        == 1
+    )
     assert main(["extract", "canny", "--input-dir", str(tmp_path / "missing"), "--output-dir", str(outputs)]) == 2
 
 
@@ -300,8 +341,29 @@ def test_cli_batch_pose_json(tmp_path, capsys):
     inputs = tmp_path / "poses"
     inputs.mkdir()
     for i in range(3):
-        (inputs / f"p{i}.json").write_text(json.dumps({"people": [{"pose_keypoints_2d": keypoints({1: (10, 10), 2: (50, 10)})}],
-                                                       "canvas_width": 64, "canvas_height": 64}))
-    assert main(["extract", "pose-json", "--input-dir", str(inputs), "--output-dir", str(tmp_path / "o"),
-                 "--workers", "1", "--no-progress"]) == 0
+        (inputs / f"p{i}.json").write_text(
+            json.dumps(
+                {
+                    "people": [{"pose_keypoints_2d": keypoints({1: (10, 10), 2: (50, 10)})}],
+                    "canvas_width": 64,
+                    "canvas_height": 64,
+                }
+            )
+        )
+    assert (
+        main(
+            [
+                "extract",
+                "pose-json",
+                "--input-dir",
+                str(inputs),
+                "--output-dir",
+                str(tmp_path / "o"),
+                "--workers",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert Image.open(tmp_path / "o" / "p2.png").size == (64, 64)

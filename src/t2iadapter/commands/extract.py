@@ -1,4 +1,5 @@
 """`t2iadapter extract NAME IN OUT [--OPTION VALUE ...]`, batch `--input-dir D --output-dir O`, and `--list`."""
+
 from __future__ import annotations
 
 import argparse
@@ -38,13 +39,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--list", action="store_true", help="print the extractors and the adapters they feed")
     p.add_argument("--input-dir", metavar="D", help="batch mode: folder of inputs (searched recursively)")
     p.add_argument("--output-dir", metavar="O", help="batch mode: folder for the outputs (same relative paths)")
-    p.add_argument("--workers", type=int, metavar="N",
-                   help="batch mode: worker processes (default: the CPU count; 1 for model-based extractors)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="batch mode: worker processes (default: the CPU count; 1 for model-based extractors)",
+    )
     p.add_argument("--no-progress", action="store_true", help="batch mode: no progress bar")
     options = p.add_argument_group("extractor options", "each applies to the extractors named in its help")
     for option, users in sorted(_option_flags().items()):
-        options.add_argument(f"--{option.replace('_', '-')}", dest=f"opt_{option}", metavar="V",
-                             help=", ".join(users))
+        options.add_argument(f"--{option.replace('_', '-')}", dest=f"opt_{option}", metavar="V", help=", ".join(users))
     p.set_defaults(func=run)
 
 
@@ -76,7 +80,7 @@ def run_one(extractor: Extractor, source: str, target: str) -> int:
     """Extract one file; an unreadable input is a user error here (exit 2)."""
     from pathlib import Path
 
-    from PIL import UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
     from t2iadapter.extractors.batch import load_input, save
 
@@ -86,11 +90,15 @@ def run_one(extractor: Extractor, source: str, target: str) -> int:
     if extractor.output_suffix == ".safetensors" and Path(target).suffix != ".safetensors":
         raise ConfigError(f"{extractor.name} writes a tensor, not an image: name the output *.safetensors")
     try:
-        condition = extractor(load_input(extractor, path))
+        loaded = load_input(extractor, path)
     except (UnidentifiedImageError, OSError) as exc:
         raise T2IAdapterError(f"cannot read {source}: {exc}") from None
+    condition = extractor(loaded)
     save(condition, Path(target))
-    shape = f"{condition.width}x{condition.height} {condition.mode}" if hasattr(condition, "mode") else f"tensor {tuple(condition.shape)}"
+    if isinstance(condition, Image.Image):
+        shape = f"{condition.width}x{condition.height} {condition.mode}"
+    else:
+        shape = f"tensor {tuple(condition.shape)}"
     print(f"{extractor.name}: {source} → {target} ({shape})")
     return 0
 
@@ -115,11 +123,15 @@ def run_batch(extractor: Extractor, args: argparse.Namespace) -> int:
     if workers < 1:
         raise ConfigError("--workers must be at least 1")
     extractor.load()  # a missing model is one user error, not one failure per image
-    with tqdm(total=len(sources), unit="img", desc=extractor.name, disable=args.no_progress or None, file=sys.stderr) as bar:
+    with tqdm(
+        total=len(sources), unit="img", desc=extractor.name, disable=args.no_progress or None, file=sys.stderr
+    ) as bar:
         report = extract_all(extractor, input_dir, output_dir, workers=workers, progress=bar.update, inputs=sources)
-    print(f"{extractor.name}: {report.done} done, {report.skipped} already there, {len(report.failed)} failed "
-          f"of {report.total} in {report.seconds:.1f}s ({report.rate:.1f} images/s, {workers} worker"
-          f"{'s' if workers > 1 else ''}) → {output_dir}")
+    print(
+        f"{extractor.name}: {report.done} done, {report.skipped} already there, {len(report.failed)} failed "
+        f"of {report.total} in {report.seconds:.1f}s ({report.rate:.1f} images/s, {workers} worker"
+        f"{'s' if workers > 1 else ''}) → {output_dir}"
+    )
     if report.failed:
         print(f"{len(report.failed)} input(s) could not be processed and were skipped:", file=sys.stderr)
         for source, reason in report.failed:

@@ -4,6 +4,7 @@
 weights; model-based ones load theirs lazily from a local folder or the hub (`model=`).
 Importing this package imports neither numpy, OpenCV, torch nor transformers.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -46,7 +47,9 @@ def get(name: str, **options: Any) -> Extractor:
     known = cls.options()
     unknown = sorted(set(options) - set(known))
     if unknown:
-        raise ConfigError(f"extractor {name!r} has no option {', '.join(unknown)} (its options: {', '.join(known) or 'none'})")
+        raise ConfigError(
+            f"extractor {name!r} has no option {', '.join(unknown)} (its options: {', '.join(known) or 'none'})"
+        )
     return cls(**options)
 
 

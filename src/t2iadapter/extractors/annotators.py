@@ -1,4 +1,5 @@
 """Model-based extractors through controlnet-aux (PiDiNet, HED, lineart, OpenPose), the field's standard."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -53,7 +54,9 @@ class _ControlNetAux(Extractor):
 
         from t2iadapter.extractors.weights import hub_folder
 
-        folder = hub_folder(self.model or ANNOTATORS_REPO, self.files, extractor=self.name, what=self.what, default=ANNOTATORS_REPO)
+        folder = hub_folder(
+            self.model or ANNOTATORS_REPO, self.files, extractor=self.name, what=self.what, default=ANNOTATORS_REPO
+        )
         self._loaded = getattr(controlnet_aux, self.detector).from_pretrained(folder).to(self.device)
 
     def _detect(self, image: ImageInput, **kwargs: Any) -> np.ndarray:
@@ -65,7 +68,11 @@ class _ControlNetAux(Extractor):
         self.load()
         rgb = images.to_rgb(image)
         result = self._loaded(
-            rgb, detect_resolution=self.detect_resolution, image_resolution=self.detect_resolution, output_type="np", **kwargs
+            rgb,
+            detect_resolution=self.detect_resolution,
+            image_resolution=self.detect_resolution,
+            output_type="np",
+            **kwargs,
         )
         return cv2.resize(images.to_rgb(result), (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_LINEAR)
 

@@ -1,19 +1,16 @@
 """The extractor interface: a typed options dataclass that is called on an image (DESIGN.md §5)."""
+
 from __future__ import annotations
 
 import abc
 import dataclasses
 import typing
-from pathlib import Path
 from typing import Any, ClassVar
 
 from t2iadapter.errors import ConfigError
 
 if typing.TYPE_CHECKING:
-    import numpy as np
-    from PIL import Image
-
-    ImageInput = typing.Union[Image.Image, np.ndarray, str, Path]
+    from t2iadapter.extractors.images import ImageInput
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -64,7 +61,7 @@ class Extractor(abc.ABC):
     def __call__(self, image: ImageInput) -> Any:
         """Compute the condition for one input."""
 
-    def load(self) -> None:
+    def load(self) -> None:  # noqa: B027 - a hook: offline extractors have nothing to load
         """Make the extractor ready to run (load weights); offline extractors have nothing to load."""
 
     @classmethod
@@ -85,7 +82,9 @@ class Extractor(abc.ABC):
         for key, text in raw.items():
             if key not in known:
                 valid = ", ".join("--" + k.replace("_", "-") for k in known) or "none"
-                raise ConfigError(f"extractor {cls.name!r} has no option --{key.replace('_', '-')} (its options: {valid})")
+                raise ConfigError(
+                    f"extractor {cls.name!r} has no option --{key.replace('_', '-')} (its options: {valid})"
+                )
             kind = known[key][0]
             values[key] = _parse(kind, text, f"--{key.replace('_', '-')}")
         return values

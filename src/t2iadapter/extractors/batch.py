@@ -1,4 +1,5 @@
 """Batch extraction for training data: a folder in, a mirrored folder of conditions out, resumable."""
+
 from __future__ import annotations
 
 import logging
@@ -8,9 +9,12 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from t2iadapter.extractors.base import Extractor
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +42,9 @@ def find_inputs(input_dir: Path, suffixes: tuple[str, ...]) -> list[Path]:
     return sorted(
         p
         for p in input_dir.rglob("*")
-        if p.is_file() and p.suffix.lower() in suffixes and not any(part.startswith(".") for part in p.relative_to(input_dir).parts)
+        if p.is_file()
+        and p.suffix.lower() in suffixes
+        and not any(part.startswith(".") for part in p.relative_to(input_dir).parts)
     )
 
 
@@ -52,7 +58,11 @@ def save(result: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.part")
     try:
-        if hasattr(result, "save"):
+        from PIL import Image
+
+        if isinstance(result, Image.Image) and result.mode in ("L", "RGB"):
+            partial.write_bytes(encode_png(result))
+        elif isinstance(result, Image.Image):
             result.save(partial, format="PNG")
         else:
             from safetensors.torch import save_file
@@ -61,6 +71,18 @@ def save(result: Any, path: Path) -> None:
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def encode_png(image: Image.Image) -> bytes:
+    """PNG bytes of an L or RGB image through OpenCV, whose fast RLE zlib setting is ~10x quicker than PIL's."""
+    import cv2
+    import numpy as np
+
+    array = np.asarray(image)
+    ok, data = cv2.imencode(".png", array if array.ndim == 2 else cv2.cvtColor(array, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise OSError("OpenCV could not encode the PNG")
+    return data.tobytes()
 
 
 def load_input(extractor: Extractor, path: Path) -> Any:
@@ -80,7 +102,9 @@ def process(extractor: Extractor, pairs: list[tuple[str, str]]) -> list[tuple[st
             save(extractor(load_input(extractor, Path(source))), Path(target))
             results.append((source, None))
         except Exception as exc:  # one bad file must not stop the batch; the reason is reported
-            results.append((source, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")))
+            results.append(
+                (source, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": "))
+            )
     return results
 
 
@@ -156,14 +180,19 @@ def run_batch(
 
 
 def _run_pool(
-    extractor: Extractor, todo: list[tuple[str, str]], workers: int, record: Callable[[list[tuple[str, str | None]]], None]
+    extractor: Extractor,
+    todo: list[tuple[str, str]],
+    workers: int,
+    record: Callable[[list[tuple[str, str | None]]], None],
 ) -> None:
     """Fan chunks out to worker processes; if a worker dies, its unfinished inputs are reported as failed."""
     import multiprocessing
 
     chunk = max(1, min(CHUNK, len(todo) // (workers * 4) or 1))
     context = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker, initargs=(extractor,)) as pool:
+    with ProcessPoolExecutor(
+        max_workers=workers, mp_context=context, initializer=_init_worker, initargs=(extractor,)
+    ) as pool:
         futures = {pool.submit(_work, part): part for part in _chunks(todo, chunk)}
         for future in as_completed(futures):
             try:

@@ -1,4 +1,5 @@
 """Offline extractors that need no weights: canny, colour palette, classic sketch, binarised drawing."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -92,7 +93,9 @@ class SketchClassic(Extractor):
         gray = images.to_gray(image).astype(np.float32) / 255.0
         if self.sigma > 0:
             gray = cv2.GaussianBlur(gray, (0, 0), self.sigma)
-        magnitude = cv2.magnitude(cv2.Sobel(gray, cv2.CV_32F, 1, 0, ksize=3), cv2.Sobel(gray, cv2.CV_32F, 0, 1, ksize=3))
+        magnitude = cv2.magnitude(
+            cv2.Sobel(gray, cv2.CV_32F, 1, 0, ksize=3), cv2.Sobel(gray, cv2.CV_32F, 0, 1, ksize=3)
+        )
         scale = float(np.percentile(magnitude, 99))
         if scale <= 1e-6:  # flat image: no edges at all
             return images.to_pil(np.zeros(gray.shape, np.uint8))
@@ -109,12 +112,17 @@ class Binarize(Extractor):
     recipe = "luma < threshold (dark strokes on a light ground; auto-detected) → 255, specks < min_area removed"
 
     threshold: float = 0.5  # fraction of full scale that separates strokes from paper
-    strokes: str = "auto"  # "dark" (pen on paper), "light" (chalk on a board) or "auto": the minority side of the median
+    strokes: str = (
+        "auto"  # "dark" (pen on paper), "light" (chalk on a board) or "auto": the minority side of the median
+    )
     min_area: int = 4  # connected stroke pieces smaller than this many pixels are dropped as noise; 0 keeps all
 
     def __post_init__(self) -> None:
         check(0 < self.threshold < 1, f"binarize needs 0 < --threshold < 1, got {self.threshold}")
-        check(self.strokes in ("auto", "dark", "light"), f"binarize --strokes must be auto, dark or light, not {self.strokes!r}")
+        check(
+            self.strokes in ("auto", "dark", "light"),
+            f"binarize --strokes must be auto, dark or light, not {self.strokes!r}",
+        )
         check(self.min_area >= 0, f"binarize needs --min-area >= 0, got {self.min_area}")
 
     def __call__(self, image: ImageInput) -> Image.Image:

@@ -1,7 +1,7 @@
-"""Model-based extractors through transformers: depth (DPT/MiDaS, Depth Anything), ZoeDepth, segmentation, CLIP style."""
+"""Model-based extractors through transformers: depth (DPT/MiDaS, Depth Anything), ZoeDepth, seg, CLIP style."""
+
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -19,8 +19,6 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from t2iadapter.extractors.images import ImageInput
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -143,7 +141,10 @@ class Seg(_Transformers):
         from t2iadapter.extractors.base import check
         from t2iadapter.extractors.palettes import PALETTE_NAMES
 
-        check(self.palette in ("auto",) + PALETTE_NAMES, f"seg --palette must be auto, {', '.join(PALETTE_NAMES)}; not {self.palette!r}")
+        check(
+            self.palette in ("auto",) + PALETTE_NAMES,
+            f"seg --palette must be auto, {', '.join(PALETTE_NAMES)}; not {self.palette!r}",
+        )
 
     model_class = "AutoModelForSemanticSegmentation"
 
@@ -166,7 +167,9 @@ class Seg(_Transformers):
 
         outputs, picture = self._run(image)
         processor = self._loaded[0]
-        labels = processor.post_process_semantic_segmentation(outputs, target_sizes=[(picture.height, picture.width)])[0]
+        labels = processor.post_process_semantic_segmentation(outputs, target_sizes=[(picture.height, picture.width)])[
+            0
+        ]
         return images.to_pil(colorize(labels.cpu().numpy().astype("int64"), self.palette_name()))
 
 

@@ -1,4 +1,5 @@
 """Image conversions shared by the extractors: anything image-like → uint8 arrays, arrays → PIL."""
+
 from __future__ import annotations
 
 from pathlib import Path

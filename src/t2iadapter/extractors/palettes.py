@@ -4,6 +4,7 @@ Both tables are the ones mmsegmentation ships with its `COCOStuffDataset` and `A
 (ADE20K's is also ControlNet's `ade_palette`), indexed by train id: COCO-Stuff-164k ids 0-170,
 ADE20K ids 0-149. One RGB colour per class, written as 6 hex digits.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -113,7 +114,10 @@ class SegPalette(Extractor):
     ids: str = "train"  # "train": 0-based class ids as models output; "raw": the dataset's own PNG values
 
     def __post_init__(self) -> None:
-        check(self.palette in PALETTE_NAMES, f"seg-palette --palette must be one of {', '.join(PALETTE_NAMES)}, not {self.palette!r}")
+        check(
+            self.palette in PALETTE_NAMES,
+            f"seg-palette --palette must be one of {', '.join(PALETTE_NAMES)}, not {self.palette!r}",
+        )
         check(self.ids in ("train", "raw"), f"seg-palette --ids must be train or raw, not {self.ids!r}")
 
     def __call__(self, image: ImageInput) -> Image.Image:

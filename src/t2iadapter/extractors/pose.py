@@ -1,4 +1,5 @@
 """OpenPose JSON keypoints → skeleton image in OpenPose colours (pytorch-openpose / ControlNet draw_bodypose)."""
+
 from __future__ import annotations
 
 import json
@@ -34,7 +35,7 @@ JOINT_RADIUS = 4
 # BODY_25 → COCO-18: BODY_25 adds mid-hip (8) and six foot points (19-24).
 BODY25_TO_COCO18 = (0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18)
 
-Person = list  # 18 entries, each (x, y) in pixels or None when not detected
+Person = list[tuple[float, float] | None]  # 18 entries: (x, y) in pixels, None where not detected
 
 
 def read_people(source: Any, *, width: int, height: int, normalized: str) -> tuple[list[Person], int, int]:
@@ -52,7 +53,7 @@ def read_people(source: Any, *, width: int, height: int, normalized: str) -> tup
         raise ConditionError('pose JSON must be an object with a "people" list (OpenPose output format)')
     width = width or int(data.get("canvas_width") or 512)
     height = height or int(data.get("canvas_height") or 512)
-    raw: list[list[tuple[float, float] | None]] = []
+    raw: list[Person] = []
     for index, person in enumerate(data["people"]):
         values = person.get("pose_keypoints_2d") if isinstance(person, dict) else None
         if not isinstance(values, list) or len(values) not in (54, 75):
@@ -135,7 +136,10 @@ class PoseJson(Extractor):
 
     def __post_init__(self) -> None:
         check(self.width >= 0 and self.height >= 0, "pose-json needs --width and --height >= 0")
-        check(self.normalized in ("auto", "yes", "no"), f"pose-json --normalized must be auto, yes or no, not {self.normalized!r}")
+        check(
+            self.normalized in ("auto", "yes", "no"),
+            f"pose-json --normalized must be auto, yes or no, not {self.normalized!r}",
+        )
         check(self.draw in ("original", "aux"), f"pose-json --draw must be original or aux, not {self.draw!r}")
 
     def __call__(self, image: Any) -> Image.Image:

@@ -1,4 +1,5 @@
 """Finding model weights: a local folder, the hub cache, or a download; one clear error when offline."""
+
 from __future__ import annotations
 
 import logging
@@ -22,10 +23,14 @@ def offline() -> bool:
 
 def is_local(model: str) -> bool:
     """Whether `model` names a folder on disk rather than a hub repo id ("owner/name")."""
-    return Path(model).expanduser().exists() or model.startswith(("/", ".", "~")) or model.count("/") > 1 or "\\" in model
+    return (
+        Path(model).expanduser().exists() or model.startswith(("/", ".", "~")) or model.count("/") > 1 or "\\" in model
+    )
 
 
-def missing(extractor: str, what: str, model: str, default: str, reason: str, files: tuple[str, ...] = ()) -> MissingWeightsError:
+def missing(
+    extractor: str, what: str, model: str, default: str, reason: str, files: tuple[str, ...] = ()
+) -> MissingWeightsError:
     """The one error for absent weights: which model, where to get it, and the option for a local copy."""
     fetch = f"hf download {default}{''.join(' ' + f for f in files)} --local-dir DIR"
     return MissingWeightsError(
@@ -57,7 +62,9 @@ def load_pretrained(load: Callable[..., T], model: str, *, extractor: str, what:
         try:
             return load(str(folder), local_files_only=True)
         except (OSError, ValueError) as exc:
-            raise missing(extractor, what, model, default, f"{folder} is not a usable model folder ({_first_line(exc)})") from None
+            raise missing(
+                extractor, what, model, default, f"{folder} is not a usable model folder ({_first_line(exc)})"
+            ) from None
     try:
         return load(model, local_files_only=True)
     except (OSError, ValueError):
@@ -91,7 +98,9 @@ def hub_folder(model: str, files: tuple[str, ...], *, extractor: str, what: str,
     except (OSError, ValueError):
         log.debug("%s not in the hub cache", model)
     if offline():
-        raise missing(extractor, what, model, default, "it is not in the local hub cache and HF_HUB_OFFLINE is set", files)
+        raise missing(
+            extractor, what, model, default, "it is not in the local hub cache and HF_HUB_OFFLINE is set", files
+        )
     reason = _probe(model)
     if reason:
         raise missing(extractor, what, model, default, reason, files)

@@ -1,0 +1,110 @@
+"""Parity: our pipeline equals diffusers' adapter pipelines with the same tiny components, seed and weights."""
+import numpy as np
+import pytest
+import torch
+from diffusers import MultiAdapter, StableDiffusionAdapterPipeline, StableDiffusionXLAdapterPipeline, T2IAdapter
+from PIL import Image
+
+from t2iadapter.bases import load_base, tiny_adapter_config
+from t2iadapter.formats import ours_to_diffusers
+from t2iadapter.models import build_adapter
+from t2iadapter.pipeline import AdapterPipeline
+
+
+@pytest.fixture(scope="module")
+def sd_base():
+    return load_base("tiny")
+
+
+@pytest.fixture(scope="module")
+def xl_base():
+    return load_base("tiny-xl")
+
+
+def random_adapter(base, in_channels, seed):
+    torch.manual_seed(seed)
+    module = build_adapter(tiny_adapter_config(base, in_channels)).eval()
+    with torch.no_grad():  # larger weights than default init, so the adapter visibly changes the output
+        for p in module.parameters():
+            p.mul_(3.0)
+    return module
+
+
+def as_diffusers(module):
+    cfg = module.config
+    d = T2IAdapter(in_channels=cfg.in_channels, channels=list(cfg.channels), num_res_blocks=cfg.num_res_blocks,
+                   downscale_factor=cfg.downscale_factor, adapter_type="full_adapter_xl" if cfg.kind == "full_xl" else "full_adapter")
+    d.load_state_dict(ours_to_diffusers(module.state_dict(), cfg))
+    return d.eval()
+
+
+def condition(size, mode, seed):
+    rng = np.random.default_rng(seed)
+    shape = (size, size) if mode == "L" else (size, size, 3)
+    return Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
+
+
+def sd_reference(base, adapter):
+    return StableDiffusionAdapterPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+                                          adapter=adapter, scheduler=base.scheduler, safety_checker=None, feature_extractor=None,
+                                          requires_safety_checker=False)
+
+
+def xl_reference(base, adapter):
+    return StableDiffusionXLAdapterPipeline(vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2,
+                                            tokenizer=base.tokenizer, tokenizer_2=base.tokenizer_2, unet=base.unet,
+                                            adapter=adapter, scheduler=base.scheduler)
+
+
+PROMPT = "a large red star left of a small blue circle"
+
+
+def test_sd_single_adapter_matches_diffusers(sd_base):
+    ours_ad = random_adapter(sd_base, 1, 1)
+    cond = condition(64, "L", 0)
+    ours = AdapterPipeline(sd_base, [ours_ad])(PROMPT, [cond], steps=4, seed=0, size=(64, 64), weights=[0.8],
+                                                output_type="np", progress=False).images[0]
+    ref = sd_reference(sd_base, as_diffusers(ours_ad))(PROMPT, image=cond, num_inference_steps=4, height=64, width=64,
+                                                        generator=torch.Generator().manual_seed(0),
+                                                        adapter_conditioning_scale=0.8, output_type="np").images[0]
+    plain = sd_base.diffusers_pipeline()(PROMPT, num_inference_steps=4, height=64, width=64,
+                                         generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    assert np.abs(ours - ref).max() <= 1e-4
+    assert np.abs(ours - plain).max() > 1e-2  # the adapter really acts
+
+
+def test_sd_two_adapters_with_weights_match_diffusers(sd_base):
+    a, b = random_adapter(sd_base, 1, 2), random_adapter(sd_base, 3, 3)
+    conds = [condition(64, "L", 1), condition(64, "RGB", 2)]
+    ours = AdapterPipeline(sd_base, {"sketch": a, "depth": b})(PROMPT, conds, steps=3, seed=5, size=(64, 64),
+                                                                weights=[0.6, 1.3], output_type="np", progress=False).images[0]
+    multi = MultiAdapter([as_diffusers(a), as_diffusers(b)])
+    ref = sd_reference(sd_base, multi)(PROMPT, image=conds, num_inference_steps=3, height=64, width=64,
+                                       generator=torch.Generator().manual_seed(5), adapter_conditioning_scale=[0.6, 1.3],
+                                       output_type="np").images[0]
+    assert np.abs(ours - ref).max() <= 1e-4
+
+
+def test_sdxl_single_adapter_and_window_match_diffusers(xl_base):
+    ad = random_adapter(xl_base, 3, 4)
+    cond = condition(128, "RGB", 3)
+    pipe = AdapterPipeline(xl_base, [ad])
+    ref_pipe = xl_reference(xl_base, as_diffusers(ad))
+    for factor in (1.0, 0.5):
+        ours = pipe(PROMPT, [cond], steps=4, seed=1, size=(128, 128), guidance_scale=5.0, windows=[(0, factor)],
+                    output_type="np", progress=False).images[0]
+        ref = ref_pipe(PROMPT, image=cond, num_inference_steps=4, height=128, width=128, guidance_scale=5.0,
+                       generator=torch.Generator().manual_seed(1), adapter_conditioning_factor=factor,
+                       output_type="np").images[0]
+        assert np.abs(ours - ref).max() <= 1e-4
+
+
+def test_sdxl_two_adapters_with_weights_match_diffusers(xl_base):
+    a, b = random_adapter(xl_base, 3, 6), random_adapter(xl_base, 3, 7)
+    conds = [condition(128, "RGB", 4), condition(128, "RGB", 5)]
+    ours = AdapterPipeline(xl_base, [a, b])(PROMPT, conds, steps=3, seed=2, size=(128, 128), weights=[1.0, 0.5],
+                                            guidance_scale=6.0, negative_prompt="blurry", output_type="np", progress=False).images[0]
+    ref = xl_reference(xl_base, MultiAdapter([as_diffusers(a), as_diffusers(b)]))(
+        PROMPT, image=conds, negative_prompt="blurry", guidance_scale=6.0, num_inference_steps=3, height=128, width=128,
+        generator=torch.Generator().manual_seed(2), adapter_conditioning_scale=[1.0, 0.5], output_type="np").images[0]
+    assert np.abs(ours - ref).max() <= 1e-4
