@@ -62,6 +62,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.name:
         raise ConfigError("name an extractor (t2iadapter extract --list shows them)")
     cls = extractors.info(args.name)
+    if cls.weights and not getattr(args, "verbose", False):
+        # Keep the console to our own lines: no transformers/hub progress bars or advisory warnings.
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     raw = {key[4:]: value for key, value in vars(args).items() if key.startswith("opt_") and value is not None}
     extractor = extractors.get(args.name, **cls.coerce(raw))
     batch = args.input_dir is not None or args.output_dir is not None

@@ -90,7 +90,7 @@ class Depth(_Transformers):
     channels = 3
     recipe = "transformers depth-estimation (DPT/MiDaS, Depth Anything) → (d - min) / (max - min), grey RGB"
     weights = "Intel/dpt-hybrid-midas"
-    what = "the depth model (MiDaS dpt_hybrid by default)"
+    what = "the depth model"
 
     model_class = "AutoModelForDepthEstimation"
 

@@ -1,0 +1,186 @@
+"""Pipeline behaviour beyond parity: sizes, channel conversion, windows, fuser, style, errors, CLI."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from t2iadapter.bases import load_base, tiny_adapter_config
+from t2iadapter.cli import main as cli
+from t2iadapter.errors import ConditionError, ConfigError
+from t2iadapter.models import FullAdapterConfig, FuserConfig, StyleAdapterConfig, build_adapter
+from t2iadapter.pipeline import AdapterPipeline, Window, prepare_condition
+
+
+@pytest.fixture(scope="module")
+def base():
+    return load_base("tiny")
+
+
+def adapter(base, ch, seed):
+    torch.manual_seed(seed)
+    m = build_adapter(tiny_adapter_config(base, ch))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(3.0)
+    return m
+
+
+def img(w, h, mode="RGB", seed=0):
+    rng = np.random.default_rng(seed)
+    shape = (h, w) if mode == "L" else (h, w, 3)
+    return Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
+
+
+def run(pipe, *a, **kw):
+    kw.setdefault("steps", 2)
+    kw.setdefault("seed", 0)
+    kw.setdefault("progress", False)
+    return pipe(*a, **kw)
+
+
+def test_any_size_is_returned_at_the_requested_size(base):
+    pipe = AdapterPipeline(base, [adapter(base, 1, 0)])
+    out = run(pipe, "a red star", [img(50, 30)], size=(72, 40))
+    assert out.image.size == (72, 40)
+    assert pipe.size_multiple == 64
+
+
+def test_channel_conversion_matches_explicit_conversion(base):
+    rgb = img(64, 64, seed=3)
+    one = prepare_condition(rgb, 1, (64, 64), (64, 64))
+    assert one.shape == (1, 1, 64, 64)
+    assert torch.allclose(one, prepare_condition(rgb.convert("L"), 1, (64, 64), (64, 64)))
+    three = prepare_condition(rgb.convert("L"), 3, (64, 64), (64, 64))
+    assert three.shape == (1, 3, 64, 64) and torch.equal(three[:, 0], three[:, 2])
+    t = torch.rand(3, 32, 32)
+    grey = prepare_condition(t, 1, (32, 32), (64, 64))
+    assert grey.shape == (1, 1, 64, 64) and grey[..., 32:, :].abs().sum() == 0  # zero padding outside
+    pipe = AdapterPipeline(base, [adapter(base, 1, 1)])
+    a = run(pipe, "a star", [rgb], output_type="np").images[0]
+    b = run(pipe, "a star", [rgb.convert("L")], output_type="np").images[0]
+    assert np.abs(a - b).max() < 1e-6
+
+
+def test_weights_zero_and_empty_window_equal_text_only(base):
+    ad = adapter(base, 3, 2)
+    pipe = AdapterPipeline(base, [ad])
+    plain = run(AdapterPipeline(base), "a star", output_type="np").images[0]
+    for kw in ({"weights": [0.0]}, {"windows": ["0:0"]}):
+        out = run(pipe, "a star", [img(64, 64)], output_type="np", **kw).images[0]
+        assert np.abs(out - plain).max() < 1e-6
+    full = run(pipe, "a star", [img(64, 64)], output_type="np", steps=4).images[0]
+    half = run(pipe, "a star", [img(64, 64)], output_type="np", steps=4, windows=["0:0.5"]).images[0]
+    late = run(pipe, "a star", [img(64, 64)], output_type="np", steps=4, windows=["0.5:1"]).images[0]
+    assert np.abs(full - half).max() > 1e-3 and np.abs(half - late).max() > 1e-3
+    assert Window(0, 0.5).active(1, 4) and not Window(0, 0.5).active(2, 4) and Window(0.5, 1).active(2, 4)
+
+
+def test_features_computed_once_per_call(base):
+    ad = adapter(base, 3, 4)
+    calls = []
+    ad.register_forward_hook(lambda *a: calls.append(1))
+    steps = []
+    run(AdapterPipeline(base, [ad]), "a", [img(64, 64)], steps=5, callback=lambda i, t, lat: steps.append(i))
+    assert len(calls) == 1 and steps == [0, 1, 2, 3, 4]
+
+
+def test_fresh_fuser_equals_weighted_sum(base):
+    a, b = adapter(base, 1, 5), adapter(base, 3, 6)
+    fuser = build_adapter(FuserConfig(unet_channels=tuple(a.config.channels), width=32, num_heads=4, num_layers=1))
+    pipe = AdapterPipeline(base, {"sketch": a, "color": b}, fuser=fuser)
+    conds = [img(64, 64, "L"), img(64, 64)]
+    summed = run(pipe, "a", conds, weights=[0.7, 1.2], output_type="np").images[0]
+    fused = run(pipe, "a", conds, weights=[0.7, 1.2], compose="fuser", output_type="np").images[0]
+    assert np.abs(summed - fused).max() < 1e-5  # zero-initialised projections: the fuser starts as the sum
+    with torch.no_grad():
+        for p in fuser.spatial_ch_projs:
+            p.bias.fill_(1.0)
+    doubled = run(pipe, "a", conds, weights=[0.7, 1.2], compose="fuser", output_type="np").images[0]
+    assert np.abs(doubled - fused).max() > 1e-3
+
+
+def test_style_tokens_extend_context_and_pad_unconditional(base):
+    style = build_adapter(StyleAdapterConfig(width=16, context_dim=32, num_heads=4, num_layers=1, num_tokens=3))
+    seen = []
+    pipe = AdapterPipeline(base, [style])
+    orig = base.unet.forward
+
+    def spy(sample, t, encoder_hidden_states=None, **kw):
+        seen.append(encoder_hidden_states.clone())
+        return orig(sample, t, encoder_hidden_states=encoder_hidden_states, **kw)
+
+    base.unet.forward = spy
+    try:
+        run(pipe, "a", style_image=torch.randn(1, 5, 16), steps=1)
+    finally:
+        del base.unet.forward
+    ctx = seen[0]
+    assert ctx.shape[1] == 77 + 3
+    assert torch.equal(ctx[0, 77:], ctx[0, 74:77])  # unconditional: its own last 3 tokens repeated
+
+
+def test_errors_are_clear(base, tmp_path):
+    ad = adapter(base, 1, 7)
+    pipe = AdapterPipeline(base, [ad])
+    with pytest.raises(ConditionError, match="2 condition images for 1 spatial adapters"):
+        run(pipe, "a", [img(64, 64), img(64, 64)])
+    with pytest.raises(ConfigError, match="2 weights for 1 adapters"):
+        run(pipe, "a", [img(64, 64)], weights=[1, 2])
+    with pytest.raises(ConfigError, match="window"):
+        run(pipe, "a", [img(64, 64)], windows=["0.8:0.2"])
+    with pytest.raises(ConditionError, match="channels"):
+        run(pipe, "a", [torch.rand(2, 64, 64)])
+    with pytest.raises(ConditionError, match="does not exist"):
+        run(pipe, "a", [tmp_path / "nope.png"])
+    with pytest.raises(ConfigError, match="unknown scheduler"):
+        run(pipe, "a", [img(64, 64)], scheduler="bogus")
+    with pytest.raises(ConfigError, match="needs a CoAdapter fuser"):
+        run(pipe, "a", [img(64, 64)], compose="fuser")
+    with pytest.raises(ConfigError, match="no style adapter"):
+        run(pipe, "a", [img(64, 64)], style_image=img(64, 64))
+    xl_adapter = build_adapter(FullAdapterConfig.sdxl(3, channels=(32, 32, 64, 64)))
+    with pytest.raises(ConfigError, match="made for SDXL"):
+        AdapterPipeline(base, [xl_adapter])
+    with pytest.raises(ConfigError, match="channels"):
+        AdapterPipeline(base, [build_adapter(FullAdapterConfig.sd(3, channels=(8, 16, 32, 32)))])
+
+
+@pytest.mark.parametrize("name", ["ddim", "euler", "euler_a", "dpm++2m", "unipc"])
+def test_schedulers_by_name(base, name):
+    out = run(AdapterPipeline(base, [adapter(base, 1, 8)]), "a", [img(64, 64, "L")], scheduler=name, output_type="np")
+    assert np.isfinite(out.images[0]).all() and out.parameters["scheduler"] == name
+
+
+def test_images_per_prompt_and_seed_reproducibility(base):
+    pipe = AdapterPipeline(base, [adapter(base, 1, 9)])
+    a = run(pipe, ["a", "b"], [img(64, 64)], num_images=2, output_type="np")
+    assert len(a.images) == 4
+    b = run(pipe, ["a", "b"], [img(64, 64)], num_images=2, output_type="np")
+    assert all(np.array_equal(x, y) for x, y in zip(a.images, b.images))
+
+
+def test_cli_generate_and_info(base, tmp_path, capsys):
+    ad = adapter(base, 1, 10)
+    ad.save_file(tmp_path / "sketch.safetensors")
+    img(40, 40, "L").save(tmp_path / "cond.png")
+    out = tmp_path / "out.png"
+    args = ["generate", "--base", "tiny", "--adapter", str(tmp_path / "sketch.safetensors"), "--condition",
+            str(tmp_path / "cond.png"), "--prompt", "a red star", "--steps", "2", "--seed", "3", "--size", "72x48",
+            "--weight", "0.8", "--window", "0:0.5", "--out", str(out)]
+    assert cli(args) == 0
+    assert Image.open(out).size == (72, 48)
+    capsys.readouterr()
+    assert cli(["info", str(out), "--json"]) == 0
+    params = json.loads(capsys.readouterr().out)
+    assert params["seed"] == 3 and params["weights"] == [0.8] and params["windows"] == [[0.0, 0.5]]
+    assert params["prompt"] == "a red star" and params["steps"] == 2
+    # no silent overwrite; mismatched counts; bad size: exit 2, one line
+    assert cli(args) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert cli(args[:-2] + ["--weight", "1", "--out", str(tmp_path / "o2.png")]) == 2
+    assert "2 --weight for 1 adapters" in capsys.readouterr().err
+    assert cli(["generate", "--base", "tiny", "--adapter", "x", "--prompt", "p", "--out", str(tmp_path / "o3.png")]) == 2
+    assert cli(["info", str(tmp_path / "cond.png")]) == 2
+    assert "no t2iadapter generation parameters" in capsys.readouterr().err
