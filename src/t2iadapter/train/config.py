@@ -119,6 +119,8 @@ class RecipeConfig:
                 raise ConfigError(f"recipe.{name} must be a probability in [0, 1], got {value}")
         if self.keep_all_prob + self.drop_all_prob > 1:
             raise ConfigError("recipe.keep_all_prob + recipe.drop_all_prob must be <= 1")
+        if len(self.betas) != 2:
+            raise ConfigError(f"recipe.betas needs two numbers (β1, β2), got {list(self.betas)}")
         if self.lr <= 0:
             raise ConfigError(f"recipe.lr must be > 0, got {self.lr}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
@@ -160,6 +162,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = CheckpointConfig()
     validation: ValidationConfig = ValidationConfig()
     output_dir: str = "runs/adapter"  # checkpoints, logs, validation grids and the final adapter(s)
+    log_every: int = 10  # steps between loss/lr/grad-norm scalars (each read syncs the GPU)
 
     def __post_init__(self) -> None:
         if not self.adapters:
@@ -236,6 +239,11 @@ def parse_value(text: str) -> Any:
     """A `--set` value: YAML scalars and flow lists/maps (`3`, `1e-4`, `true`, `null`, `[1, 2]`), else the string."""
     import yaml
 
+    for number in (int, float):  # YAML 1.1 reads `1e-4` as a string
+        try:
+            return number(text)
+        except ValueError:
+            pass
     try:
         return yaml.safe_load(text)
     except Exception:
@@ -320,35 +328,27 @@ def _build(cls: type, data: Any, where: str) -> Any:
         hint = hints[name]
         sub = [a for a in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(a)]
         path = f"{where}.{name}" if where else name
+        if name == "adapters":
+            kwargs[name] = value
+            continue
         if sub and value is not None:
             kwargs[name] = _build(sub[0], value, path)
-        elif isinstance(value, list):
-            kwargs[name] = tuple(value)
-        else:
-            kwargs[name] = value
+            continue
+        if isinstance(value, list):
+            value = tuple(value)
+        if isinstance(value, str) and _allowed(hint) and str not in _allowed(hint) and float in _allowed(hint):
+            try:  # YAML 1.1 reads `1e-4` as a string
+                value = float(value)
+            except ValueError:
+                pass
+        allowed = _allowed(hint)
+        if allowed and not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed and allowed):
+            raise ConfigError(f"{path} = {value!r}: expected {_describe(hint)}")
+        kwargs[name] = value
     try:
         return cls(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"{where or 'config'}: {exc}") from None
-
-
-def _check_types(config: Any, where: str = "") -> None:
-    """Catch values of the wrong type early (a string where a number belongs, …) with the key's name."""
-    hints = typing.get_type_hints(type(config))
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        path = f"{where}.{f.name}" if where else f.name
-        if dataclasses.is_dataclass(value):
-            _check_types(value, path)
-            continue
-        if isinstance(value, tuple) and value and all(dataclasses.is_dataclass(v) for v in value):
-            for i, v in enumerate(value):
-                _check_types(v, f"{path}.{i}")
-            continue
-        hint = hints[f.name]
-        allowed = _allowed(hint)
-        if allowed and not isinstance(value, allowed):
-            raise ConfigError(f"{path} = {value!r}: expected {_describe(hint)}")
 
 
 def _allowed(hint: Any) -> tuple[type, ...]:
@@ -390,9 +390,7 @@ def from_dict(data: dict[str, Any]) -> TrainConfig:
         if not isinstance(adapters, list):
             raise ConfigError("`adapters:` must be a list of adapter specs")
         data["adapters"] = tuple(_build(AdapterSpec, a, f"adapters.{i}") for i, a in enumerate(adapters))
-    config = _build(TrainConfig, data, "")
-    _check_types(config)
-    return config
+    return _build(TrainConfig, data, "")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:

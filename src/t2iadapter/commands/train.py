@@ -1,0 +1,54 @@
+"""`t2iadapter train --config FILE [--set key=value ...] [--max-steps N] [--output-dir DIR] [--resume [CKPT]]`."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train an adapter (any kind, or a CoAdapter) on a frozen base",
+        description="Train a T2I-Adapter on a frozen SD1.x/SD2.x/SDXL base from a YAML/JSON/TOML config. Runs on "
+        "CPU, one GPU, or several through `accelerate launch -m t2iadapter.cli train ...` / torchrun. "
+        "See docs/training.md for every config field.",
+    )
+    p.add_argument("--config", metavar="FILE", help="YAML, JSON or TOML config (default: the built-in defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field: dotted (recipe.lr=1e-4, adapters.1.condition=depth) or an unambiguous "
+                   "leaf name (max_steps=100); repeatable")
+    p.add_argument("--max-steps", type=int, help="same as --set recipe.max_steps=N")
+    p.add_argument("--output-dir", help="same as --set output_dir=DIR")
+    p.add_argument("--resume", nargs="?", const="latest", metavar="CKPT",
+                   help="continue from the newest checkpoint in the output dir, or from CKPT (a checkpoint folder)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    from t2iadapter.train import load_config
+
+    overrides = list(args.overrides)
+    if args.max_steps is not None:
+        overrides.append(f"recipe.max_steps={args.max_steps}")
+    if args.output_dir is not None:
+        overrides.append(f"output_dir={args.output_dir}")
+    config = load_config(args.config, overrides)
+    if args.print_config:
+        print(config.to_json())
+        return 0
+    logging.getLogger("t2iadapter.train").setLevel(min(logging.getLogger().level, logging.INFO))
+    from t2iadapter.train.loop import Trainer
+
+    trainer = Trainer(config)
+    result = trainer.run(resume=args.resume)
+    if not trainer.is_main:
+        return 0
+    loss = f", last loss {result.losses[-1]:.4f}" if result.losses else ""
+    resumed = f" (resumed from {result.resumed_from})" if result.resumed_from else ""
+    print(f"trained to step {result.step}{resumed} in {result.seconds:.1f}s{loss}; "
+          f"{result.skipped} unreadable samples skipped")
+    for path in result.outputs:
+        print(f"wrote {path}")
+    return 0
