@@ -48,6 +48,8 @@ class BaseModel:
         return {k: v for k, v in mods.items() if v is not None}
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "BaseModel":
+        if device is None and dtype is None:
+            return self
         for module in self.modules.values():
             module.to(device=device, dtype=dtype)
         return self

@@ -1,0 +1,17 @@
+"""The embedded demo model with its shipped adapters, as one pipeline."""
+from __future__ import annotations
+
+from t2iadapter import assets
+
+
+def demo_pipeline(adapters: list[str] | None = None, *, device: str | None = None, dtype=None):
+    """`AdapterPipeline` on the shipped demo base with the shipped adapters (and the fuser, if shipped)."""
+    import torch
+
+    from t2iadapter.pipeline import AdapterPipeline
+
+    names = [n for n in assets.demo_adapter_names() if n != "fuser"]
+    chosen = names if adapters is None else adapters
+    fuser = "demo/fuser" if "fuser" in assets.demo_adapter_names() else None
+    return AdapterPipeline.from_pretrained("demo", {n: f"demo/{n}" for n in chosen}, fuser=fuser,
+                                           device=device or "cpu", dtype=dtype or torch.float32)
