@@ -271,6 +271,8 @@ def _schema_paths(cls: type, prefix: str = "") -> list[str]:
 def resolve_key(key: str) -> list[str]:
     """`max_steps` → ['recipe', 'max_steps']: a dotted path, or a leaf name that is unambiguous."""
     paths = _schema_paths(TrainConfig)
+    if key in ("adapter", "adapters", "fuser", "data", "recipe", "checkpoint", "validation"):
+        return [key]
     if "." in key:
         head = key.split(".")
         return head
@@ -381,6 +383,8 @@ def _describe(hint: Any) -> str:
 def from_dict(data: dict[str, Any]) -> TrainConfig:
     """Build a TrainConfig from a nested dict (`adapter:` is shorthand for a one-item `adapters:` list)."""
     data = dict(data)
+    if "adapter" in data and data["adapter"] is None:
+        del data["adapter"]
     if "adapter" in data:
         if "adapters" in data:
             raise ConfigError("set either `adapter:` (one) or `adapters:` (several, with a fuser), not both")

@@ -574,8 +574,9 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------
 
-    def run(self, resume: str | None = None) -> TrainResult:
-        """Train to `recipe.max_steps`, checkpointing, logging and validating; `resume`: 'latest' or a checkpoint."""
+    def run(self, resume: str | None = None, stop_at: int | None = None) -> TrainResult:
+        """Train to `recipe.max_steps` (or stop early at `stop_at`, as a preempted job would), checkpointing,
+        logging and validating; `resume`: 'latest' (newest in output_dir) or a checkpoint folder."""
         from tqdm.auto import tqdm
 
         from t2iadapter.train.data import make_loader
@@ -605,8 +606,10 @@ class Trainer:
                    dynamic_ncols=True, desc="train")
         pending: list[torch.Tensor] = []
         log_every = max(1, cfg.log_every)
+        end = min(recipe.max_steps, stop_at) if stop_at is not None else recipe.max_steps
+        saved_at = None
         try:
-            while self.step < recipe.max_steps:
+            while self.step < end:
                 micro = [next(batches) for _ in range(recipe.grad_accumulation)]
                 for b in micro:
                     for err in b.get("errors", ())[:3]:
@@ -625,8 +628,9 @@ class Trainer:
                         writer.add_scalar("train/skipped", self.skipped, self.step)
                 bar.update(1)
                 every = cfg.checkpoint.every
-                if every and self.step % every == 0 and self.step < recipe.max_steps:
+                if every and self.step % every == 0:
                     self.save_checkpoint()
+                    saved_at = self.step
                 if cfg.validation.every and self.step % cfg.validation.every == 0:
                     if self.is_main:
                         self.validate()
@@ -638,7 +642,7 @@ class Trainer:
                 writer.close()
         if pending:
             result.losses += torch.stack(pending).float().cpu().tolist()
-        if result.step != self.step or not ckpt.checkpoints(self.ckpt_dir):
+        if saved_at != self.step and (result.step != self.step or not ckpt.checkpoints(self.ckpt_dir)):
             self.save_checkpoint()
         if self.is_main:
             result.outputs = self.save_outputs()

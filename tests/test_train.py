@@ -1,0 +1,182 @@
+"""`t2iadapter train` on the tiny base: the loss falls, CoAdapter joint training, recipe pieces, config and CLI."""
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from t2iadapter.bases import load_base
+from t2iadapter.errors import ConfigError
+from t2iadapter.formats import load_adapter
+from t2iadapter.train.config import load_config
+from t2iadapter.train.loop import Trainer, condition_keep, sample_timesteps, training_target
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny-cpu.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def base():
+    return load_base("tiny")
+
+
+def test_cubic_timesteps_match_the_paper():
+    g = torch.Generator().manual_seed(0)
+    t = sample_timesteps("cubic", 400_000, 1000, g).float()
+    assert t.min() >= 0 and t.max() <= 999
+    assert abs((t / 1000).mean().item() - 0.75) < 0.003  # E[1 - u³] = 3/4
+    assert abs((t > 500).float().mean().item() - 0.5 ** (1 / 3)) < 0.003  # P(u < 2^(-1/3)) ≈ 0.794
+    u = sample_timesteps("uniform", 100_000, 1000, g).float()
+    assert abs((u / 1000).mean().item() - 0.5) < 0.005
+    c = sample_timesteps("cosine", 100_000, 1000, g).float()
+    assert abs((c / 1000).mean().item() - 2 / torch.pi) < 0.005
+
+
+def test_v_prediction_target_is_the_velocity():
+    sched = DDPMScheduler(prediction_type="v_prediction", beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    x0, eps = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    t = torch.tensor([0, 250, 600, 999])
+    v = training_target(sched, x0, eps, t)
+    abar = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(v, abar.sqrt() * eps - (1 - abar).sqrt() * x0)
+    torch.testing.assert_close(v, sched.get_velocity(x0, eps, t))
+    eps_sched = DDPMScheduler.from_config({**sched.config, "prediction_type": "epsilon"})
+    assert training_target(eps_sched, x0, eps, t) is eps
+
+
+def test_coadapter_condition_dropout_frequencies():
+    from t2iadapter.train.config import RecipeConfig
+
+    g, names, r = torch.Generator().manual_seed(1), ["sketch", "depth", "color"], RecipeConfig()
+    draws = [condition_keep(names, r, g) for _ in range(20_000)]
+    frac_all = sum(len(d) == 3 for d in draws) / len(draws)  # 0.1 + 0.8 · 0.5³
+    frac_none = sum(len(d) == 0 for d in draws) / len(draws)  # 0.1 + 0.8 · 0.5³
+    assert abs(frac_all - 0.2) < 0.015 and abs(frac_none - 0.2) < 0.015
+    assert abs(sum("depth" in d for d in draws) / len(draws) - 0.5) < 0.015
+
+
+def test_training_lowers_the_loss(base, tmp_path):
+    cfg = load_config(TINY, ["data.num_samples=2", "recipe.batch_size=2", "recipe.lr=5e-3", "recipe.max_steps=30",
+                             "recipe.timesteps=uniform", "recipe.cache_latents=true", "recipe.cache_text=true",
+                             "checkpoint.every=0", f"output_dir={tmp_path}"])
+    trainer = Trainer(cfg, base=base)
+    batch = next(iter(__import__("t2iadapter.train.data", fromlist=["x"]).make_loader(trainer.stream, 2, 0, 1, 0, 0)))
+
+    def fixed_loss() -> float:  # same latents, noise and timesteps every time
+        state = trainer.generator.get_state()
+        trainer.generator.manual_seed(1234)
+        with torch.no_grad():
+            loss = sum(trainer.micro_loss(batch).item() for _ in range(4)) / 4
+        trainer.generator.set_state(state)
+        return loss
+
+    before = fixed_loss()
+    result = trainer.run()
+    after = fixed_loss()
+    assert after < 0.93 * before, (before, after)  # deterministic: 1.136 → 1.037 here
+    first, last = sum(result.losses[:10]) / 10, sum(result.losses[-10:]) / 10
+    assert last < first, (first, last)
+    assert (tmp_path / "adapter.safetensors").is_file() and (tmp_path / "adapter-diffusers" / "config.json").is_file()
+    assert load_adapter(tmp_path / "adapter.safetensors").config == trainer.model.adapters["sketch"].config
+    assert list((tmp_path / "logs").glob("events.out.tfevents.*"))
+
+
+def test_coadapter_joint_training_saves_adapters_and_fuser(base, tmp_path):
+    cfg = load_config(TINY, [f"output_dir={tmp_path}", "recipe.max_steps=4", "checkpoint.every=0", "log_every=2",
+                             "recipe.lr=1e-3", "recipe.batch_size=1"])
+    data = {**cfg.to_dict(), "adapters": [{"kind": "full", "condition": "sketch", "in_channels": 1},
+                                         {"kind": "full", "condition": "depth", "in_channels": 3},
+                                         {"kind": "light", "condition": "color", "in_channels": 3}],
+            "fuser": {"num_heads": 4}}
+    from t2iadapter.train.config import from_dict
+
+    cfg = from_dict(data)
+    assert cfg.text_dropout == 0.5  # DESIGN.md §6
+    trainer = Trainer(cfg, base=base)
+    fuser0 = {k: v.clone() for k, v in trainer.model.fuser.state_dict().items()}
+    result = trainer.run()
+    assert result.step == 4 and len(result.losses) == 4
+    for stem, kind in (("adapter-sketch", "full"), ("adapter-depth", "full"), ("adapter-color", "light"), ("fuser", "fuser")):
+        assert load_adapter(tmp_path / f"{stem}.safetensors").kind == kind
+    fuser1 = load_adapter(tmp_path / "fuser.safetensors").state_dict()
+    assert any(not torch.equal(fuser0[k], fuser1[k]) for k in fuser0)
+
+
+def test_style_adapter_trains_on_precomputed_tokens(base, tmp_path):
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    (tmp_path / "data" / "style").mkdir(parents=True)
+    for i in range(2):
+        Image.new("RGB", (80, 64), (40 * i, 90, 200)).save(tmp_path / "data" / f"{i}.png")
+        (tmp_path / "data" / f"{i}.txt").write_text("a red circle")
+        save_file({"last_hidden_state": torch.randn(1, 5, 16)}, str(tmp_path / "data" / "style" / f"{i}.safetensors"))
+    cfg = load_config(TINY, [f"output_dir={tmp_path / 'out'}", "recipe.max_steps=2", "checkpoint.every=0",
+                             "data.kind=folder", f"data.path={tmp_path / 'data'}", "data.conditions={style: style}",
+                             "data.num_samples=null", "adapter.kind=style", "adapter.condition=style",
+                             "adapter.options={width: 16, num_heads: 2, num_layers: 1, num_tokens: 4}"])
+    result = Trainer(cfg, base=base).run()
+    assert result.step == 2
+    assert load_adapter(tmp_path / "out" / "adapter.safetensors").kind == "style"
+    assert not (tmp_path / "out" / "adapter-diffusers").exists()  # diffusers has no style adapter
+
+
+def test_corrupt_samples_are_skipped_and_counted(base, tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "data"
+    (root / "cond").mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (64, 64), (60 * i, 100, 30)).save(root / f"{i}.png")
+        Image.new("L", (64, 64), 255 * (i % 2)).save(root / "cond" / f"{i}.png")
+    (root / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    Image.new("L", (64, 64)).save(root / "cond" / "3.png")
+    (root / "metadata.jsonl").write_text('{"file_name": "0.png", "text": "a red circle"}\n')
+    cfg = load_config(TINY, [f"output_dir={tmp_path / 'out'}", "recipe.max_steps=4", "recipe.batch_size=2",
+                             "checkpoint.every=0", "data.kind=folder", f"data.path={root}",
+                             "data.conditions={sketch: cond}", "data.num_samples=null"])
+    result = Trainer(cfg, base=base).run()
+    assert result.step == 4
+    assert result.skipped == 2  # 8 draws over 2 epochs of 4 files: the broken one, once per epoch
+
+
+def test_config_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: tiny\nrecipe:\n  lr: 1e-4\n  learning_rate: 3\n")
+    with pytest.raises(ConfigError, match="learning_rate"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="unknown config key 'nope'"):
+        load_config(TINY, ["nope=1"])
+    with pytest.raises(ConfigError, match="ambiguous"):
+        load_config(TINY, ["every=3"])
+    with pytest.raises(ConfigError, match="expected int"):
+        load_config(TINY, ["max_steps=many"])
+    with pytest.raises(ConfigError, match="timesteps"):
+        load_config(TINY, ["recipe.timesteps=quadratic"])
+    with pytest.raises(ConfigError, match="fuser"):
+        load_config(TINY, ["adapters=[{condition: sketch}, {condition: depth}]", "adapter=null"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    assert load_config(TINY, ["recipe.lr=1e-4"]).recipe.lr == 1e-4  # YAML 1.1 would read "1e-4" as a string
+
+
+def test_cli_train_and_its_errors(tmp_path, capsys):
+    from t2iadapter.cli import main
+
+    assert main(["train", "--config", str(TINY), "--set", "max_steps=3", "--set", f"output_dir={tmp_path}",
+                 "--set", "checkpoint.every=2"]) == 0
+    out = capsys.readouterr().out
+    assert "trained to step 3" in out and (tmp_path / "adapter.safetensors").is_file()
+    assert main(["train", "--config", str(TINY), "--max-steps", "4", "--output-dir", str(tmp_path), "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert main(["train", "--config", str(TINY), "--set", "recipe.bogus=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown key(s) bogus in recipe") and err.count("\n") == 1
