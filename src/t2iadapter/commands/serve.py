@@ -1,0 +1,90 @@
+"""`t2iadapter serve`: the HTTP API and web page (FastAPI under uvicorn) over one base and registered adapters."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+
+from t2iadapter.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve the HTTP API and the drawing page",
+        description="Serve an HTTP API (POST /v1/generate, /v1/extract, /v1/jobs; GET /v1/models, /health; docs at "
+        "/docs) and a web page at / to draw or upload, extract, and generate. Clients refer to adapters by the names "
+        "registered here. With --base demo and no --adapter, every shipped demo adapter is registered.",
+    )
+    p.add_argument("--base", default="demo", help="base model: demo (default), tiny, a diffusers folder, a single file or a hub id")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="register an adapter under NAME (file, folder, demo/NAME or hub id); repeatable")
+    p.add_argument("--fuser", default=None, help="CoAdapter fuser checkpoint (enables compose=fuser)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--token", default=None, help="require `Authorization: Bearer TOKEN` (default: $T2IADAPTER_TOKEN)")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body in MB (default 10; larger: 413)")
+    p.add_argument("--max-steps", type=int, default=50, help="most denoising steps per request (default 50)")
+    p.add_argument("--max-side", type=int, default=1024, help="largest output width/height in pixels (default 1024)")
+    p.add_argument("--queue-size", type=int, default=8, help="requests waiting behind the running one (default 8; more: 429)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per request, queue included (default 300; then 504)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default: fp16 on GPU, fp32 on CPU")
+    p.set_defaults(func=run)
+
+
+def parse_adapters(specs: list[str]) -> dict[str, str]:
+    """`NAME=PATH` (or a bare source, named after its file stem) → {name: source}."""
+    adapters: dict[str, str] = {}
+    for spec in specs:
+        name, sep, source = spec.partition("=")
+        if not sep:
+            source = spec
+            name = spec.rstrip("/").rsplit("/", 1)[-1].split(".")[0]
+        if not NAME.match(name) or not source:
+            raise ConfigError(f"--adapter {spec!r}: give NAME=PATH with a NAME of letters, digits, '_', '-', '.'")
+        if name in adapters:
+            raise ConfigError(f"--adapter: the name {name!r} is registered twice")
+        adapters[name] = source
+    return adapters
+
+
+def settings_from(args: argparse.Namespace):
+    """ServerSettings and Limits from the options; a missing demo model fails here, before anything loads."""
+    from t2iadapter import assets
+    from t2iadapter.server.limits import Limits, ServerSettings
+
+    adapters = parse_adapters(args.adapter)
+    if args.base == "demo":
+        assets.demo_base_path()
+        if not adapters:
+            adapters = {name: f"demo/{name}" for name in assets.demo_adapter_names()}
+    limits = Limits(max_upload_mb=args.max_upload_mb, max_steps=args.max_steps, max_side=args.max_side,
+                    queue_size=args.queue_size, timeout=args.timeout)
+    settings = ServerSettings(base=args.base, adapters=adapters, fuser=args.fuser, device=args.device, dtype=args.dtype)
+    return settings, limits
+
+
+def run(args: argparse.Namespace) -> int:
+    settings, limits = settings_from(args)
+    token = args.token or os.environ.get("T2IADAPTER_TOKEN") or None
+    if not settings.adapters:
+        log.warning("no adapters registered: the server generates from text only")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not token:
+        log.warning("listening on %s without a token: anyone who can reach it can use the model", args.host)
+
+    import uvicorn
+
+    from t2iadapter.server import create_app
+
+    app = create_app(settings, limits=limits, token=token)
+    names = ", ".join(settings.adapters) or "none"
+    print(f"serving {settings.base} with adapters {names} on http://{args.host}:{args.port}/ (API docs at /docs)",
+          flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0

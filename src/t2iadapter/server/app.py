@@ -1,0 +1,253 @@
+"""The FastAPI app: JSON/multipart API, job progress, the web page, limits and the optional token."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from t2iadapter.errors import T2IAdapterError
+from t2iadapter.server import openapi
+from t2iadapter.server.extraction import ExtractorPool, describe
+from t2iadapter.server.generation import UnknownName, make_work, prepare
+from t2iadapter.server.images import b64_bytes, b64_png, open_bounded
+from t2iadapter.server.jobs import Job, ModelWorker, QueueFull, Stopped, WorkerStopped
+from t2iadapter.server.limits import Limits, ServerSettings
+from t2iadapter.server.schemas import (
+    AdapterInfo, ExtractRequest, ExtractResponse, GenerateRequest, GenerateResponse, Health, JobOut, ModelsResponse,
+)  # fmt: skip
+from t2iadapter.server.security import BodyLimit, TokenGuard
+
+log = logging.getLogger(__name__)
+
+WEB = Path(__file__).resolve().parent.parent / "web"
+CONDITION_FIELD = "condition."  # multipart: file field `condition.<adapter name>`
+
+
+def create_app(
+    source: Any,
+    *,
+    limits: Limits | None = None,
+    token: str | None = None,
+    base_label: str | None = None,
+) -> FastAPI:
+    """The app for an `AdapterPipeline` (or `ServerSettings`, loaded now); the model worker runs while it serves."""
+    pipe = source.load_pipeline() if isinstance(source, ServerSettings) else source
+    limits = limits or Limits()
+    label = base_label or (source.base if isinstance(source, ServerSettings) else str(pipe.base.source))
+    worker = ModelWorker(limits.queue_size)
+    pool = ExtractorPool()
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        worker.start()
+        log.info("model worker started (%d adapters, queue %d)", len(pipe.adapters), limits.queue_size)
+        try:
+            yield
+        finally:
+            await run_in_threadpool(worker.stop)
+
+    app = FastAPI(
+        title="t2iadapter",
+        version="1",
+        summary="T2I-Adapter (arXiv 2302.08453): controlled text-to-image generation with registered adapters",
+        lifespan=lifespan,
+    )
+    app.state.worker, app.state.pipeline, app.state.limits = worker, pipe, limits
+
+    app.add_middleware(BodyLimit, max_bytes=limits.max_upload_bytes)
+    app.add_middleware(TokenGuard, token=token, public=is_public)  # outermost: 401 before anything is read
+
+    # ------------------------------------------------------------- errors → statuses
+
+    @app.exception_handler(T2IAdapterError)
+    async def _user_error(_r: Request, exc: T2IAdapterError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, 422)
+
+    @app.exception_handler(UnknownName)
+    async def _unknown(_r: Request, exc: UnknownName) -> JSONResponse:
+        return JSONResponse({"detail": str(exc.args[0])}, 404)
+
+    @app.exception_handler(QueueFull)
+    async def _full(_r: Request, exc: QueueFull) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, 429, headers={"Retry-After": str(exc.retry_after)})
+
+    @app.exception_handler(WorkerStopped)
+    async def _stopped(_r: Request, exc: WorkerStopped) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, 503, headers={"Retry-After": "5"})
+
+    @app.exception_handler(Stopped)
+    async def _timeout(_r: Request, exc: Stopped) -> JSONResponse:
+        return JSONResponse({"detail": exc.reason}, 504 if exc.timed_out else 503)
+
+    # ------------------------------------------------------------- page, health, models
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(WEB / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=WEB), name="static")
+
+    @app.get("/health", response_model=Health, tags=["server"])
+    async def health() -> Health:
+        """Liveness and queue occupancy; needs no token."""
+        return Health(status="ok", **worker.stats())
+
+    @app.get("/v1/models", response_model=ModelsResponse, tags=["models"])
+    async def models() -> ModelsResponse:
+        """Registered adapters (the only names requests may use), extractors, schedulers and limits."""
+        from t2iadapter.pipeline import scheduler_names
+
+        adapters = [AdapterInfo(name=n, kind=m.kind, channels=getattr(m.config, "in_channels", None))
+                    for n, m in pipe.adapters.items()]
+        return ModelsResponse(
+            base=label, adapters=adapters, fuser=pipe.fuser is not None,
+            extractors=[describe(n) for n in pool.names], schedulers=scheduler_names(),
+            default_size=pipe.default_size, size_multiple=pipe.size_multiple, limits=asdict(limits),
+        )
+
+    # ------------------------------------------------------------- extraction
+
+    @app.post("/v1/extract", response_model=ExtractResponse, tags=["extract"],
+              openapi_extra=openapi.body("ExtractRequest", multipart=openapi.EXTRACT_MULTIPART))
+    async def extract(request: Request) -> ExtractResponse:
+        """Image → condition image with a named extractor (JSON with base64, or multipart `image` + `extractor`)."""
+        req, data = await read_extract(request)
+        extractor = pool.build(req.extractor, req.options)
+        image = await run_in_threadpool(open_bounded, data, "image", limits.max_input_side)
+        out = await run_in_threadpool(pool.run, extractor, image)
+        png = await run_in_threadpool(b64_png, out)
+        return ExtractResponse(extractor=req.extractor, png=png, width=out.width, height=out.height,
+                               channels=extractor.channels or 3)
+
+    # ------------------------------------------------------------- generation
+
+    async def submit(request: Request) -> Job:
+        req, uploads = await read_generate(request)
+        gen = await run_in_threadpool(prepare, req, pipe, limits, uploads)
+        return worker.submit(make_work(gen, pipe, label, time.monotonic()), limits.timeout)
+
+    @app.post("/v1/generate", response_model=GenerateResponse, tags=["generate"],
+              openapi_extra=openapi.body("GenerateRequest", multipart=openapi.GENERATE_MULTIPART),
+              responses=openapi.GENERATE_ERRORS)
+    async def generate(request: Request) -> GenerateResponse:
+        """Generate and wait for the PNGs (each carries its parameters in a `t2iadapter` text chunk)."""
+        job = await submit(request)
+        try:
+            await wait_done(job, job.deadline - time.monotonic())
+        except TimeoutError:
+            worker.cancel(job, timed_out=True)
+            raise job.timeout_error() from None
+        except asyncio.CancelledError:  # the client went away: free the model
+            worker.cancel(job)
+            raise
+        if job.error is not None:
+            raise job.error
+        return job.future.result()
+
+    @app.post("/v1/jobs", response_model=JobOut, status_code=202, tags=["generate"],
+              openapi_extra=openapi.body("GenerateRequest", multipart=openapi.GENERATE_MULTIPART),
+              responses=openapi.GENERATE_ERRORS)
+    async def create_job(request: Request) -> JobOut:
+        """Queue a generation and return at once; poll `GET /v1/jobs/{id}` for progress and the result."""
+        return job_out(await submit(request))
+
+    @app.get("/v1/jobs/{job_id}", response_model=JobOut, tags=["generate"])
+    async def get_job(job_id: str) -> JobOut:
+        """Status, progress (fraction of steps), queue position, and the result once done."""
+        return job_out(find_job(job_id))
+
+    @app.delete("/v1/jobs/{job_id}", response_model=JobOut, tags=["generate"])
+    async def cancel_job(job_id: str) -> JobOut:
+        """Cancel: a queued job is dropped, a running one stops at its next step."""
+        job = find_job(job_id)
+        worker.cancel(job)
+        return job_out(job)
+
+    def find_job(job_id: str) -> Job:
+        job = worker.get(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id!r} (finished jobs are kept for a while, then forgotten)")
+        return job
+
+    def job_out(job: Job) -> JobOut:
+        error = job.error
+        result = job.future.result() if job.status == "done" else None
+        return JobOut(id=job.id, status=job.status, progress=round(job.progress, 4), position=worker.position(job),
+                      error=str(error) if error is not None else None, result=result)
+
+    openapi.install(app)
+    return app
+
+
+async def wait_done(job: Job, timeout: float) -> None:
+    """Wait (without blocking the event loop) until the job's future is settled; TimeoutError after `timeout` s."""
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+    job.future.add_done_callback(lambda _f: loop.call_soon_threadsafe(done.set))
+    await asyncio.wait_for(done.wait(), max(timeout, 0.0))
+
+
+async def read_generate(request: Request) -> tuple[GenerateRequest, dict[str, bytes]]:
+    """JSON body, or multipart: a `request` field with that JSON plus `condition.<name>` files."""
+    if not is_multipart(request):
+        return validated(GenerateRequest, await request.body()), {}
+    form = await request.form(max_files=32, max_fields=32)
+    req = validated(GenerateRequest, str(form.get("request") or "{}"))
+    uploads = {}
+    for key, value in form.multi_items():
+        if key.startswith(CONDITION_FIELD) and hasattr(value, "read"):
+            uploads[key[len(CONDITION_FIELD):]] = await value.read()
+        elif key != "request":
+            raise HTTPException(422, f"unexpected multipart field {key!r}; send `request` and `condition.<adapter>` files")
+    return req, uploads
+
+
+async def read_extract(request: Request) -> tuple[ExtractRequest, bytes]:
+    """JSON body with base64 `image`, or multipart: `image` file, `extractor`, optional `options` (JSON)."""
+    if not is_multipart(request):
+        req = validated(ExtractRequest, await request.body())
+        return req, b64_bytes(req.image, "image")
+    form = await request.form(max_files=1, max_fields=8)
+    upload = form.get("image")
+    if not hasattr(upload, "read"):
+        raise HTTPException(422, "multipart extract needs an `image` file field")
+    fields = {"extractor": form.get("extractor"), "image": "", "options": json_field(form.get("options"), "options")}
+    return validated(ExtractRequest, json.dumps(fields)), await upload.read()
+
+
+def is_public(path: str) -> bool:
+    """Paths served without the token: health, and the page and its files (no data; the API they call is guarded)."""
+    return path in ("/health", "/") or path.startswith("/static/")
+
+
+def is_multipart(request: Request) -> bool:
+    return request.headers.get("content-type", "").lower().startswith("multipart/form-data")
+
+
+def json_field(text: Any, name: str) -> Any:
+    if text is None:
+        return {}
+    try:
+        return json.loads(str(text))
+    except json.JSONDecodeError as exc:
+        raise HTTPException(422, f"field {name!r} is not valid JSON: {exc}") from None
+
+
+def validated(model: type, body: bytes | str) -> Any:
+    """Parse a JSON body into `model`; 422 with pydantic's reasons when it does not fit."""
+    try:
+        return model.model_validate_json(body or b"{}")
+    except ValidationError as exc:
+        errors = json.loads(exc.json(include_url=False, include_input=False))
+        raise HTTPException(422, errors) from None

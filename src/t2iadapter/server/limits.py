@@ -1,0 +1,53 @@
+"""What the server accepts and what it loads: frozen dataclasses filled from `t2iadapter serve` options."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from t2iadapter.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on one request and on the queue; a request beyond them is refused, never truncated."""
+
+    max_upload_mb: float = 10.0  # request body size; larger bodies get 413 before they are parsed
+    max_steps: int = 50  # denoising steps per request; a CPU step of SD1.5 at 512px takes seconds
+    max_side: int = 1024  # output width/height in pixels (SD1.5 was trained at 512, SDXL at 1024)
+    max_input_side: int = 4096  # width/height of an uploaded image (a phone photo fits)
+    max_images: int = 4  # images per generation request
+    queue_size: int = 8  # generations waiting behind the running one; one more gets 429
+    timeout: float = 300.0  # seconds from arrival to result (queue wait included); later gets 504
+
+    def __post_init__(self) -> None:
+        for name in ("max_upload_mb", "timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("max_steps", "max_side", "max_input_side", "max_images", "queue_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What to load: a base and adapters registered under names (the only names clients may use)."""
+
+    base: str = "demo"  # preset (demo, tiny, sd15...), diffusers folder, single file or hub id
+    adapters: dict[str, str] = field(default_factory=dict)  # registered name → checkpoint path/demo name/hub id
+    fuser: str | None = None  # CoAdapter fuser checkpoint: enables compose="fuser"
+    device: str | None = None  # default: cuda if available
+    dtype: str | None = None  # fp32/fp16/bf16; default fp16 on GPU, fp32 on CPU
+
+    def load_pipeline(self):
+        """The AdapterPipeline these settings describe (loads weights; seconds to minutes)."""
+        import torch
+
+        from t2iadapter.pipeline import AdapterPipeline
+
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+        dtype = dtypes[self.dtype or ("fp32" if device == "cpu" else "fp16")]
+        return AdapterPipeline.from_pretrained(self.base, dict(self.adapters), fuser=self.fuser, device=device, dtype=dtype)

@@ -1,0 +1,107 @@
+"""Request and response bodies of the HTTP API (pydantic models; they are the OpenAPI schema)."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class AdapterOptions(BaseModel):
+    """How one registered adapter acts: its weight and the fraction of the steps it is active in."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    weight: float = Field(1.0, ge=-10.0, le=10.0, description="feature scale (paper §3.3 uses 0..1; >1 strengthens)")
+    window: str | tuple[float, float] = Field("0:1", description="START:END fraction of the steps, e.g. '0:0.5'")
+
+
+class GenerateRequest(BaseModel):
+    """One text-to-image call. Conditions are keyed by registered adapter name; an adapter without a condition does not act."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(..., min_length=1, max_length=2000)
+    negative_prompt: str | None = Field(None, max_length=2000)
+    conditions: dict[str, str] = Field(
+        default_factory=dict, description="adapter name → base64 image (PNG/JPEG/WebP; a data: URL prefix is accepted)"
+    )
+    adapters: dict[str, AdapterOptions] = Field(default_factory=dict, description="adapter name → weight and window")
+    seed: int | None = Field(None, ge=0, lt=2**32, description="default: random, returned in the parameters")
+    steps: int = Field(20, ge=1)
+    guidance_scale: float = Field(7.5, ge=0.0, le=50.0)
+    width: int | None = Field(None, ge=8, description="default: the base model's size")
+    height: int | None = Field(None, ge=8)
+    scheduler: str | None = Field(None, description="one of GET /v1/models → schedulers; default: the base's")
+    compose: Literal["sum", "fuser"] = "sum"
+    num_images: int = Field(1, ge=1)
+
+
+class ImageOut(BaseModel):
+    png: str = Field(..., description="base64 PNG; its `t2iadapter` text chunk holds the parameters")
+    width: int
+    height: int
+
+
+class GenerateResponse(BaseModel):
+    images: list[ImageOut]
+    parameters: dict[str, Any]
+    seconds: float = Field(..., description="time on the model")
+    queued_seconds: float
+
+
+class JobOut(BaseModel):
+    id: str
+    status: Literal["queued", "running", "done", "failed", "cancelled", "timeout"]
+    progress: float = Field(..., description="fraction of the denoising steps done")
+    position: int = Field(..., description="place in the queue (1 = next); 0 when running or finished")
+    error: str | None = None
+    result: GenerateResponse | None = None
+
+
+class ExtractRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    extractor: str = Field(..., description="one of GET /v1/models → extractors")
+    image: str = Field(..., description="base64 image (a data: URL prefix is accepted)")
+    options: dict[str, int | float | bool | str] = Field(default_factory=dict, description="the extractor's options")
+
+
+class ExtractResponse(BaseModel):
+    extractor: str
+    png: str
+    width: int
+    height: int
+    channels: int
+
+
+class AdapterInfo(BaseModel):
+    name: str
+    kind: str
+    channels: int | None = Field(None, description="condition channels: 1 (white on black) or 3 (RGB)")
+
+
+class ExtractorInfo(BaseModel):
+    name: str
+    channels: int
+    feeds: list[str]
+    needs_weights: bool
+    recipe: str
+    options: dict[str, Any]
+
+
+class ModelsResponse(BaseModel):
+    base: str
+    adapters: list[AdapterInfo]
+    fuser: bool
+    extractors: list[ExtractorInfo]
+    schedulers: list[str]
+    default_size: tuple[int, int]
+    size_multiple: int
+    limits: dict[str, float | int]
+
+
+class Health(BaseModel):
+    status: str
+    waiting: int
+    running: int
+    capacity: int
