@@ -1,0 +1,92 @@
+"""The page in a real headless Chromium: draw a stroke, extract, generate, and see the result and its history entry."""
+import os
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+CHROMIUM = "/usr/bin/chromium"
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"needs Debian's chromium at {CHROMIUM} (.ci/run installs it)"),
+]
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server_url():
+    import uvicorn
+
+    from t2iadapter.bases import load_base, tiny_adapter_config
+    from t2iadapter.models import build_adapter
+    from t2iadapter.pipeline import AdapterPipeline
+    from t2iadapter.server import Limits, create_app
+
+    base = load_base("tiny")
+    torch.manual_seed(0)
+    pipe = AdapterPipeline(base, {"sketch": build_adapter(tiny_adapter_config(base, 1))})
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(pipe, limits=Limits(max_steps=4)), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_draw_extract_generate_in_chromium(server_url):
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(server_url + "/")
+            expect(page.locator("#adapter-sketch")).to_be_checked(timeout=15_000)
+            expect(page.locator("#steps")).to_have_value("4")  # clamped to the server's max_steps
+            page.fill("#steps", "2")
+            page.fill("#seed", "3")
+
+            box = page.locator("#canvas").bounding_box()
+            page.mouse.move(box["x"] + box["width"] * 0.2, box["y"] + box["height"] * 0.2)
+            page.mouse.down()
+            page.mouse.move(box["x"] + box["width"] * 0.8, box["y"] + box["height"] * 0.7, steps=12)
+            page.mouse.up()
+            lit = page.evaluate("""() => {
+                const c = document.getElementById('canvas');
+                const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                let n = 0; for (let i = 0; i < d.length; i += 4) if (d[i] > 128) n++; return n; }""")
+            assert lit > 500, f"the stroke lit only {lit} pixels"
+
+            page.select_option("#extractor", "canny")
+            page.click("#extract")
+            expect(page.locator("#extract-status")).to_contain_text("canny: 512x512", timeout=15_000)
+
+            page.click("#generate")
+            result = page.locator("#result")
+            expect(result).to_have_attribute("src", __import__("re").compile(r"^data:image/png;base64,"), timeout=30_000)
+            expect(page.locator("#status")).to_contain_text("seed 3")
+            assert page.evaluate("document.getElementById('result').naturalWidth") == 64
+            entry = page.locator("#history li")
+            expect(entry).to_have_count(1)
+            assert entry.locator("a").get_attribute("download") == "t2iadapter-3-0.png"
+            assert page.locator("#sent-condition").get_attribute("src").startswith("data:image/png;base64,")
+            assert not errors, errors
+        finally:
+            browser.close()
