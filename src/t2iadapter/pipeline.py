@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from t2iadapter import fast as fast_mode
 from t2iadapter import unet_hook
 from t2iadapter.bases import BaseModel, TextContext, encode_text, load_base, sdxl_time_ids
 from t2iadapter.errors import ConditionError, ConfigError
@@ -277,23 +278,33 @@ class AdapterPipeline:
             m = math.lcm(m, self.adapters[name].config.total_downscale)
         return m
 
-    def optimize(self, *, compile: bool = True, dtype: torch.dtype | None = None, mode: str = "max-autotune-no-cudagraphs") -> "AdapterPipeline":
-        """Fast mode: half precision (on GPU), channels-last, fused SDPA attention, compiled UNet and VAE decoder.
+    def optimize(
+        self,
+        *,
+        compile: bool = True,
+        dtype: torch.dtype | None = None,
+        mode: str = "reduce-overhead",
+        backend: Any = "inductor",
+        fuse_qkv: bool = True,
+        compile_vae: bool = True,
+        compile_adapters: bool = True,
+    ) -> "AdapterPipeline":
+        """Fast mode (see `t2iadapter.fast`): bf16/fp16 on GPU, channels-last, SDPA with fused q/k/v, compiled
+        UNet (CUDA graphs on GPU), VAE decoder and adapters, and a denoising loop without host syncs.
 
-        Shapes stay static (features of an inactive window are zeros, not absent), so a compiled
-        graph is reused across calls of the same size; weights and windows are inputs, not constants.
+        Shapes stay static (features of an inactive window are zeros, not absent), so a compiled graph
+        is reused across calls of the same size; weights and windows are data, not constants.
+        `backend` is any torch.compile backend (the tests count compilations with one); `mode` applies
+        to the inductor backend only. Compilation happens on the first call of each size.
         """
-        if self.device.type == "cuda":
-            self.to(dtype=dtype or (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16))
-        elif dtype is not None:
-            self.to(dtype=dtype)
-        unet, vae = self.base.unet, self.base.vae
-        unet_hook.use_sdpa(unet)
-        unet.to(memory_format=torch.channels_last)
-        vae.to(memory_format=torch.channels_last)
-        if compile:
-            unet.forward = torch.compile(unet.forward, mode=mode, dynamic=False)
-            vae.decoder.forward = torch.compile(vae.decoder.forward, mode=mode, dynamic=False)
+        from t2iadapter import fast
+
+        target = dtype or fast.default_dtype(self.device)
+        self.to(dtype=target)
+        settings = fast.FastSettings(dtype=target, compile=compile, mode=mode, backend=backend, fuse_qkv=fuse_qkv,
+                                     compile_vae=compile_vae, compile_adapters=compile_adapters)
+        fast.optimize_base(self.base, settings)
+        fast.optimize_adapters(self.adapters, settings)
         self.fast = True
         return self
 
@@ -313,6 +324,15 @@ class AdapterPipeline:
         if len(value) != len(names):
             raise ConfigError(f"got {len(value)} {what} for {len(names)} adapters ({', '.join(names) or 'none'})")
         return dict(zip(names, value))
+
+    def _fast_condition(self, cond: ConditionInput, module: AdapterModule, size: tuple[int, int],
+                        canvas: tuple[int, int]) -> torch.Tensor | None:
+        """`prepare_condition(...).to(device, dtype)`, with 8-bit images crossing to the device as bytes (same values)."""
+        item = _to_tensor(cond)
+        x = fast_mode.condition_bytes(item, module.config.in_channels, size)
+        if x is None:
+            return prepare_condition(item, module.config.in_channels, size, canvas).to(self.device, module.dtype)
+        return fast_mode.bytes_to_condition(x, canvas, self.device, module.dtype)
 
     def _style_tokens_input(self, image: ConditionInput) -> torch.Tensor:
         if isinstance(image, torch.Tensor) and image.ndim == 3:
@@ -420,7 +440,10 @@ class AdapterPipeline:
         raw: dict[str, Any] = {}
         for n in used:
             module = self.adapters[n]
-            x = prepare_condition(cond_of[n], module.config.in_channels, (w, h), (cw, ch)).to(device, module.dtype)
+            if self.fast:
+                x = self._fast_condition(cond_of[n], module, (w, h), (cw, ch))
+            else:
+                x = prepare_condition(cond_of[n], module.config.in_channels, (w, h), (cw, ch)).to(device, module.dtype)
             raw[n] = [f.to(dtype) for f in module(x)]
         for n in style_used:
             tokens = self._style_tokens_input(style_image).to(device, self.adapters[n].dtype)
@@ -460,16 +483,25 @@ class AdapterPipeline:
             return maps, seq
 
         # 2. Text context (as diffusers: negative first for CFG).
-        text = encode_text(self.base, prompts).repeat(num_images)
+        text = encode_text(self.base, prompts).repeat(num_images) if not (self.fast and cfg) else None
         if cfg:
             if negative_prompt is None and self.base.is_sdxl:
-                neg = encode_text(self.base, prompts, zeros=True).repeat(num_images)
+                if self.fast:  # the same zeros, without running both text encoders for nothing
+                    text = encode_text(self.base, prompts).repeat(num_images)
+                    neg = TextContext(torch.zeros_like(text.context), torch.zeros_like(text.pooled))
+                else:
+                    neg = encode_text(self.base, prompts, zeros=True).repeat(num_images)
             else:
                 negs = [negative_prompt or ""] * len(prompts) if negative_prompt is None or isinstance(negative_prompt, str) \
                     else list(negative_prompt)
                 if len(negs) != len(prompts):
                     raise ConfigError(f"got {len(negs)} negative prompts for {len(prompts)} prompts")
-                neg = encode_text(self.base, negs).repeat(num_images)
+                if self.fast:  # negative and positive prompts through the text encoder(s) as one batch
+                    both, k = encode_text(self.base, negs + prompts), len(negs)
+                    neg = TextContext(both.context[:k], None if both.pooled is None else both.pooled[:k]).repeat(num_images)
+                    text = TextContext(both.context[k:], None if both.pooled is None else both.pooled[k:]).repeat(num_images)
+                else:
+                    neg = encode_text(self.base, negs).repeat(num_images)
         added = None
         if self.base.is_sdxl:
             time_ids = sdxl_time_ids(ch, cw, batch, text.context.dtype, device)
@@ -485,8 +517,11 @@ class AdapterPipeline:
         # 3. Noise and schedule.
         sched = make_scheduler(scheduler, self.base.scheduler.config) if scheduler else \
             type(self.base.scheduler).from_config(self.base.scheduler.config)
-        sched.set_timesteps(steps, device=device)
+        # Fast mode: the scheduler computes on host numbers; the UNet gets device timesteps made here (no sync per step).
+        sched.set_timesteps(steps, device="cpu" if self.fast else device)
         timesteps = sched.timesteps
+        clock = fast_mode.LoopClock(timesteps, device) if self.fast else None
+        zeros = None
         shape = (batch, self.base.unet.config.in_channels, ch // self.base.vae_scale_factor, cw // self.base.vae_scale_factor)
         latents = torch.randn(shape, generator=generator, device=generator.device, dtype=text.context.dtype).to(device)
         latents = latents * sched.init_noise_sigma
@@ -499,14 +534,21 @@ class AdapterPipeline:
         for i, t in enumerate(tqdm(timesteps, desc="denoising", disable=not progress, leave=False)):
             active = frozenset(n for n in all_used if window_of[n].active(i, steps))
             maps, seq = features_for(active)
-            if maps is None and self.fast and used:
-                maps = unet_hook.zero_features(self.base.unet, features_for(frozenset(used))[0])
+            if maps is None and self.fast:  # no spatial adapter acts now: zeros, so every call and step has one graph
+                if zeros is None:
+                    zeros = unet_hook.zero_features(self.base.unet, features_for(frozenset(used))[0]) if used else \
+                        unet_hook.no_features(self.base.unet, latents.shape[0] * (2 if cfg else 1), tuple(latents.shape[-2:]),
+                                              dtype=dtype, device=device)
+                maps = zeros
             model_in = torch.cat([latents] * 2) if cfg else latents
             model_in = sched.scale_model_input(model_in, t)
-            noise = unet_hook.unet_forward(self.base.unet, model_in, t, context_for(seq), maps, added_cond_kwargs=added)
+            t_unet = clock.unet_timestep(i) if clock is not None else t
+            noise = unet_hook.unet_forward(self.base.unet, model_in, t_unet, context_for(seq), maps, added_cond_kwargs=added)
             if cfg:
                 uncond, cond = noise.chunk(2)
                 noise = uncond + guidance_scale * (cond - uncond)
+            elif self.fast:
+                noise = noise.clone()  # a CUDA-graph output is overwritten by the next replay; schedulers may keep it
             latents = sched.step(noise, t, latents, **step_kwargs).prev_sample
             if callback is not None:
                 callback(i, t, latents)

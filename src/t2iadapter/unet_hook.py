@@ -85,13 +85,53 @@ def unet_forward(
     )[0]
 
 
-def use_sdpa(unet: UNet2DConditionModel) -> None:
-    """Route every attention layer through PyTorch's fused scaled-dot-product attention (flash/mem-efficient)."""
+def use_sdpa(unet: UNet2DConditionModel, *, fused_qkv: bool = False) -> None:
+    """Route every attention layer through PyTorch's fused scaled-dot-product attention (flash/mem-efficient).
+
+    `fused_qkv` also concatenates each layer's q/k/v (cross-attention: k/v) projections into one matmul
+    (diffusers' `fuse_qkv_projections`; the fused weights are copies, made from the current weights).
+    """
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     unet.set_attn_processor(AttnProcessor2_0())
+    if fused_qkv:
+        try:
+            unet.fuse_qkv_projections()
+        except Exception as exc:  # noqa: BLE001 - e.g. added-KV attention; separate projections still work
+            import logging
+
+            logging.getLogger(__name__).warning("cannot fuse q/k/v projections (%s); keeping them separate", exc)
+            unet.set_attn_processor(AttnProcessor2_0())
 
 
 def zero_features(unet: UNet2DConditionModel, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """All-zero features shaped like `like`: adding them is a no-op, but keeps one compiled graph for every step."""
     return [torch.zeros_like(f) for f in like]
+
+
+def feature_shapes(unet: UNet2DConditionModel, latent_size: tuple[int, int]) -> list[tuple[int, int, int]]:
+    """(C, H, W) of each feature this UNet adds at a latent size (h, w), in injection order (DESIGN.md §3).
+
+    A cross-attention down block takes its feature before its downsampler; a plain down block after
+    it (SDXL's first level); SDXL's 4th feature enters after the mid block, at the lowest resolution.
+    """
+    h, w = latent_size
+    channels = feature_channels(unet)
+    shapes = []
+    for block, c in zip(unet.down_blocks, unet.config.block_out_channels):
+        down = getattr(block, "downsamplers", None) is not None
+        if getattr(block, "has_cross_attention", False):
+            shapes.append((c, h, w))
+        if down:
+            h, w = (h + 1) // 2, (w + 1) // 2  # 3x3 conv, stride 2, padding 1
+        if not getattr(block, "has_cross_attention", False):
+            shapes.append((c, h, w))
+    if is_sdxl(unet):
+        shapes.append((channels[-1], h, w))
+    return shapes[: len(channels)]
+
+
+def no_features(unet: UNet2DConditionModel, batch: int, latent_size: tuple[int, int], *, dtype: torch.dtype,
+                device: torch.device | str) -> list[torch.Tensor]:
+    """All-zero features for a call without spatial adapters, so it runs the same compiled graph as one with them."""
+    return [torch.zeros(batch, *shape, dtype=dtype, device=device) for shape in feature_shapes(unet, latent_size)]

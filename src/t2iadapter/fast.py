@@ -1,0 +1,214 @@
+"""Fast inference (issue 7): half precision, channels-last, SDPA, torch.compile with static shapes, CUDA graphs.
+
+What `AdapterPipeline.optimize()` sets up, and what the pipeline's fast path does with it:
+- weights in bf16 (fp16 where the card lacks bf16) on GPU; every conv net in channels-last memory;
+- attention through PyTorch's fused SDPA (flash / memory-efficient kernels), q/k/v in one matmul;
+- the UNet, the VAE decoder and the spatial adapters wrapped in `torch.compile` with `dynamic=False`;
+  the UNet with CUDA graphs (`reduce-overhead`), so a 30-step loop is 30 graph replays;
+- every step of a call has the same UNet inputs: features of an adapter outside its window are
+  zeros, not absent (a call without spatial adapters passes zeros too, so it shares the graph), and
+  adapter weights are applied before the UNet, so weights and windows are data, never graph
+  constants; a call of the same size and batch reuses the compiled graphs;
+- no host synchronisation inside the loop: the scheduler does its arithmetic on host numbers
+  (timesteps and sigmas on the CPU), the UNet gets device timesteps prepared before the loop.
+  Ancestral/SDE samplers still draw their per-step noise with the CPU generator (as diffusers does).
+If compiling fails, the module runs eagerly and one warning is logged (`CompiledForward.error`).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# The modes torch.compile knows; "reduce-overhead" and "max-autotune" add CUDA graphs.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass(frozen=True)
+class FastSettings:
+    """How `optimize()` prepared a base; a second pipeline on the same base reuses its compiled modules."""
+
+    dtype: torch.dtype
+    compile: bool = True
+    mode: str = "reduce-overhead"  # UNet: inductor + CUDA graphs; decoder/adapters get the no-cudagraphs variant
+    backend: Any = "inductor"  # any torch.compile backend; tests pass a counting backend
+    fuse_qkv: bool = True  # one q/k/v projection matmul per attention layer (copies of the weights)
+    compile_vae: bool = True
+    compile_adapters: bool = True
+
+
+def compile_kwargs(backend: Any, mode: str | None, *, cudagraphs: bool) -> dict[str, Any]:
+    """torch.compile keyword arguments: inductor gets the mode's options (+1x1 convs as matmuls); others none."""
+    if backend != "inductor":
+        return {"backend": backend}
+    mode = mode or "default"
+    if mode not in COMPILE_MODES:
+        from t2iadapter.errors import ConfigError
+
+        raise ConfigError(f"unknown compile mode {mode!r}; choose one of {', '.join(COMPILE_MODES)}")
+    import torch._inductor
+
+    options = dict(torch._inductor.list_mode_options(mode))
+    options["conv_1x1_as_mm"] = True  # 1x1 convs (proj_in/out, shortcuts) become matmuls with fused epilogues
+    if not cudagraphs:
+        options["triton.cudagraphs"] = False
+    return {"backend": "inductor", "options": options}
+
+
+def _fresh(value: Any) -> Any:
+    """A shallow copy of lists/dicts, so a failed compiled call cannot leave a popped list for the eager retry."""
+    if isinstance(value, list):
+        return list(value)
+    if isinstance(value, dict):
+        return dict(value)
+    return value
+
+
+class CompiledForward:
+    """A module's forward through torch.compile; on any compile/run failure, eager from then on (one warning)."""
+
+    def __init__(self, eager, name: str, **compile_kw: Any) -> None:
+        self.eager = eager
+        self.name = name
+        self.compiled = torch.compile(eager, dynamic=False, **compile_kw)
+        self.error: str | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.error is None:
+            try:
+                return self.compiled(*args, **{k: _fresh(v) for k, v in kwargs.items()})
+            except Exception as exc:  # noqa: BLE001 - any compiler failure: keep generating, eagerly
+                self.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                log.warning("torch.compile of %s failed (%s); it runs eagerly from now on", self.name, self.error)
+        return self.eager(*args, **kwargs)
+
+
+def eager_forward(module: torch.nn.Module):
+    """The module's own forward, under any CompiledForward wrapper."""
+    fwd = module.forward
+    return fwd.eager if isinstance(fwd, CompiledForward) else fwd
+
+
+def compile_module(module: torch.nn.Module, name: str, settings: FastSettings, *, cudagraphs: bool) -> CompiledForward:
+    """Replace `module.forward` (an instance attribute, so `module(...)` uses it) by a compiled wrapper."""
+    wrapper = CompiledForward(eager_forward(module), name,
+                              **compile_kwargs(settings.backend, settings.mode, cudagraphs=cudagraphs))
+    module.forward = wrapper
+    return wrapper
+
+
+def compiled_modules(base: Any, adapters: Mapping[str, torch.nn.Module] = {}) -> dict[str, CompiledForward]:
+    """Name → wrapper of every compiled module of a base and the given adapters."""
+    found = {}
+    for name, module in [("unet", base.unet), ("vae.decoder", base.vae.decoder)] + [(f"adapter:{n}", m) for n, m in adapters.items()]:
+        if isinstance(module.forward, CompiledForward):
+            found[name] = module.forward
+    return found
+
+
+def status(pipe: Any) -> dict[str, Any]:
+    """What fast mode did to a pipeline: settings, compiled modules and any compile failure (for logs/benchmarks)."""
+    settings = pipe.base.extras.get("fast")
+    return {
+        "fast": bool(getattr(pipe, "fast", False)),
+        "dtype": str(pipe.dtype).replace("torch.", ""),
+        "settings": None if settings is None else {"compile": settings.compile, "mode": settings.mode,
+                                                   "backend": str(settings.backend), "fuse_qkv": settings.fuse_qkv},
+        "compiled": {n: (w.error or "ok") for n, w in compiled_modules(pipe.base, pipe.adapters).items()},
+    }
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def optimize_base(base: Any, settings: FastSettings) -> None:
+    """Fast mode for the shared base (once per base and settings): SDPA, fused QKV, channels-last, compile."""
+    from t2iadapter import unet_hook
+
+    previous = base.extras.get("fast")
+    if previous == settings:
+        return
+    if previous is not None:
+        log.info("re-optimizing a base already prepared with other fast settings: its modules compile again")
+    unet, vae = base.unet, base.vae
+    unet_hook.use_sdpa(unet, fused_qkv=settings.fuse_qkv)
+    unet.to(memory_format=torch.channels_last)
+    vae.to(memory_format=torch.channels_last)
+    if settings.compile:
+        cudagraphs = unet.device.type == "cuda"
+        compile_module(unet, "unet", settings, cudagraphs=cudagraphs)
+        if settings.compile_vae:
+            compile_module(vae.decoder, "vae.decoder", settings, cudagraphs=False)
+    base.extras["fast"] = settings
+
+
+def optimize_adapters(adapters: Mapping[str, Any], settings: FastSettings) -> None:
+    """Spatial adapters in channels-last, compiled without CUDA graphs (they run once per call)."""
+    for name, module in adapters.items():
+        if module.kind not in ("full", "full_xl", "light"):
+            continue  # style adapter and fuser: small transformers on a few tokens, run once; eager is fine
+        module.to(memory_format=torch.channels_last)
+        if settings.compile and settings.compile_adapters and not isinstance(module.forward, CompiledForward):
+            compile_module(module, f"adapter:{name}", settings, cudagraphs=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# pieces of the pipeline's fast path
+
+
+def condition_bytes(image: Any, channels: int, size: tuple[int, int]):
+    """An 8-bit PIL condition as a uint8 [1, C, h, w] tensor, resized exactly as `prepare_condition` does.
+
+    Crossing to the device as bytes and dividing by 255 there gives the same float32 values as the
+    eager path (IEEE division), with a quarter of the transfer and no host float conversion.
+    Returns None for anything that is not a PIL image of mode L/RGB/RGBA/etc. (the caller falls back).
+    """
+    import numpy as np
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        return None
+    mode = "L" if channels == 1 else "RGB"
+    if image.mode != mode:
+        image = image.convert(mode)
+    w, h = size
+    arr = np.asarray(image.resize((w, h), resample=Image.LANCZOS))
+    if arr.dtype != np.uint8:
+        return None
+    arr = arr[..., None] if arr.ndim == 2 else arr
+    return torch.from_numpy(np.array(arr)).permute(2, 0, 1)[None]  # a writable copy
+
+
+def bytes_to_condition(x: torch.Tensor, canvas: tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 [1, C, h, w] → [0, 1] on `device` in `dtype`, zero-padded right/bottom to `canvas` (w, h)."""
+    import torch.nn.functional as F
+
+    x = x.to(device).float() / 255.0
+    cw, ch = canvas
+    if (x.shape[-1], x.shape[-2]) != (cw, ch):
+        x = F.pad(x, (0, cw - x.shape[-1], 0, ch - x.shape[-2]))
+    return x.to(dtype)
+
+
+class LoopClock:
+    """Host-sync-free timestep feed: the scheduler keeps host values, the UNet gets device copies made up front."""
+
+    def __init__(self, timesteps: torch.Tensor, device: torch.device) -> None:
+        on_device = timesteps.to(device)
+        # one tensor per step (storage offset 0, so every step presents the compiled graph the same input)
+        self.unet_timesteps = [on_device[i].clone() for i in range(len(on_device))]
+        self.cudagraphs = device.type == "cuda"
+
+    def unet_timestep(self, i: int) -> torch.Tensor:
+        if self.cudagraphs:
+            # a new step: outputs of the previous replay are consumed, its memory may be reused
+            torch.compiler.cudagraph_mark_step_begin()
+        return self.unet_timesteps[i]
