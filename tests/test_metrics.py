@@ -13,7 +13,7 @@ from t2iadapter.evaluation import colour_accuracy, foreground_mask, palette_erro
 
 @pytest.fixture(scope="module")
 def scenes() -> list[world.Scene]:
-    return [world.generate(s) for s in world.EVAL_SEEDS[:40]]
+    return [world.generate(s) for s in world.EVAL_SEEDS[:20]]
 
 
 def test_world_images_score_perfectly(scenes: list[world.Scene]) -> None:

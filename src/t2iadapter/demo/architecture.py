@@ -3,13 +3,14 @@
 Same classes and wiring as SD1.5 (diffusers AutoencoderKL with f=8 and 4 latent channels,
 UNet2DConditionModel with CrossAttnDownBlock2D×3 + DownBlock2D, a CLIPTextModel, the scaled-linear
 ε-prediction schedule), so every code path that runs SD1.5 runs the demo unchanged. Sizes are
-chosen so that the base (≈21M parameters) and its adapters fit the package's 64 MiB in fp16.
+chosen so that the base (≈19M parameters) and its adapters fit the package's 64 MiB in fp16.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,13 +31,14 @@ class DemoBaseConfig:
     """Sizes of the demo base (defaults: the shipped model; `tiny()` for CPU smoke runs)."""
 
     image_size: int = 256  # world scenes are 256²; the VAE (f=8) makes 32² latents
-    vae_channels: tuple[int, ...] = (32, 64, 128, 128)  # 4 blocks as SD's VAE (128/256/512/512), /4
-    vae_layers_per_block: int = 1  # SD uses 2; flat-coloured shapes need less (3.9M vs 5.3M params)
+    vae_channels: tuple[int, ...] = (16, 32, 64, 128)  # 4 blocks as SD's VAE (128, 256, 512, 512); 2.7M
+    vae_layers_per_block: int = 1  # SD uses 2; decoding 256² costs 11 GFLOP (2-core CPU budget)
     latent_channels: int = 4  # as SD1.5, so adapters and pipelines see the usual latent shape
-    unet_channels: tuple[int, ...] = (64, 128, 128, 128)  # SD1.5: (320, 640, 1280, 1280); 13.5M params
+    unet_channels: tuple[int, ...] = (32, 64, 128, 192)  # SD1.5: (320, 640, 1280, 1280); 12.9M params,
+    # 3.9 GFLOP per CFG step at 32² latents, so 25 steps + decode fit ~5 s on 2 CPU cores
     unet_layers_per_block: int = 2  # as SD1.5: adapter features enter after the 2nd block of each level
     cross_attention_dim: int = 256  # = text_hidden (SD1.5: 768 = CLIP ViT-L/14 text width)
-    attention_head_dim: int = 8  # SD1.5's value (diffusers reads it as 8 heads per attention)
+    attention_head_dim: int = 4  # diffusers reads it as the number of heads: head dims 8/16/32/48
     norm_num_groups: int = 32  # as SD1.5
     text_hidden: int = 256  # CLIP text width
     text_layers: int = 4  # SD1.5's CLIP has 12; captions here are short templated phrases
@@ -186,8 +188,15 @@ def save_demo_base(
 
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+    from diffusers.utils import logging as diffusers_logging
+
     out = Path(out_dir)
-    nets = {k: copy.deepcopy(modules[k]).to(device="cpu", dtype=dtype).eval() for k in ("vae", "unet", "text_encoder")}
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # casting a whole model with .to(dtype) is intended here
+    try:
+        nets = {k: copy.deepcopy(modules[k]).to(device="cpu", dtype=dtype).eval() for k in ("vae", "unet", "text_encoder")}
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     scheduler = modules.get("scheduler") or DDIMScheduler(**scheduler_config())
     pipe = StableDiffusionPipeline(
         vae=nets["vae"],
@@ -200,6 +209,10 @@ def save_demo_base(
         requires_safety_checker=False,
     )
     pipe.save_pretrained(out, safe_serialization=True)
+    source = Path(str(getattr(modules["tokenizer"], "name_or_path", "")))
+    for name in ("vocab.json", "merges.txt"):  # the slow-tokenizer files too, for transformers 4.x readers
+        if (source / name).is_file() and not (out / "tokenizer" / name).exists():
+            shutil.copyfile(source / name, out / "tokenizer" / name)
     if config is not None:
         (out / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
     logger.info("demo base saved to %s (%s)", out, dtype)
