@@ -24,6 +24,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server_url():
+    """uvicorn in a thread on a free loopback port, serving the tiny base with a tiny random sketch adapter."""
     import uvicorn
 
     from t2iadapter.bases import load_base, tiny_adapter_config
@@ -31,6 +32,8 @@ def server_url():
     from t2iadapter.pipeline import AdapterPipeline
     from t2iadapter.server import Limits, create_app
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny model is fastest on one thread, most of all on a busy CPU
     base = load_base("tiny")
     torch.manual_seed(0)
     pipe = AdapterPipeline(base, {"sketch": build_adapter(tiny_adapter_config(base, 1))})
@@ -46,6 +49,7 @@ def server_url():
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(10)
+    torch.set_num_threads(threads)
 
 
 def test_draw_extract_generate_in_chromium(server_url):
