@@ -284,3 +284,27 @@ def test_serve_command_errors_are_one_line(capsys, tmp_path):
     assert cli(["serve", "--base", "tiny", "--adapter", "../x=/etc/passwd"]) == 2
     assert "NAME=PATH" in capsys.readouterr().err
     assert cli(["serve", "--base", "tiny", "--adapter", f"a={tmp_path / 'missing.safetensors'}", "--port", "0"]) == 2
+
+
+def test_serve_command_builds_the_app_from_its_options(monkeypatch, tmp_path, one_thread):
+    import uvicorn
+
+    base = load_base("tiny")
+    path = build_adapter(tiny_adapter_config(base, 1)).save_file(tmp_path / "edges.safetensors")
+    seen = {}
+
+    def fake_run(app, host, port, **_kw):  # instead of serving: check the app the command built
+        with TestClient(app) as c:
+            seen["health"] = c.get("/health").status_code
+            seen["no_token"] = c.get("/v1/models").status_code
+            models = c.get("/v1/models", headers={"Authorization": "Bearer from-env"}).json()
+        seen.update(host=host, port=port, adapters=[a["name"] for a in models["adapters"]], limits=models["limits"])
+
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    monkeypatch.setenv("T2IADAPTER_TOKEN", "from-env")
+    argv = ["serve", "--base", "tiny", "--adapter", f"sketch={path}", "--port", "7999", "--max-steps", "12",
+            "--queue-size", "3", "--threads", "1"]
+    assert cli(argv) == 0
+    assert seen["health"] == 200 and seen["no_token"] == 401 and seen["adapters"] == ["sketch"]
+    assert seen["host"] == "127.0.0.1" and seen["port"] == 7999
+    assert seen["limits"]["max_steps"] == 12 and seen["limits"]["queue_size"] == 3

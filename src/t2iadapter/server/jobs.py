@@ -229,4 +229,5 @@ class ModelWorker:
             job.future.set_result(result)
         finally:
             job.finished = time.monotonic()
-            self._durations.append(job.finished - job.started)
+            with self._cond:
+                self._durations.append(job.finished - job.started)
