@@ -172,7 +172,7 @@ def test_cli_train_and_its_errors(tmp_path, capsys):
     from t2iadapter.cli import main
 
     assert main(["train", "--config", str(TINY), "--set", "max_steps=3", "--set", f"output_dir={tmp_path}",
-                 "--set", "checkpoint.every=2"]) == 0
+                 "--set", "checkpoint.every=2", "--set", "grad_accumulation=2"]) == 0
     out = capsys.readouterr().out
     assert "trained to step 3" in out and (tmp_path / "adapter.safetensors").is_file()
     assert main(["train", "--config", str(TINY), "--max-steps", "4", "--output-dir", str(tmp_path), "--resume"]) == 0
@@ -180,3 +180,14 @@ def test_cli_train_and_its_errors(tmp_path, capsys):
     assert main(["train", "--config", str(TINY), "--set", "recipe.bogus=1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown key(s) bogus in recipe") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("name", ["tiny-cpu", "sd15-sketch", "sdxl-canny"])
+def test_example_configs_load(name):
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    assert cfg.recipe.timesteps == "cubic"
+    if name == "sdxl-canny":
+        assert (cfg.recipe.mixed_precision, cfg.recipe.grad_clip, cfg.recipe.batch_size, cfg.recipe.grad_accumulation) == \
+            ("fp16", 1.0, 1, 4)
+    if name == "sd15-sketch":
+        assert (cfg.recipe.mixed_precision, cfg.recipe.batch_size, cfg.recipe.lr) == ("bf16", 8, 1e-5)

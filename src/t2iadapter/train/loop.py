@@ -265,11 +265,11 @@ class Trainer:
             base.unet.to(memory_format=torch.channels_last)
         if recipe.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
-        self._compiled = False
+        self._compile_unverified = False
         if recipe.compile:
             try:
                 self._unet = torch.compile(base.unet)
-                self._compiled = True
+                self._compile_unverified = True
             except Exception as exc:  # no compiler available: eager is always correct
                 log.warning("torch.compile failed (%s); training the eager UNet", exc)
 
@@ -356,7 +356,8 @@ class Trainer:
         r = self.config.recipe
         n = len(self.stream)
         if r.cache_latents and r.cache_text and len(self.latent_cache) >= n and len(self.text_cache) >= n:
-            self.empty_prompt()
+            if self.config.text_dropout > 0:
+                self.empty_prompt()
             for name in ("vae", "text_encoder", "text_encoder_2"):
                 module = getattr(self.base, name)
                 if module is not None:
@@ -371,6 +372,23 @@ class Trainer:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _unet_call(self, noisy, t, context, maps, added):
+        """The frozen UNet through the adapter hook; a compiled UNet that fails on first use falls back to eager."""
+        from t2iadapter.unet_hook import unet_forward
+
+        if not self._compile_unverified:
+            return unet_forward(self._unet, noisy, t, context, features=maps, added_cond_kwargs=added)
+        try:
+            out = unet_forward(self._unet, noisy, t, context, features=maps, added_cond_kwargs=added)
+            self._compile_unverified = False  # compiled and ran: nothing left to check
+            return out
+        except Exception as exc:  # a compiler/toolchain problem must not stop training: eager is always correct
+            log.warning("the compiled UNet failed (%s: %s); training the eager UNet", type(exc).__name__,
+                        str(exc).splitlines()[0] if str(exc) else "")
+            self._unet = self.base.unet
+            self._compile_unverified = False
+            return unet_forward(self._unet, noisy, t, context, features=maps, added_cond_kwargs=added)
 
     def micro_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """The loss of one micro-batch: noise the latents, run adapter(s) + frozen UNet, MSE to the target."""
@@ -403,12 +421,12 @@ class Trainer:
             res = self.config.data.resolution if "pixels" not in batch else batch["pixels"].shape[-1]
             added = {"text_embeds": pooled.to(unet_dtype),
                      "time_ids": sdxl_time_ids(res, res, B, unet_dtype, self.device)}
-        from t2iadapter.unet_hook import extend_context, unet_forward
+        from t2iadapter.unet_hook import extend_context
 
         with self._autocast():
             maps, tokens = self.ddp_model(conds, keep)
             context = extend_context(context.to(unet_dtype), tokens, unconditional=False)
-            pred = unet_forward(self._unet, noisy, t, context, features=maps, added_cond_kwargs=added)
+            pred = self._unet_call(noisy, t, context, maps, added)
         loss = F.mse_loss(pred.float(), target.float())
         if keep is not None and not keep:
             loss = loss + self.model.anchor()
