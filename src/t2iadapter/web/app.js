@@ -118,7 +118,7 @@ function adapterRow(a, index) {
   div.innerHTML = `
     <label><input type="checkbox" class="use"> <b></b></label>
     <span class="muted kind"></span>
-    <img alt="condition (canvas when empty)">
+    <img alt="condition snapshot" title="condition (the canvas when none is set)">
     <div class="row">
       <label>weight <input type="range" class="weight" min="0" max="2" step="0.05" value="1"></label>
       <output class="weight-value">1.00</output>
