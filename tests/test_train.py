@@ -172,9 +172,10 @@ def test_cli_train_and_its_errors(tmp_path, capsys):
     from t2iadapter.cli import main
 
     assert main(["train", "--config", str(TINY), "--set", "max_steps=3", "--set", f"output_dir={tmp_path}",
-                 "--set", "checkpoint.every=2", "--set", "grad_accumulation=2"]) == 0
+                 "--set", "checkpoint.every=2", "--set", "grad_accumulation=2", "--set", "validation.every=3"]) == 0
     out = capsys.readouterr().out
     assert "trained to step 3" in out and (tmp_path / "adapter.safetensors").is_file()
+    assert (tmp_path / "validation" / "step-00000003.png").is_file()  # condition | base | with adapter
     assert main(["train", "--config", str(TINY), "--max-steps", "4", "--output-dir", str(tmp_path), "--resume"]) == 0
     assert "resumed from" in capsys.readouterr().out
     assert main(["train", "--config", str(TINY), "--set", "recipe.bogus=1"]) == 2
