@@ -32,10 +32,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from t2iadapter import world
-from t2iadapter.demo.architecture import DemoBaseConfig, build_demo_base, count_parameters, save_demo_base
+try:
+    import t2iadapter  # noqa: F401 - installed (pip install -e .)
+except ImportError:  # a bare checkout, e.g. on the GPU machine: use the source tree
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from t2iadapter import world  # noqa: E402
+from t2iadapter.demo.architecture import DemoBaseConfig, build_demo_base, count_parameters, save_demo_base  # noqa: E402
 
 logger = logging.getLogger("train_demo_base")
 
@@ -93,13 +97,17 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--chunk", type=int, default=RunConfig.chunk, help="scenes per worker batch")
     p.add_argument("--pool-images", type=int, default=RunConfig.pool_images)
     p.add_argument("--preview-scenes", type=int, default=RunConfig.preview_scenes, help="0 = no samples.png")
+    p.add_argument("--size", type=int, default=RunConfig.size, help="world image size (multiple of 64)")
+    p.add_argument("--log-every", type=int, default=RunConfig.log_every)
+    p.add_argument("--tiny", action="store_true", help="DemoBaseConfig.tiny() sizes (quick experiments)")
     p.add_argument("--smoke", action="store_true", help="tiny model, 64² scenes, 2 steps per phase, CPU-friendly")
     a = p.parse_args(argv)
     cfg = RunConfig(
         out=a.out, minutes_vae=a.minutes_vae, minutes_unet=a.minutes_unet, max_steps_vae=a.max_steps_vae,
         max_steps_unet=a.max_steps_unet, device=a.device, seed=a.seed, batch_vae=a.batch_vae,
         batch_unet=a.batch_unet, lr_vae=a.lr_vae, lr_unet=a.lr_unet, workers=a.workers, chunk=a.chunk,
-        pool_images=a.pool_images, preview_scenes=a.preview_scenes,
+        pool_images=a.pool_images, preview_scenes=a.preview_scenes, size=a.size, log_every=a.log_every,
+        tiny=a.tiny, min_fill=min(RunConfig.min_fill, a.pool_images),
     )  # fmt: skip
     if a.smoke:
         cfg = RunConfig(

@@ -24,6 +24,7 @@ from t2iadapter.tokenizer import build_clip_tokenizer
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "demo_config.json"
+NETWORKS = ("vae", "unet", "text_encoder")
 
 
 @dataclass(frozen=True)
@@ -194,7 +195,7 @@ def save_demo_base(
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # casting a whole model with .to(dtype) is intended here
     try:
-        nets = {k: copy.deepcopy(modules[k]).to(device="cpu", dtype=dtype).eval() for k in ("vae", "unet", "text_encoder")}
+        nets = {k: copy.deepcopy(modules[k]).to(device="cpu", dtype=dtype).eval() for k in NETWORKS}
     finally:
         diffusers_logging.set_verbosity(verbosity)
     scheduler = modules.get("scheduler") or DDIMScheduler(**scheduler_config())
