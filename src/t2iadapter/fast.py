@@ -83,7 +83,8 @@ class CompiledForward:
             try:
                 return self.compiled(*args, **{k: _fresh(v) for k, v in kwargs.items()})
             except Exception as exc:  # noqa: BLE001 - any compiler failure: keep generating, eagerly
-                self.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                cause = exc.__cause__ or exc  # dynamo wraps a backend's own error as BackendCompilerFailed
+                self.error = f"{type(cause).__name__}: {' '.join(str(cause).split())[:300]}"
                 log.warning("torch.compile of %s failed (%s); it runs eagerly from now on", self.name, self.error)
         return self.eager(*args, **kwargs)
 
