@@ -297,14 +297,12 @@ class AdapterPipeline:
         `backend` is any torch.compile backend (the tests count compilations with one); `mode` applies
         to the inductor backend only. Compilation happens on the first call of each size.
         """
-        from t2iadapter import fast
-
-        target = dtype or fast.default_dtype(self.device)
+        target = dtype or fast_mode.default_dtype(self.device)
         self.to(dtype=target)
-        settings = fast.FastSettings(dtype=target, compile=compile, mode=mode, backend=backend, fuse_qkv=fuse_qkv,
-                                     compile_vae=compile_vae, compile_adapters=compile_adapters)
-        fast.optimize_base(self.base, settings)
-        fast.optimize_adapters(self.adapters, settings)
+        settings = fast_mode.FastSettings(dtype=target, compile=compile, mode=mode, backend=backend, fuse_qkv=fuse_qkv,
+                                          compile_vae=compile_vae, compile_adapters=compile_adapters)
+        fast_mode.optimize_base(self.base, settings)
+        fast_mode.optimize_adapters(self.adapters, settings)
         self.fast = True
         return self
 
@@ -479,6 +477,8 @@ class AdapterPipeline:
                 maps = [m.repeat(batch, 1, 1, 1) for m in maps]
                 if cfg:
                     maps = [torch.cat([m] * 2, dim=0) for m in maps]
+                if self.fast:  # one layout for every call (the compiled graph's inputs), the UNet's own
+                    maps = [m.contiguous(memory_format=torch.channels_last) for m in maps]
             composed[active] = (maps, seq)
             return maps, seq
 
@@ -523,7 +523,10 @@ class AdapterPipeline:
         clock = fast_mode.LoopClock(timesteps, device) if self.fast else None
         zeros = None
         shape = (batch, self.base.unet.config.in_channels, ch // self.base.vae_scale_factor, cw // self.base.vae_scale_factor)
-        latents = torch.randn(shape, generator=generator, device=generator.device, dtype=text.context.dtype).to(device)
+        # Fast mode keeps latents (and the scheduler's arithmetic) in float32, only the UNet runs in half precision;
+        # the draws are the same (half-precision randn is a rounded float32 draw).
+        latent_dtype = torch.float32 if self.fast else text.context.dtype
+        latents = torch.randn(shape, generator=generator, device=generator.device, dtype=latent_dtype).to(device)
         latents = latents * sched.init_noise_sigma
         step_kwargs = _step_kwargs(sched, generator, eta)
 
@@ -542,13 +545,17 @@ class AdapterPipeline:
                 maps = zeros
             model_in = torch.cat([latents] * 2) if cfg else latents
             model_in = sched.scale_model_input(model_in, t)
-            t_unet = clock.unet_timestep(i) if clock is not None else t
+            if clock is not None:
+                model_in, t_unet = model_in.to(dtype), clock.unet_timestep(i)
+            else:
+                t_unet = t
             noise = unet_hook.unet_forward(self.base.unet, model_in, t_unet, context_for(seq), maps, added_cond_kwargs=added)
+            if self.fast:
+                # a new float32 tensor: a CUDA-graph output is overwritten by the next replay, and schedulers keep outputs
+                noise = noise.to(torch.float32, copy=True)
             if cfg:
                 uncond, cond = noise.chunk(2)
                 noise = uncond + guidance_scale * (cond - uncond)
-            elif self.fast:
-                noise = noise.clone()  # a CUDA-graph output is overwritten by the next replay; schedulers may keep it
             latents = sched.step(noise, t, latents, **step_kwargs).prev_sample
             if callback is not None:
                 callback(i, t, latents)

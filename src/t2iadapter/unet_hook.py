@@ -133,5 +133,6 @@ def feature_shapes(unet: UNet2DConditionModel, latent_size: tuple[int, int]) -> 
 
 def no_features(unet: UNet2DConditionModel, batch: int, latent_size: tuple[int, int], *, dtype: torch.dtype,
                 device: torch.device | str) -> list[torch.Tensor]:
-    """All-zero features for a call without spatial adapters, so it runs the same compiled graph as one with them."""
-    return [torch.zeros(batch, *shape, dtype=dtype, device=device) for shape in feature_shapes(unet, latent_size)]
+    """All-zero channels-last features for a call without spatial adapters: the same compiled graph as one with them."""
+    return [torch.zeros(batch, *shape, dtype=dtype, device=device).contiguous(memory_format=torch.channels_last)
+            for shape in feature_shapes(unet, latent_size)]
