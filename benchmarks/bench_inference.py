@@ -415,7 +415,11 @@ def run_case(case: Case, args, device: torch.device, peak_rate: float, budget, r
     adapters, ref_adapter = build_adapters(base, device, eager_dtype)
     conds = conditions(case.size)
     say(f"[{case.name}] built models in {time.perf_counter() - t0:.1f} s")
-    flops, ref_inputs, ref_out = unet_reference(base, adapters[0], case, device, eager_dtype)
+    try:
+        flops, ref_inputs, ref_out = unet_reference(base, adapters[0], case, device, eager_dtype)
+    except Exception as exc:  # noqa: BLE001 - no MFU, no UNet check, timings still run
+        say(f"  UNet FLOP count failed ({type(exc).__name__}: {exc})")
+        flops, ref_inputs, ref_out = float("nan"), None, None
     info: dict[str, Any] = {"case": case.__dict__, "steps": steps, "guidance": GUIDANCE, "unet_flops_per_step": flops,
                             "unet_params_M": sum(p.numel() for p in base.unet.parameters()) / 1e6}
     rows: dict[str, Row] = {}
@@ -439,10 +443,31 @@ def run_case(case: Case, args, device: torch.device, peak_rate: float, budget, r
 
     def timed(names: list[str], warmup: int) -> None:
         names = [n for n in names if wanted is None or n in wanted]
-        if names:
+        if not names:
+            return
+        try:
             time_group([rows[n] for n in names], device, warmup, args.repeats, say)
-            for n in names:
-                finish(rows[n])
+        except Exception as exc:  # noqa: BLE001 - one failing row must not cost the others
+            failed(names, exc)
+            return
+        for n in names:
+            finish(rows[n])
+
+    def failed(names: list[str], exc: BaseException) -> None:
+        import traceback
+
+        traceback.print_exc()
+        say(f"  {', '.join(names)}: FAILED ({type(exc).__name__}: {exc})")
+        for n in names:
+            report.rows[case.name][n] = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:400]}"}
+        report.write()
+
+    def attempt(what: str, fn: Callable[[], Any], default: Any = None) -> Any:
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - an extra measurement failing leaves the timings standing
+            say(f"  {what}: failed ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})")
+            return default
 
     def finish(row: Row) -> None:
         ms_img = statistics.median(row.times) * 1e3 / case.batch
@@ -463,20 +488,26 @@ def run_case(case: Case, args, device: torch.device, peak_rate: float, budget, r
     # 1-2. eager rows (fp16 on GPU), before fast mode changes the shared modules
     timed(groups[0], args.warmup)
     if args.profile and "diffusers" in report.rows[case.name] and budget.left() > case.guess_s * 0.8:
-        report.profiles.append(f"== {case.name}: diffusers (eager) ==\n" + profile_call(rows["diffusers"], device))
+        text = attempt("profile", lambda: profile_call(rows["diffusers"], device))
+        if text:
+            report.profiles.append(f"== {case.name}: diffusers (eager) ==\n{text}")
     eager_call_s = statistics.median(rows["diffusers"].times) if rows["diffusers"].times else 1.0
     fast_need = COMPILE_SHARE * case.guess_s + 3 * (args.warmup + 1 + args.repeats) * eager_call_s / 2.5
     names = groups[1] if budget.left() > fast_need + 5 * eager_call_s * (args.warmup + args.repeats) else ["ours-eager", "ours-eager-plain"]
     timed(names, args.warmup)
     # 3. ControlNet (reference): needs the eager UNet too
     if (wanted is None or "controlnet" in wanted) and budget.left() > fast_need + 1.6 * eager_call_s * (args.warmup + args.repeats):
-        with torch.device(device):
-            cn = ControlNetModel.from_unet(base.unet).to(eager_dtype).eval()
-        d_cn = diffusers_pipeline("controlnet", base, controlnet=cn)
-        rows["controlnet"] = Row("controlnet", lambda c: diffusers_call(d_cn, case, steps, conds[0], seed, c), baseline="diffusers-plain")
-        timed(["controlnet"], args.warmup)
-        rows["controlnet"].run = None
-        del d_cn, cn
+        try:
+            with torch.device(device):
+                cn = ControlNetModel.from_unet(base.unet).to(eager_dtype).eval()
+            d_cn = diffusers_pipeline("controlnet", base, controlnet=cn)
+            rows["controlnet"] = Row("controlnet", lambda c: diffusers_call(d_cn, case, steps, conds[0], seed, c),
+                                     baseline="diffusers-plain")
+            timed(["controlnet"], args.warmup)
+            rows["controlnet"].run = None
+            del d_cn, cn
+        except Exception as exc:  # noqa: BLE001
+            failed(["controlnet"], exc)
     else:
         say("  controlnet: skipped (time budget)")
     gc.collect()
@@ -485,9 +516,13 @@ def run_case(case: Case, args, device: torch.device, peak_rate: float, budget, r
     # 4. fast mode on the same base: all three pipelines share the compiled UNet/decoder graphs
     if wanted is None or any(n.startswith("ours-fast") for n in wanted):
         t1 = time.perf_counter()
-        for p in (o1, o3, o0):
-            p.optimize(compile=not args.no_compile, mode=args.mode, backend=args.backend,
-                       dtype=None if device.type == "cuda" else torch.float32)
+        try:
+            for p in (o1, o3, o0):
+                p.optimize(compile=not args.no_compile, mode=args.mode, backend=args.backend,
+                           dtype=None if device.type == "cuda" else torch.float32)
+        except Exception as exc:  # noqa: BLE001
+            failed(["ours-fast", "ours-fast-3", "ours-fast-plain"], exc)
+            raise
         info["fast_dtype"] = str(o1.dtype).replace("torch.", "")
         say(f"  fast mode set up in {time.perf_counter() - t1:.1f} s ({info['fast_dtype']}, mode {args.mode}); compiling on first call")
         rows["ours-fast"] = Row("ours-fast", lambda c: ours_call(o1, case, steps, conds[:1], seed, c), baseline="ours-fast-plain",
@@ -498,16 +533,19 @@ def run_case(case: Case, args, device: torch.device, peak_rate: float, budget, r
                                       pixel_ref="diffusers-plain", fast=True)
         timed(["ours-fast", "ours-fast-3", "ours-fast-plain"], args.warmup + 1)
         info["fast_status"] = {n: fast_mode.status(p) for n, p in (("ours-fast", o1), ("ours-fast-3", o3))}
-        info["unet_rel_err_fast_vs_eager"] = fast_unet_error(base, ref_inputs, ref_out, o1.dtype)
+        if ref_out is not None:
+            info["unet_rel_err_fast_vs_eager"] = attempt("UNet check", lambda: fast_unet_error(base, ref_inputs, ref_out, o1.dtype))
         for name in ("ours-fast", "ours-fast-3", "ours-fast-plain"):
             if name in report.rows[case.name]:
-                report.rows[case.name][name]["loop_host_syncs"] = count_loop_syncs(rows[name], device, steps)
+                report.rows[case.name][name]["loop_host_syncs"] = attempt("sync count", lambda: count_loop_syncs(rows[name], device, steps))
         failures = {n: e for s in info["fast_status"].values() for n, e in s["compiled"].items() if e != "ok"}
         if failures:
             say(f"  WARNING: compile fell back to eager for {failures}")
         report.write()
         if args.profile and budget.left() > 20 and "ours-fast" in report.rows[case.name]:
-            report.profiles.append(f"== {case.name}: ours-fast ==\n" + profile_call(rows["ours-fast"], device))
+            text = attempt("profile", lambda: profile_call(rows["ours-fast"], device))
+            if text:
+                report.profiles.append(f"== {case.name}: ours-fast ==\n{text}")
             report.write()
     del base, adapters, ref_adapter, d_adapter, d_plain, o1, o3, o0, rows, ref_inputs, ref_out
     gc.collect()
@@ -622,7 +660,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         p.error(f"unknown case(s) {unknown}; choose from {list(cases)}")
     args.steps = args.steps or (30 if device.type == "cuda" else 10)
     budget = Budget(args.budget_s)
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
+    for key in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
+        if hasattr(torch._dynamo.config, key):
+            setattr(torch._dynamo.config, key, max(getattr(torch._dynamo.config, key), 32))
+            break
 
     import diffusers
 
