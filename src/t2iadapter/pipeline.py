@@ -589,7 +589,7 @@ class AdapterPipeline:
         """Latents → images in [0, 1] (SDXL's fp16 VAE decodes in fp32 where its config asks)."""
         vae = self.base.vae
         cfg = vae.config
-        upcast = vae.dtype == torch.float16 and getattr(cfg, "force_upcast", False)
+        upcast = self.base.is_sdxl and vae.dtype == torch.float16 and getattr(cfg, "force_upcast", False)
         if upcast:
             vae.to(torch.float32)
         try:

@@ -93,6 +93,7 @@ class RecipeConfig:
     grad_accumulation: int = 1  # micro-batches per optimiser step (SDXL recipe: 4)
     batch_size: int = 8  # samples per micro-batch per process (paper: 8 per GPU)
     max_steps: int = 1000  # optimiser steps
+    max_minutes: float | None = None  # also stop (and save) after this much wall-clock training; None: no limit
     mixed_precision: str = "no"  # no | fp16 | bf16: the frozen base's dtype on GPU and the autocast dtype
     gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, ~30% slower
     cache_latents: bool = False  # keep each sample's VAE posterior after its first encode (data must fit in RAM)

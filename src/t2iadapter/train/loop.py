@@ -585,8 +585,10 @@ class Trainer:
             module = module.to("cpu")
             out.append(module.save_file(self.output_dir / f"{stem}.safetensors", overwrite=True))
             if module.kind in DIFFUSERS_TYPES:
-                folder = self.output_dir / f"{stem}-diffusers"
-                out.append(module.save_pretrained(folder, overwrite=True))
+                try:
+                    out.append(module.save_pretrained(self.output_dir / f"{stem}-diffusers", overwrite=True))
+                except ConfigError as exc:  # e.g. a light adapter whose channels diffusers cannot express
+                    log.info("no diffusers folder for %s: %s", stem, exc)
             module.to(self.device)
         return out
 
@@ -645,6 +647,9 @@ class Trainer:
                         writer.add_scalar("train/grad_norm", float(metrics["grad_norm"]), self.step)
                         writer.add_scalar("train/skipped", self.skipped, self.step)
                 bar.update(1)
+                if recipe.max_minutes is not None and self.step % log_every == 0 and self._out_of_time(t0):
+                    log.info("stopping at step %d: the %.1f-minute budget is spent", self.step, recipe.max_minutes)
+                    end = self.step
                 every = cfg.checkpoint.every
                 if every and self.step % every == 0:
                     self.save_checkpoint()
@@ -671,6 +676,11 @@ class Trainer:
         if result.skipped:
             log.warning("%d unreadable samples were skipped", result.skipped)
         return result
+
+    def _out_of_time(self, t0: float) -> bool:
+        """Whether the wall-clock budget is spent, decided the same on every process (DDP stays in step)."""
+        over = torch.tensor(float(time.time() - t0 > 60 * self.config.recipe.max_minutes), device=self.accelerator.device)
+        return bool(self.accelerator.reduce(over, reduction="max").item() > 0)
 
     def _tensorboard(self):
         try:
