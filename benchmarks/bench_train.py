@@ -57,6 +57,8 @@ VARIANTS: dict[str, dict | None] = {
     "frozen": dict(cache_latents=False, cache_text=True, fused_adamw=False, channels_last=False),
     "ours": dict(cache_latents=True, cache_text=True, fused_adamw=True, channels_last=True),
     "ours-compile": dict(cache_latents=True, cache_text=True, fused_adamw=True, channels_last=True, compile=True),
+    "ours-nchw": dict(cache_latents=True, cache_text=True, fused_adamw=True, channels_last=False),
+    "ours-compile-nchw": dict(cache_latents=True, cache_text=True, fused_adamw=True, channels_last=False, compile=True),
     "ours-ckpt": dict(cache_latents=True, cache_text=True, fused_adamw=True, channels_last=True, gradient_checkpointing=True),
 }
 
@@ -173,6 +175,9 @@ def run_ours(args, device: torch.device, overrides: dict, accelerator=None) -> d
     trainer, data = make_trainer(args, device, overrides, accelerator)
     rank = accelerator.process_index if accelerator else 0
     batch = collate([data[rank * args.batch + j] for j in range(args.batch)])
+    if device.type == "cuda":  # as the trainer's DataLoader delivers it (pin_memory on CUDA)
+        batch = {k: ({n: t.pin_memory() for n, t in v.items()} if isinstance(v, dict) else
+                     v.pin_memory() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
     def step() -> None:
         trainer.train_step([batch])

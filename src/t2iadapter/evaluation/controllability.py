@@ -57,7 +57,8 @@ class Row:
     def summary(self) -> dict[str, float | None | str]:
         mean = lambda xs: float(np.mean(xs)) if xs else None  # noqa: E731
         return {"setting": self.setting.name, "structure_iou": mean(self.iou), "colour_accuracy": mean(self.colour),
-                "palette_error": mean(self.palette), "seconds_per_image": mean(self.seconds), "scenes": len(self.seconds)}
+                "palette_error": mean(self.palette), "seconds_per_image": mean(self.seconds), "scenes": len(self.seconds),
+                "n_iou": len(self.iou), "n_colour": len(self.colour), "n_palette": len(self.palette)}
 
 
 def person_iou(image: np.ndarray, scene: world.Scene) -> float | None:
@@ -114,14 +115,37 @@ def evaluate(pipe, scenes: Sequence[world.Scene], settings: Sequence[Setting], *
     return rows, images
 
 
-def format_table(rows: Sequence[Row]) -> str:
-    """A markdown table of the rows' means."""
+def merge_summaries(parts: Sequence[Sequence[dict]]) -> list[dict]:
+    """Combine the summaries of runs over disjoint scenes (e.g. parallel workers) into one, weighting by counts."""
+    merged: dict[str, dict] = {}
+    for part in parts:
+        for s in part:
+            m = merged.setdefault(s["setting"], {"setting": s["setting"], "scenes": 0, "n_iou": 0, "n_colour": 0,
+                                                 "n_palette": 0, "_sums": {}})
+            for key, n in (("structure_iou", "n_iou"), ("colour_accuracy", "n_colour"), ("palette_error", "n_palette"),
+                           ("seconds_per_image", "scenes")):
+                if s[key] is not None:
+                    m["_sums"][key] = m["_sums"].get(key, 0.0) + s[key] * s[n]
+            for n in ("scenes", "n_iou", "n_colour", "n_palette"):
+                m[n] += s[n]
+    out = []
+    for m in merged.values():
+        sums = m.pop("_sums")
+        for key, n in (("structure_iou", "n_iou"), ("colour_accuracy", "n_colour"), ("palette_error", "n_palette"),
+                       ("seconds_per_image", "scenes")):
+            m[key] = sums[key] / m[n] if key in sums and m[n] else None
+        out.append(m)
+    return out
+
+
+def format_table(rows: Sequence[Row] | Sequence[dict]) -> str:
+    """A markdown table of the rows' means (rows, or their summaries)."""
     def fmt(v, pct=False):
         return "–" if v is None else (f"{100 * v:.0f}%" if pct else f"{v:.3f}")
 
     lines = ["| setting | structure IoU | colour accuracy | palette error | s/image |", "|---|---|---|---|---|"]
     for row in rows:
-        s = row.summary()
+        s = row if isinstance(row, dict) else row.summary()
         lines.append(f"| {s['setting']} | {fmt(s['structure_iou'])} | {fmt(s['colour_accuracy'], True)} | "
                      f"{fmt(s['palette_error'])} | {fmt(s['seconds_per_image'])} |")
     return "\n".join(lines)

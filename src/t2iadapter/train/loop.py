@@ -278,6 +278,8 @@ class Trainer:
     def _place_base(self) -> None:
         """Frozen base on the device in the training dtype; an SDXL VAE stays fp32 in fp16 runs (it overflows)."""
         base = self.base
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # training shapes are static: let cuDNN pick its fastest kernels
         for name, module in base.modules.items():
             dtype = self.base_dtype
             if name == "vae" and base.is_sdxl and dtype == torch.float16:
