@@ -141,6 +141,10 @@ def load_base(
             raise CheckpointError(f"cannot load base model {text!r}: {type(exc).__name__}: {str(exc).splitlines()[0]}{hint}") from None
         base = _from_pipeline(pipe, text)
     base.source = text
+    if dtype is None:  # libraries disagree on the default (diffusers: fp32, transformers: the file's): use the UNet's
+        for module in base.modules.values():
+            if module.dtype != base.unet.dtype:
+                module.to(dtype=base.unet.dtype)
     if dtype is not None or device is not None:
         base.to(device=device, dtype=dtype)
     return base.freeze()

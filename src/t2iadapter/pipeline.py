@@ -220,6 +220,8 @@ class AdapterPipeline:
         self._style_encoder: Callable | None = style_encoder if callable(style_encoder) else None
         self.fast = False
         self.to(device=device, dtype=dtype)
+        for module in self.modules_to_move():  # adapters run in the base's dtype (checkpoints may be fp16)
+            module.to(device=self.device, dtype=self.dtype)
 
     # ------------------------------------------------------------------ construction
 

@@ -1,0 +1,72 @@
+"""The embedded demo model: shipped weights load everywhere, `eval` and `demo` run end to end."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from t2iadapter import assets, load_adapter
+from t2iadapter.cli import main as cli
+from t2iadapter.evaluation.controllability import Row, Setting, format_table, merge_summaries
+
+
+def test_shipped_demo_weights_are_small_fp16_and_load():
+    files = list(assets.DEMO.rglob("*.safetensors"))
+    total = sum(f.stat().st_size for f in files)
+    assert total <= 64 * 2**20
+    names = assets.demo_adapter_names()
+    assert {"sketch", "seg", "depth", "pose", "color", "fuser"} <= set(names)
+    kinds = {n: load_adapter(f"demo/{n}") for n in names}
+    assert kinds["color"].kind == "light" and kinds["fuser"].kind == "fuser" and kinds["sketch"].config.in_channels == 1
+    assert all(m.dtype == torch.float16 for m in kinds.values())
+
+
+def test_eval_command_on_held_out_scenes(tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert cli(["eval", "--scenes", "1", "--steps", "2", "--only", "text only", "--only", "sketch",
+                "--only", "sketch+color (fuser)", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["setting"] for r in rows] == ["text only", "sketch", "sketch+color (fuser)"]
+    for r in rows:
+        assert 0.0 <= r["structure_iou"] <= 1.0 and 0.0 <= r["colour_accuracy"] <= 1.0
+    assert rows[2]["palette_error"] is not None
+    assert "| sketch |" in capsys.readouterr().out
+    assert cli(["eval", "--scenes", "0"]) == 2
+
+
+def test_demo_command_writes_grid_and_table(tmp_path, capsys):
+    assert cli(["demo", "--out", str(tmp_path), "--scenes", "1", "--steps", "2"]) == 0
+    assert (tmp_path / "demo_grid.png").is_file() and (tmp_path / "controllability.md").is_file()
+    assert "structure IoU" in capsys.readouterr().out
+
+
+def test_merged_summaries_weight_by_counts():
+    a, b = Row(Setting("x")), Row(Setting("x"))
+    a.iou, a.colour, a.palette, a.seconds = [1.0], [1.0], [], [1.0]
+    b.iou, b.colour, b.palette, b.seconds = [0.0, 0.0, 0.5], [0.0, 0.0, 0.0], [0.2], [2.0, 2.0, 2.0]
+    merged = merge_summaries([[a.summary()], [b.summary()]])[0]
+    assert merged["structure_iou"] == pytest.approx(np.mean([1.0, 0.0, 0.0, 0.5]))
+    assert merged["palette_error"] == pytest.approx(0.2) and merged["scenes"] == 4
+    assert "| x |" in format_table([merged])
+
+
+def test_training_time_budget_stops_early(tmp_path):
+    assert cli(["train", "--config", "configs/tiny-cpu.yaml", "--set", "max_minutes=0", "--set", "max_steps=40",
+                "--set", "checkpoint.every=0", "--output-dir", str(tmp_path)]) == 0
+    steps = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert steps == ["step-00000001"]  # log_every=1: the budget is checked after the first step
+    assert (tmp_path / "adapter.safetensors").is_file()
+
+
+def test_readme_python_example_runs_with_default_dtype():
+    from t2iadapter import AdapterPipeline
+
+    pipe = AdapterPipeline.from_pretrained("demo", adapters={"sketch": "demo/sketch", "color": "demo/color"},
+                                           fuser="demo/fuser")
+    dtypes = {m.dtype for m in pipe.base.modules.values()} | {m.dtype for m in pipe.modules_to_move()}
+    assert dtypes == {torch.float32}  # fp16 files and transformers' file-dtype default are unified
+    result = pipe("a large blue star left of a large cyan triangle",
+                  conditions={"sketch": "examples/sketch.png", "color": "examples/palette.png"},
+                  weights={"sketch": 1.0, "color": 0.8}, windows={"color": (0.0, 0.5)}, compose="fuser",
+                  steps=2, seed=1, size=(256, 256), scheduler="dpm++2m", progress=False)
+    assert result.image.size == (256, 256) and result.parameters["compose"] == "fuser"
