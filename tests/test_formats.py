@@ -301,3 +301,14 @@ def test_cli_convert_round_trip(tmp_path, capsys):
     assert_bitwise(m, load_adapter(tmp_path / "back.safetensors"))
     assert cli(["convert", str(tmp_path / "missing.pth"), str(tmp_path / "x.safetensors")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_written_files_get_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    m = build_adapter(FullAdapterConfig.sd(1, channels=TINY))
+    path = m.save_file(tmp_path / "p.safetensors")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask

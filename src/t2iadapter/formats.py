@@ -413,6 +413,14 @@ def _check_target(path: Path, overwrite: bool) -> None:
         raise CheckpointError(f"{path} already exists; choose another name or pass overwrite (--force)")
 
 
+def _publish(tmp: str, path: Path) -> None:
+    """Give a finished temp file the usual permissions (mkstemp makes it 0600) and move it into place."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
 def _atomic_save_safetensors(tensors: StateDict, path: Path, metadata: dict[str, str] | None) -> None:
     from safetensors.torch import save_file
 
@@ -421,7 +429,7 @@ def _atomic_save_safetensors(tensors: StateDict, path: Path, metadata: dict[str,
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -431,7 +439,7 @@ def _atomic_write_text(text: str, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         f.write(text)
-    os.replace(tmp, path)
+    _publish(tmp, path)
 
 
 def _metadata(module: AdapterModule) -> dict[str, str]:
@@ -509,7 +517,7 @@ def save_original(module: AdapterModule, path: str | Path, *, overwrite: bool = 
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         torch.save(sd, tmp)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     else:
         raise CheckpointError(f"{path}: the original format is .pth or .safetensors")
     return path
