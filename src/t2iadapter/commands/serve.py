@@ -63,13 +63,17 @@ def settings_from(args: argparse.Namespace):
     from t2iadapter.server.limits import Limits, ServerSettings
 
     adapters = parse_adapters(args.adapter)
+    fuser = args.fuser
     if args.base == "demo":
         assets.demo_base_path()
         if not adapters:
-            adapters = {name: f"demo/{name}" for name in assets.demo_adapter_names()}
+            shipped = assets.demo_adapter_names()
+            adapters = {name: f"demo/{name}" for name in shipped if name != "fuser"}
+            if fuser is None and "fuser" in shipped:
+                fuser = "demo/fuser"
     limits = Limits(max_upload_mb=args.max_upload_mb, max_steps=args.max_steps, max_side=args.max_side,
                     max_input_side=args.max_input_side, queue_size=args.queue_size, timeout=args.timeout)
-    settings = ServerSettings(base=args.base, adapters=adapters, fuser=args.fuser, device=args.device, dtype=args.dtype)
+    settings = ServerSettings(base=args.base, adapters=adapters, fuser=fuser, device=args.device, dtype=args.dtype)
     return settings, limits
 
 
