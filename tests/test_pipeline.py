@@ -184,3 +184,13 @@ def test_cli_generate_and_info(base, tmp_path, capsys):
     assert cli(["generate", "--base", "tiny", "--adapter", "x", "--prompt", "p", "--out", str(tmp_path / "o3.png")]) == 2
     assert cli(["info", str(tmp_path / "cond.png")]) == 2
     assert "no t2iadapter generation parameters" in capsys.readouterr().err
+
+
+def test_cli_export_base_writes_a_loadable_folder(tmp_path, capsys):
+    from t2iadapter.bases import load_base as load
+
+    assert cli(["export-base", "tiny", str(tmp_path / "sd")]) == 0
+    base = load(tmp_path / "sd")
+    assert not base.is_sdxl and list(base.unet.config.block_out_channels) == [32, 32, 64, 64]
+    assert cli(["export-base", "tiny", str(tmp_path / "sd")]) == 2  # not empty: no silent overwrite
+    assert "not empty" in capsys.readouterr().err
