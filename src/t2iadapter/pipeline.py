@@ -417,7 +417,7 @@ class AdapterPipeline:
         if style_image is not None and not style_used:
             raise ConfigError("style_image given but no style adapter is loaded")
         all_used = used + style_used
-        weight_of = self._align(weights, all_used if not isinstance(weights, Mapping) else all_used, "weights", 1.0)
+        weight_of = self._align(weights, all_used, "weights", 1.0)
         window_of = {n: Window.parse(v) for n, v in self._align(windows, all_used, "windows", None).items()}
         for n, wgt in weight_of.items():
             if not isinstance(wgt, (int, float)) or not math.isfinite(wgt):
