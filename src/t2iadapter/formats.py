@@ -20,7 +20,7 @@ import os
 import pickle
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -413,33 +413,32 @@ def _check_target(path: Path, overwrite: bool) -> None:
         raise CheckpointError(f"{path} already exists; choose another name or pass overwrite (--force)")
 
 
-def _publish(tmp: str, path: Path) -> None:
-    """Give a finished temp file the usual permissions (mkstemp makes it 0600) and move it into place."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-
-
-def _atomic_save_safetensors(tensors: StateDict, path: Path, metadata: dict[str, str] | None) -> None:
-    from safetensors.torch import save_file
-
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """`write(tmp)` into a temp file beside `path`, then give it the usual permissions (mkstemp makes it 0600)
+    and rename it into place; a failure or a kill never leaves a half-written `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        _publish(tmp, path)
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
+def _atomic_save_safetensors(tensors: StateDict, path: Path, metadata: dict[str, str] | None) -> None:
+    from safetensors.torch import save_file
+
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    _atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=metadata))
+
+
 def _atomic_write_text(text: str, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    _publish(tmp, path)
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _metadata(module: AdapterModule) -> dict[str, str]:
@@ -513,11 +512,7 @@ def save_original(module: AdapterModule, path: str | Path, *, overwrite: bool = 
     if path.suffix == ".safetensors":
         _atomic_save_safetensors(sd, path, None)
     elif path.suffix in PICKLE_SUFFIXES:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        torch.save(sd, tmp)
-        _publish(tmp, path)
+        _atomic_write(path, lambda tmp: torch.save(sd, tmp))
     else:
         raise CheckpointError(f"{path}: the original format is .pth or .safetensors")
     return path

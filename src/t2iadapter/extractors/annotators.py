@@ -92,12 +92,10 @@ class Sketch(_ControlNetAux):
     threshold: float = 0.5  # the released SD1 sketch adapters were trained on edges > 0.5
 
     def __call__(self, image: ImageInput) -> Image.Image:
-        import numpy as np
-
         from t2iadapter.extractors import images
 
         edges = self._detect(image)[:, :, 0]
-        return images.to_pil(np.where(edges > self.threshold * 255.0, 255, 0).astype(np.uint8))
+        return images.binary(edges, self.threshold * 255.0)
 
 
 @dataclass
@@ -115,14 +113,12 @@ class Hed(_ControlNetAux):
     threshold: float = 0.5  # binarise as the sketch recipe does; 0 keeps the soft edge map
 
     def __call__(self, image: ImageInput) -> Image.Image:
-        import numpy as np
-
         from t2iadapter.extractors import images
 
         edges = self._detect(image)[:, :, 0]
         if self.threshold <= 0:
             return images.to_pil(edges)
-        return images.to_pil(np.where(edges > self.threshold * 255.0, 255, 0).astype(np.uint8))
+        return images.binary(edges, self.threshold * 255.0)
 
 
 @dataclass

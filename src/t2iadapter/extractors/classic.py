@@ -99,7 +99,7 @@ class SketchClassic(Extractor):
         scale = float(np.percentile(magnitude, 99))
         if scale <= 1e-6:  # flat image: no edges at all
             return images.to_pil(np.zeros(gray.shape, np.uint8))
-        return images.to_pil(np.where(magnitude / scale > self.threshold, 255, 0).astype(np.uint8))
+        return images.binary(magnitude / scale, self.threshold)
 
 
 @dataclass

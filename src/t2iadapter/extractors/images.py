@@ -93,3 +93,8 @@ def to_pil(array: np.ndarray) -> Image.Image:
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     return Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8))
+
+
+def binary(values: np.ndarray, threshold: float) -> Image.Image:
+    """White (255) where `values` exceed `threshold`, black elsewhere: the sketch recipes' binarisation."""
+    return to_pil(np.where(values > threshold, 255, 0).astype(np.uint8))
