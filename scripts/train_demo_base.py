@@ -1,7 +1,20 @@
 """Train the embedded demo's base model on the procedural world: the VAE, then UNet + text encoder.
 
-    python scripts/train_demo_base.py --out runs/demo-base --minutes-vae 3 --minutes-unet 5   # one H100
+    python scripts/train_demo_base.py --out runs/demo-base --minutes-vae 3 --minutes-unet 5   # one GPU, both phases
     python scripts/train_demo_base.py --out /tmp/demo-smoke --smoke --device cpu              # CPU, seconds
+
+Long trainings run as several calls that resume from the script's own state folder (fp32 weights,
+EMA, AdamW state, step and minute counters, the loss log), e.g. on a GPU lent ten minutes at a time:
+
+    python scripts/train_demo_base.py --state runs/state --phase vae --minutes-vae 3
+    python scripts/train_demo_base.py --state runs/state --phase unet --minutes-unet 8 --plan-unet-minutes 100
+    python scripts/train_demo_base.py --state runs/state --phase unet --minutes-unet 8 --plan-unet-minutes 100
+    python scripts/train_demo_base.py --state runs/state --phase export --out runs/demo-base
+
+`--init-base FOLDER` starts a new state from a saved pipeline folder (e.g. the shipped fp16 demo base,
+whose EMA weights then become both the weights and the EMA: no optimiser state survives that).
+The learning rate follows one warm-up + cosine schedule over `--plan-unet-minutes` of cumulative
+UNet training, whichever call the minutes fall in.
 
 Phase 1 trains the AutoencoderKL (L1 + L2 + image-gradient L1 + a KL weight of 1e-6, as SD's
 VAE minus its GAN/LPIPS terms). The latent scaling factor is then set to 1/std of the latents.
@@ -77,12 +90,19 @@ class RunConfig:
     preview_guidance: float = 5.0
     preview_scenes: int = 32
     tiny: bool = False  # DemoBaseConfig.tiny() instead of the shipped sizes (smoke runs)
+    state: str = ""  # resumable state folder ("" = none: one-shot run)
+    phase: str = "all"  # all | vae | unet | export
+    init_base: str = ""  # a saved pipeline folder to start a new state from
+    plan_unet_minutes: float = 0.0  # length of the lr schedule in cumulative UNet minutes (0: this call's)
+    topk_weight: float = 1.0  # VAE: weight of the mean error over each image's worst 1% of pixels (beads)
+    topk_share: float = 0.01
+    compile: bool = False  # torch.compile the UNet training forward (CUDA)
 
 
 def parse_args(argv: list[str] | None = None) -> RunConfig:
     """Command-line options → RunConfig; --smoke overrides everything for a seconds-long CPU run."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="output folder (diffusers pipeline + train_log.json)")
+    p.add_argument("--out", default="", help="output folder (diffusers pipeline + train_log.json)")
     p.add_argument("--minutes-vae", type=float, default=RunConfig.minutes_vae)
     p.add_argument("--minutes-unet", type=float, default=RunConfig.minutes_unet)
     p.add_argument("--max-steps-vae", type=int, default=0)
@@ -101,20 +121,32 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--log-every", type=int, default=RunConfig.log_every)
     p.add_argument("--tiny", action="store_true", help="DemoBaseConfig.tiny() sizes (quick experiments)")
     p.add_argument("--smoke", action="store_true", help="tiny model, 64² scenes, 2 steps per phase, CPU-friendly")
+    p.add_argument("--state", default="", help="resumable state folder (created, or resumed when present)")
+    p.add_argument("--phase", default="all", choices=("all", "vae", "unet", "export"))
+    p.add_argument("--init-base", default="", help="start a new state from this pipeline folder")
+    p.add_argument("--plan-unet-minutes", type=float, default=0.0, help="lr schedule length, cumulative minutes")
+    p.add_argument("--topk-weight", type=float, default=RunConfig.topk_weight)
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (CUDA)")
     a = p.parse_args(argv)
     cfg = RunConfig(
         out=a.out, minutes_vae=a.minutes_vae, minutes_unet=a.minutes_unet, max_steps_vae=a.max_steps_vae,
         max_steps_unet=a.max_steps_unet, device=a.device, seed=a.seed, batch_vae=a.batch_vae,
         batch_unet=a.batch_unet, lr_vae=a.lr_vae, lr_unet=a.lr_unet, workers=a.workers, chunk=a.chunk,
         pool_images=a.pool_images, preview_scenes=a.preview_scenes, size=a.size, log_every=a.log_every,
-        tiny=a.tiny, min_fill=min(RunConfig.min_fill, a.pool_images),
+        tiny=a.tiny, min_fill=min(RunConfig.min_fill, a.pool_images), state=a.state, phase=a.phase,
+        init_base=a.init_base, plan_unet_minutes=a.plan_unet_minutes, topk_weight=a.topk_weight, compile=a.compile,
     )  # fmt: skip
     if a.smoke:
         cfg = RunConfig(
             out=a.out, minutes_vae=0.5, minutes_unet=0.5, max_steps_vae=2, max_steps_unet=2, device=a.device,
             seed=a.seed, size=64, batch_vae=2, batch_unet=2, warmup_steps=1, workers=0, chunk=4, pool_images=16,
-            min_fill=4, log_every=1, preview_steps=2, preview_scenes=1, tiny=True,
+            min_fill=4, log_every=1, preview_steps=2, preview_scenes=1, tiny=True, state=a.state, phase=a.phase,
+            init_base=a.init_base, plan_unet_minutes=a.plan_unet_minutes,
         )  # fmt: skip
+    if cfg.phase in ("all", "export") and not cfg.out:
+        p.error(f"--phase {cfg.phase} needs --out")
+    if cfg.phase != "all" and not cfg.state:
+        p.error(f"--phase {cfg.phase} needs --state")
     return cfg
 
 
@@ -232,28 +264,62 @@ class Pool:
 
 
 class Schedule:
-    """Linear warm-up, then cosine decay to 10% over the phase, by time or steps, whichever is further."""
+    """Linear warm-up, then cosine decay to 10% over the plan; each call stops at its own budget.
 
-    def __init__(self, peak: float, warmup: int, seconds: float, max_steps: int) -> None:
+    The plan is the cumulative training time of every call (`plan_seconds`); a resumed call passes
+    the seconds and steps already done, so the learning rate continues where the last call left it.
+    """
+
+    def __init__(self, peak: float, warmup: int, seconds: float, max_steps: int, plan_seconds: float = 0.0,
+                 before_seconds: float = 0.0, before_steps: int = 0) -> None:  # fmt: skip
         self.peak, self.warmup, self.seconds, self.max_steps = peak, warmup, seconds, max_steps
+        self.before_seconds, self.before_steps = before_seconds, before_steps
+        self.plan = max(plan_seconds, before_seconds + seconds, 1e-9)
         self.start = time.perf_counter()
 
+    def elapsed(self) -> float:
+        """Seconds of this call so far."""
+        return time.perf_counter() - self.start
+
     def progress(self, step: int) -> float:
-        """Fraction of the phase done, in [0, 1]."""
-        p = (time.perf_counter() - self.start) / max(self.seconds, 1e-9)
+        """Fraction of this call's budget done, in [0, 1] (time, or steps when max_steps is set)."""
+        p = self.elapsed() / max(self.seconds, 1e-9)
         if self.max_steps:
             p = max(p, step / self.max_steps)
         return min(p, 1.0)
 
     def lr(self, step: int) -> float:
-        """Learning rate at `step`."""
-        if step < self.warmup:
-            return self.peak * (step + 1) / self.warmup
-        return self.peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * self.progress(step))))
+        """Learning rate at this call's `step`."""
+        done = self.before_steps + step
+        if done < self.warmup:
+            return self.peak * (done + 1) / self.warmup
+        frac = min((self.before_seconds + self.elapsed()) / self.plan, 1.0)
+        if self.max_steps and self.plan == self.before_seconds + self.seconds:
+            frac = max(frac, self.progress(step))
+        return self.peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
     def done(self, step: int) -> bool:
-        """Budget spent (time, or max_steps when set)."""
+        """This call's budget spent (time, or max_steps when set)."""
         return self.progress(step) >= 1.0
+
+
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    """torch.save to a temporary file, then rename: a killed call never leaves half a state."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_state(path: Path) -> dict[str, Any] | None:
+    """A state written by save_state (tensors and plain data only), or None when absent."""
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """fp32 CPU copy of a module's state dict."""
+    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in module.state_dict().items()}
 
 
 def _autocast(device: torch.device) -> Any:
@@ -282,14 +348,23 @@ def _as_float(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(127.5).sub_(1.0)
 
 
-def train_vae(vae: torch.nn.Module, pool: Pool, producer: Producer, cfg: RunConfig, device: torch.device) -> dict:
-    """Phase 1: reconstruction (L1 + L2 + gradient L1) + KL, time-bounded; returns the phase log."""
+def train_vae(vae: torch.nn.Module, pool: Pool, producer: Producer, cfg: RunConfig, device: torch.device,
+              resume: dict | None = None) -> dict:  # fmt: skip
+    """Phase 1: reconstruction (L1 + L2 + gradient L1 + worst-pixels L1) + KL, time-bounded; returns the state.
+
+    The worst-pixels term (mean error over each image's `topk_share` worst pixels) punishes the
+    small saturated "beads" the v1 VAE painted: a few pixels far off cost little in a mean, a lot here.
+    """
     vae.train().requires_grad_(True)
     opt = _optimizer(list(vae.parameters()), cfg.lr_vae, 0.0, device)
-    sched = Schedule(cfg.lr_vae, cfg.warmup_steps, cfg.minutes_vae * 60, cfg.max_steps_vae)
-    log: list[dict[str, float]] = []
-    acc = torch.zeros(4, device=device)
-    step, start = 0, time.perf_counter()
+    before_s, before_steps, log = 0.0, 0, []
+    if resume is not None:
+        opt.load_state_dict(resume["opt"])
+        before_s, before_steps, log = resume["seconds"], resume["steps"], list(resume["log"])
+    sched = Schedule(cfg.lr_vae, cfg.warmup_steps, cfg.minutes_vae * 60, cfg.max_steps_vae,
+                     before_seconds=before_s, before_steps=before_steps)  # fmt: skip
+    acc = torch.zeros(5, device=device)
+    step = 0
     while not sched.done(step):
         _refresh(pool, producer, cfg.refresh_batches)
         x = _as_float(pool.sample(cfg.batch_vae)["image"])
@@ -304,27 +379,30 @@ def train_vae(vae: torch.nn.Module, pool: Pool, producer: Producer, cfg: RunConf
             rec = vae.decode(posterior.sample()).sample.float()
         mean, logvar = posterior.mean.float(), posterior.logvar.float()
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=(1, 2, 3)).mean()
-        l1 = (rec - x).abs().mean()
-        l2 = (rec - x).pow(2).mean()
+        err = rec - x
+        l1 = err.abs().mean()
+        l2 = err.pow(2).mean()
         grad = (rec.diff(dim=-1) - x.diff(dim=-1)).abs().mean() + (rec.diff(dim=-2) - x.diff(dim=-2)).abs().mean()
-        loss = l1 + l2 + 0.5 * grad + cfg.kl_weight * kl
+        worst = err.abs().amax(dim=1).flatten(1)  # N × HW, the worst channel per pixel
+        topk = worst.topk(max(1, int(cfg.topk_share * worst.shape[1])), dim=1).values.mean()
+        loss = l1 + l2 + 0.5 * grad + cfg.topk_weight * topk + cfg.kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        acc += torch.stack([loss.detach(), l1.detach(), l2.detach(), kl.detach()])
+        acc += torch.stack([loss.detach(), l1.detach(), l2.detach(), topk.detach(), kl.detach()])
         step += 1
         if step % cfg.log_every == 0 or sched.done(step):
             n = step % cfg.log_every or cfg.log_every
             vals = (acc / n).tolist()
             acc.zero_()
-            entry = {"step": step, "time_s": time.perf_counter() - start, "loss": vals[0], "l1": vals[1],
-                     "l2": vals[2], "kl": vals[3], "lr": sched.lr(step), "pool_added": pool.added}  # fmt: skip
+            entry = {"step": before_steps + step, "time_s": before_s + sched.elapsed(), "loss": vals[0], "l1": vals[1],
+                     "l2": vals[2], "topk": vals[3], "kl": vals[4], "lr": sched.lr(step), "pool_added": pool.added}  # fmt: skip
             log.append(entry)
             logger.info("vae %s", " ".join(f"{k}={v:.4g}" for k, v in entry.items()))
     vae.eval().requires_grad_(False)
-    wall = time.perf_counter() - start
-    return {"steps": step, "samples": step * cfg.batch_vae, "wall_s": wall, "log": log,
+    return {"vae": _cpu_state(vae), "opt": opt.state_dict(), "steps": before_steps + step,
+            "seconds": before_s + sched.elapsed(), "log": log, "call_steps": step, "call_seconds": sched.elapsed(),
             "final_loss": log[-1]["loss"] if log else float("nan")}  # fmt: skip
 
 
@@ -368,6 +446,13 @@ class Ema:
         torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - d)
 
     @torch.no_grad()
+    def load(self, shadow: list[torch.Tensor], n: int) -> None:
+        """Continue from a saved average (same parameter order)."""
+        for s, saved in zip(self.shadow, shadow, strict=True):
+            s.copy_(saved)
+        self.n = n
+
+    @torch.no_grad()
     def copy_to(self, params: list[torch.nn.Parameter]) -> None:
         """Write the averaged weights into `params` (another module's parameters, same order)."""
         for s, p in zip(self.shadow, params, strict=True):
@@ -375,14 +460,14 @@ class Ema:
 
 
 def train_unet(modules: dict[str, Any], pool: Pool, producer: Producer, cfg: RunConfig, device: torch.device,
-               scale: float) -> tuple[dict, Ema]:  # fmt: skip
-    """Phase 2: UNet + text encoder, ε-prediction MSE with min-SNR weighting and caption dropout."""
+               scale: float, resume: dict | None = None) -> dict:  # fmt: skip
+    """Phase 2: UNet + text encoder, ε-prediction MSE with min-SNR weighting and caption dropout; returns the state."""
     vae, unet, text = modules["vae"], modules["unet"], modules["text_encoder"]
     tokenizer = modules["tokenizer"]
     latents = Pool(max(pool.capacity * 2, 16), device)
-    for i in range(0, pool.size, 1024):  # start from everything phase 1 generated
-        latents.add({**encode_moments(vae, pool.data["image"][i : i + 1024], device),
-                     "ids": pool.data["ids"][i : i + 1024]})  # fmt: skip
+    for i in range(0, pool.size, 1024):  # start from everything generated so far
+        j = min(i + 1024, pool.size)
+        latents.add({**encode_moments(vae, pool.data["image"][i:j], device), "ids": pool.data["ids"][i:j]})
 
     def encode(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {**encode_moments(vae, batch["image"], device), "ids": batch["ids"]}
@@ -396,10 +481,19 @@ def train_unet(modules: dict[str, Any], pool: Pool, producer: Producer, cfg: Run
     params = [p for m in (unet, text) for p in m.parameters()]
     opt = _optimizer(params, cfg.lr_unet, cfg.weight_decay, device)
     ema = Ema(params, cfg.ema_decay)
-    sched = Schedule(cfg.lr_unet, cfg.warmup_steps, cfg.minutes_unet * 60, cfg.max_steps_unet)
-    log: list[dict[str, float]] = []
+    before_s, before_steps, log = 0.0, 0, []
+    if resume is not None:
+        if resume.get("opt") is not None:
+            opt.load_state_dict(resume["opt"])
+        ema.load(resume["ema"], resume["ema_n"])
+        before_s, before_steps, log = resume["seconds"], resume["steps"], list(resume["log"])
+    sched = Schedule(cfg.lr_unet, cfg.warmup_steps, cfg.minutes_unet * 60, cfg.max_steps_unet,
+                     plan_seconds=cfg.plan_unet_minutes * 60, before_seconds=before_s, before_steps=before_steps)  # fmt: skip
+    forward = unet
+    if cfg.compile and device.type == "cuda":
+        forward = torch.compile(unet)
     acc = torch.zeros(1, device=device)
-    step, start = 0, time.perf_counter()
+    step = 0
     while not sched.done(step):
         _refresh(latents, producer, cfg.refresh_batches_unet, encode)
         b = latents.sample(cfg.batch_unet)
@@ -416,7 +510,14 @@ def train_unet(modules: dict[str, Any], pool: Pool, producer: Producer, cfg: Run
             group["lr"] = sched.lr(step)
         with _autocast(device):
             context = text(ids)[0]
-            pred = unet(zt, t, context).sample.float()
+            try:
+                pred = forward(zt, t, context).sample.float()
+            except Exception:  # noqa: BLE001 - a compile failure: train eagerly rather than lose the call
+                if forward is unet:
+                    raise
+                logger.exception("compiled UNet failed; training eagerly")
+                forward = unet
+                pred = forward(zt, t, context).sample.float()
         per = (pred - noise).pow(2).mean(dim=(1, 2, 3))
         if cfg.snr_gamma > 0:
             snr = snr_all[t]
@@ -431,17 +532,17 @@ def train_unet(modules: dict[str, Any], pool: Pool, producer: Producer, cfg: Run
         step += 1
         if step % cfg.log_every == 0 or sched.done(step):
             n = step % cfg.log_every or cfg.log_every
-            entry = {"step": step, "time_s": time.perf_counter() - start, "loss": float(acc.item() / n),
+            entry = {"step": before_steps + step, "time_s": before_s + sched.elapsed(), "loss": float(acc.item() / n),
                      "lr": sched.lr(step), "pool_added": latents.added}  # fmt: skip
             acc.zero_()
             log.append(entry)
             logger.info("unet %s", " ".join(f"{k}={v:.4g}" for k, v in entry.items()))
     unet.eval().requires_grad_(False)
     text.eval().requires_grad_(False)
-    wall = time.perf_counter() - start
-    result = {"steps": step, "samples": step * cfg.batch_unet, "wall_s": wall, "log": log,
-              "final_loss": log[-1]["loss"] if log else float("nan")}  # fmt: skip
-    return result, ema
+    return {"unet": _cpu_state(unet), "text_encoder": _cpu_state(text), "ema": [s.cpu() for s in ema.shadow],
+            "ema_n": ema.n, "opt": opt.state_dict(), "steps": before_steps + step, "seconds": before_s + sched.elapsed(),
+            "log": log, "call_steps": step, "call_seconds": sched.elapsed(), "samples_per_step": cfg.batch_unet,
+            "final_loss": log[-1]["loss"] if log else float("nan")}  # fmt: skip
 
 
 def preview(out: Path, cfg: RunConfig, device: torch.device) -> dict:
@@ -485,66 +586,144 @@ def preview(out: Path, cfg: RunConfig, device: torch.device) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Run both phases, save the fp16 pipeline folder, train_log.json and samples.png; return the log."""
-    cfg = parse_args(argv)
+def _load_pipeline_weights(modules: dict[str, Any], folder: str) -> float:
+    """Load a saved pipeline folder's VAE, UNet and text encoder weights (fp32) into `modules`; its scaling factor."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    root = Path(folder)
+    vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=torch.float32)
+    modules["vae"].load_state_dict(vae.state_dict())
+    modules["unet"].load_state_dict(UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=torch.float32).state_dict())
+    modules["text_encoder"].load_state_dict(
+        CLIPTextModel.from_pretrained(root / "text_encoder", torch_dtype=torch.float32).state_dict()
+    )
+    return float(vae.config.scaling_factor)
+
+
+def _architecture(cfg: RunConfig, state_dir: Path | None) -> DemoBaseConfig:
+    """The state's architecture when resuming (it wins over flags), else the flags' (or the init folder's)."""
+    for folder in (state_dir, Path(cfg.init_base) if cfg.init_base else None):
+        if folder is not None and (folder / "demo_config.json").is_file():
+            return DemoBaseConfig.from_dict(json.loads((folder / "demo_config.json").read_text()))
+    return DemoBaseConfig.tiny(cfg.size) if cfg.tiny else DemoBaseConfig(image_size=cfg.size)
+
+
+def _start_data(cfg: RunConfig, tokenizer: Any, device: torch.device, offset: int) -> tuple[Producer, Pool, float]:
+    """Scene workers (forked before CUDA starts) and a device pool filled with the first scenes."""
     t0 = time.perf_counter()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    torch.manual_seed(cfg.seed)
-    device = torch.device(cfg.device)
-    arch = DemoBaseConfig.tiny(cfg.size) if cfg.tiny else DemoBaseConfig(image_size=cfg.size)
-    modules = build_demo_base(cfg.seed, arch)
-    tokenizer = modules["tokenizer"]
     workers = cfg.workers if cfg.workers >= 0 else max(1, min(14, (os.cpu_count() or 2) - 2))
-    # Workers fork before CUDA is touched.
-    stream = SceneStream(tokenizer, cfg.size, cfg.chunk, tokenizer.model_max_length, world.TRAIN_SEEDS.start)
+    stream = SceneStream(tokenizer, cfg.size, cfg.chunk, tokenizer.model_max_length, world.TRAIN_SEEDS.start + offset)
     producer = Producer(stream, workers, pin=device.type == "cuda")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    for name in ("vae", "unet", "text_encoder"):
-        modules[name].to(device)
-        if device.type == "cuda" and name != "text_encoder":
-            modules[name].to(memory_format=torch.channels_last)
-    params = count_parameters(modules)
-    logger.info("parameters: %s; %d scene workers; device %s", params, workers, device)
     pool = Pool(cfg.pool_images, device)
     while pool.size < min(cfg.min_fill, cfg.pool_images):
         pool.add(producer.get())
     fill_s = time.perf_counter() - t0
-    logger.info("pool filled with %d scenes after %.1f s", pool.size, fill_s)
-    try:
-        vae_log = train_vae(modules["vae"], pool, producer, cfg, device)
-        scale = scaling_factor(modules["vae"], pool, device)
-        modules["vae"].register_to_config(scaling_factor=scale)
-        logger.info("latent scaling factor %.5f", scale)
-        unet_log, ema = train_unet(modules, pool, producer, cfg, device, scale)
-    finally:
-        produced = producer.produced
-        producer.close()
+    logger.info("pool filled with %d scenes from %d workers after %.1f s", pool.size, workers, fill_s)
+    return producer, pool, fill_s
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the asked phase(s); `all` trains both phases and exports in one call (the one-shot run)."""
+    cfg = parse_args(argv)
+    t0 = time.perf_counter()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
+    state_dir = Path(cfg.state) if cfg.state else None
+    if state_dir is not None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+    arch = _architecture(cfg, state_dir)
+    modules = build_demo_base(cfg.seed, arch)
+    tokenizer = modules["tokenizer"]
+    vae_state = load_state(state_dir / "vae.pt") if state_dir else None
+    unet_state = load_state(state_dir / "unet.pt") if state_dir else None
+    scale = None
+    if vae_state is None and unet_state is None and cfg.init_base:
+        scale = _load_pipeline_weights(modules, cfg.init_base)
+        logger.info("new state from %s (its EMA weights become weights and EMA)", cfg.init_base)
+        params = [p for m in (modules["unet"], modules["text_encoder"]) for p in m.parameters()]
+        vae_state = {"vae": _cpu_state(modules["vae"]), "opt": None, "steps": 0, "seconds": 0.0, "log": [],
+                     "scaling_factor": scale, "init_base": cfg.init_base}  # fmt: skip
+        unet_state = {"unet": _cpu_state(modules["unet"]), "text_encoder": _cpu_state(modules["text_encoder"]),
+                      "ema": [p.detach().float().clone() for p in params], "ema_n": 10_000, "opt": None, "steps": 0,
+                      "seconds": 0.0, "log": [], "init_base": cfg.init_base}  # fmt: skip
+        if state_dir is not None:  # the VAE is final: later calls of this state find it there
+            save_state(state_dir / "vae.pt", vae_state)
+    if vae_state is not None:
+        modules["vae"].load_state_dict(vae_state["vae"])
+        scale = vae_state.get("scaling_factor")
+    if unet_state is not None:
+        modules["unet"].load_state_dict(unet_state["unet"])
+        modules["text_encoder"].load_state_dict(unet_state["text_encoder"])
+    if state_dir is not None:
+        (state_dir / "demo_config.json").write_text(json.dumps(arch.to_dict(), indent=2) + "\n", encoding="utf-8")
+    run_log: dict[str, Any] = {"run": asdict(cfg), "architecture": arch.to_dict(), "parameters": count_parameters(modules)}
+
+    if cfg.phase in ("all", "vae", "unet"):
+        if cfg.phase == "unet" and scale is None:
+            raise SystemExit("--phase unet needs a trained VAE in the state (run --phase vae first, or --init-base)")
+        done_before = (vae_state or {}).get("steps", 0) * cfg.batch_vae + (unet_state or {}).get("steps", 0) * 64
+        producer, pool, fill_s = _start_data(cfg, tokenizer, device, offset=done_before % len(world.TRAIN_SEEDS))
+        run_log["pool_fill_s"] = fill_s
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
+        for name in ("vae", "unet", "text_encoder"):
+            modules[name].to(device)
+            if device.type == "cuda" and name != "text_encoder":
+                modules[name].to(memory_format=torch.channels_last)
+        run_log["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        try:
+            if cfg.phase in ("all", "vae"):
+                vae_state = train_vae(modules["vae"], pool, producer, cfg, device,
+                                      vae_state if vae_state and vae_state.get("opt") else None)  # fmt: skip
+                scale = scaling_factor(modules["vae"], pool, device)
+                modules["vae"].register_to_config(scaling_factor=scale)
+                vae_state["scaling_factor"] = scale
+                logger.info("latent scaling factor %.5f", scale)
+                if state_dir is not None:
+                    save_state(state_dir / "vae.pt", vae_state)
+                run_log["vae"] = {k: v for k, v in vae_state.items() if k not in ("vae", "opt")}
+            if cfg.phase in ("all", "unet"):
+                unet_state = train_unet(modules, pool, producer, cfg, device, scale, unet_state)
+                if state_dir is not None:
+                    save_state(state_dir / "unet.pt", unet_state)
+                run_log["unet"] = {k: v for k, v in unet_state.items() if k not in ("unet", "text_encoder", "ema", "opt")}
+        finally:
+            run_log["scenes_generated"] = producer.produced
+            producer.close()
+    run_log["versions"] = {"torch": torch.__version__, "python": sys.version.split()[0], **_versions()}
+    if state_dir is not None:  # one line per call, so every call of a long training is on record
+        with open(state_dir / "calls.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"phase": cfg.phase, "wall_s": time.perf_counter() - t0,
+                                **{k: run_log[k] for k in ("vae", "unet", "device") if k in run_log},
+                                "argv": argv if argv is not None else sys.argv[1:]}, default=str) + "\n")  # fmt: skip
+
+    if cfg.phase not in ("all", "export"):
+        logger.info("%s phase done in %.1f s", cfg.phase, time.perf_counter() - t0)
+        return run_log
+    if unet_state is None or scale is None:
+        raise SystemExit("nothing to export: the state has no trained UNet")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
     final = dict(modules)
+    final["vae"] = copy.deepcopy(modules["vae"]).cpu()
+    final["vae"].register_to_config(scaling_factor=scale)
     for name in ("unet", "text_encoder"):
-        final[name] = copy.deepcopy(modules[name])
-    ema.copy_to([p for m in (final["unet"], final["text_encoder"]) for p in m.parameters()])
+        final[name] = copy.deepcopy(modules[name]).cpu()
+    for p, s in zip([p for m in (final["unet"], final["text_encoder"]) for p in m.parameters()], unet_state["ema"], strict=True):
+        p.data.copy_(s.to(p.dtype))
     save_demo_base(final, out, torch.float16, arch)
     log: dict[str, Any] = {
-        "run": asdict(cfg),
-        "architecture": arch.to_dict(),
-        "parameters": params,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "versions": {"torch": torch.__version__, "python": sys.version.split()[0], **_versions()},
-        "scene_workers": workers,
-        "scenes_generated": produced,
-        "pool_fill_s": fill_s,
-        "vae": vae_log,
+        **run_log,
         "scaling_factor": scale,
-        "unet": unet_log,
+        "vae": {k: v for k, v in (vae_state or {}).items() if k not in ("vae", "opt")},
+        "unet": {k: v for k, v in unet_state.items() if k not in ("unet", "text_encoder", "ema", "opt")},
     }
     log["train_wall_s"] = time.perf_counter() - t0
-    (out / "train_log.json").write_text(json.dumps(log, indent=1) + "\n", encoding="utf-8")
+    (out / "train_log.json").write_text(json.dumps(log, indent=1, default=str) + "\n", encoding="utf-8")
     if cfg.preview_scenes > 0:
         try:  # the weights are saved already: a failing preview must not lose the run
             log["preview"] = preview(out, cfg, device)
@@ -552,7 +731,7 @@ def main(argv: list[str] | None = None) -> dict:
             logger.exception("preview failed")
             log["preview"] = {"error": repr(exc)}
     log["total_wall_s"] = time.perf_counter() - t0
-    (out / "train_log.json").write_text(json.dumps(log, indent=1) + "\n", encoding="utf-8")
+    (out / "train_log.json").write_text(json.dumps(log, indent=1, default=str) + "\n", encoding="utf-8")
     logger.info("done in %.1f s: %s", log["total_wall_s"], out)
     return log
 

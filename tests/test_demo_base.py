@@ -74,3 +74,60 @@ def test_smoke_training_run_loads_in_diffusers(tmp_path: Path, monkeypatch: pyte
         guidance_scale=3.0, output_type="np", generator=torch.Generator().manual_seed(0),
     ).images[0]
     assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+
+
+def _load_script(monkeypatch: pytest.MonkeyPatch):
+    spec = importlib.util.spec_from_file_location("train_demo_base", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_training_resumes_across_calls_from_its_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """vae → unet → unet → export as four calls: counters, loss log and the lr schedule continue; --init-base restarts."""
+    module = _load_script(monkeypatch)
+    state = tmp_path / "state"
+    common = ["--smoke", "--device", "cpu", "--state", str(state)]
+    module.main([*common, "--phase", "vae"])
+    with pytest.raises(SystemExit):  # no UNet trained yet: nothing to export
+        module.main([*common, "--phase", "export", "--out", str(tmp_path / "none")])
+    first = module.main([*common, "--phase", "unet", "--plan-unet-minutes", "10"])["unet"]
+    second = module.main([*common, "--phase", "unet", "--plan-unet-minutes", "10"])["unet"]
+    assert (first["steps"], second["steps"]) == (2, 4) and second["call_steps"] == 2
+    assert second["seconds"] > first["seconds"] and [e["step"] for e in second["log"]] == [1, 2, 3, 4]
+    saved = torch.load(state / "unet.pt", weights_only=True)
+    assert saved["ema_n"] == 4 and saved["opt"]["state"]  # AdamW moments survive between calls
+    calls = [json.loads(line) for line in (state / "calls.jsonl").read_text().splitlines()]
+    assert [c["phase"] for c in calls] == ["vae", "export", "unet", "unet"]
+
+    out = tmp_path / "export"
+    module.main([*common, "--phase", "export", "--out", str(out)])
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["unet"]["steps"] == 4 and log["vae"]["steps"] == 2
+    from diffusers import UNet2DConditionModel
+
+    exported = UNet2DConditionModel.from_pretrained(out / "unet")
+    ema_first = saved["ema"][0]
+    assert torch.equal(next(exported.parameters()).float(), ema_first.half().float())  # the export is the EMA, fp16
+
+    restarted = tmp_path / "restart"
+    module.main(["--smoke", "--device", "cpu", "--state", str(restarted), "--phase", "unet", "--init-base", str(out)])
+    again = torch.load(restarted / "unet.pt", weights_only=True)
+    assert again["steps"] == 2 and again["opt"]["state"] and again["log"][0]["step"] == 1
+    assert abs(torch.load(restarted / "vae.pt", weights_only=True)["scaling_factor"] - log["scaling_factor"]) < 1e-6
+
+
+def test_schedule_continues_across_calls() -> None:
+    spec = importlib.util.spec_from_file_location("train_demo_base_sched", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        one = module.Schedule(1.0, warmup=10, seconds=60, max_steps=0, plan_seconds=600)
+        resumed = module.Schedule(1.0, warmup=10, seconds=60, max_steps=0, plan_seconds=600, before_seconds=300,
+                                  before_steps=1000)
+        assert one.lr(0) == pytest.approx(0.1)  # warm-up by cumulative steps
+        assert resumed.lr(0) == pytest.approx(0.1 + 0.9 * 0.5, abs=1e-3)  # halfway through the plan's cosine
+    finally:
+        del sys.modules[spec.name]

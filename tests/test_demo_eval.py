@@ -29,6 +29,7 @@ def test_eval_command_on_held_out_scenes(tmp_path, capsys):
     assert [r["setting"] for r in rows] == ["text only", "sketch", "sketch+color (fuser)"]
     for r in rows:
         assert 0.0 <= r["structure_iou"] <= 1.0 and 0.0 <= r["colour_accuracy"] <= 1.0
+        assert 0.0 <= r["edge_f1"] <= 1.0 and 0.0 <= r["spurious_foreground"] <= 1.0 and r["n_edge_f1"] == 1
     assert rows[2]["palette_error"] is not None
     assert "| sketch |" in capsys.readouterr().out
     assert cli(["eval", "--scenes", "0"]) == 2
@@ -42,12 +43,16 @@ def test_demo_command_writes_grid_and_table(tmp_path, capsys):
 
 def test_merged_summaries_weight_by_counts():
     a, b = Row(Setting("x")), Row(Setting("x"))
-    a.iou, a.colour, a.palette, a.seconds = [1.0], [1.0], [], [1.0]
-    b.iou, b.colour, b.palette, b.seconds = [0.0, 0.0, 0.5], [0.0, 0.0, 0.0], [0.2], [2.0, 2.0, 2.0]
+    a.values.update(structure_iou=[1.0], edge_f1=[0.9], colour_accuracy=[1.0], seconds_per_image=[1.0])
+    b.values.update(structure_iou=[0.0, 0.0, 0.5], edge_f1=[0.1, 0.2, 0.3], spurious_foreground=[0.01, 0.02, 0.03],
+                    colour_accuracy=[0.0, 0.0, 0.0], palette_error=[0.2], seconds_per_image=[2.0, 2.0, 2.0])
     merged = merge_summaries([[a.summary()], [b.summary()]])[0]
     assert merged["structure_iou"] == pytest.approx(np.mean([1.0, 0.0, 0.0, 0.5]))
+    assert merged["edge_f1"] == pytest.approx(np.mean([0.9, 0.1, 0.2, 0.3])) and merged["n_edge_f1"] == 4
+    assert merged["spurious_foreground"] == pytest.approx(0.02) and merged["n_spurious_foreground"] == 3
     assert merged["palette_error"] == pytest.approx(0.2) and merged["scenes"] == 4
-    assert "| x |" in format_table([merged])
+    assert merged["seconds_per_image"] == pytest.approx(7.0 / 4)
+    assert "| x | 0.375 | 0.375 | 2% | 25% | 0.200 | 1.750 |" in format_table([merged])
 
 
 def test_training_time_budget_stops_early(tmp_path):

@@ -71,3 +71,46 @@ def test_hue_helpers() -> None:
     assert metrics.iou(np.zeros((2, 2), bool), np.zeros((2, 2), bool)) == 1.0
     with pytest.raises(ValueError):
         colour_accuracy(np.zeros((256, 256, 3), np.uint8), world.generate(1), region="everywhere")
+
+
+def _reference_edge_f1(found: np.ndarray, truth: np.ndarray, tol: int) -> float:
+    """Edge F1 by brute-force distances (an independent reference for metrics.edge_f1)."""
+    fy, fx = np.nonzero(found)
+    ty, tx = np.nonzero(truth)
+    # Euclidean distance within the (2·tol+1)² disc: the same neighbourhood as an elliptical structuring element.
+    d = np.hypot(fy[:, None] - ty[None, :], fx[:, None] - tx[None, :])
+    disc = d <= tol + 0.5
+    precision = disc.any(axis=1).mean()
+    recall = disc.any(axis=0).mean()
+    return 2 * precision * recall / (precision + recall)
+
+
+def test_edge_f1_against_brute_force_and_shifts(scenes: list[world.Scene]) -> None:
+    import cv2
+
+    own = [metrics.edge_f1(s.image, s) for s in scenes]
+    assert np.mean(own) >= 0.9  # the scene's own edges lie on its outlines
+    s = scenes[0]
+    small = world.generate(world.EVAL_SEEDS[0], 64)
+    found = cv2.Canny(cv2.cvtColor(small.image, cv2.COLOR_RGB2GRAY), 100, 200) > 0
+    assert metrics.edge_f1(small.image, small) == pytest.approx(_reference_edge_f1(found, small.sketch > 0, 2), abs=0.02)
+    near = np.roll(s.image, 1, axis=1)  # a 1 px shift stays within the 2 px tolerance
+    far = np.roll(s.image, 8, axis=1)
+    assert metrics.edge_f1(near, s) >= 0.8 * metrics.edge_f1(s.image, s)
+    assert metrics.edge_f1(far, s) < 0.5 * metrics.edge_f1(s.image, s)
+    blank = np.full_like(s.image, 200)
+    assert metrics.edge_f1(blank, s) == 0.0
+
+
+def test_spurious_foreground_counts_painted_background(scenes: list[world.Scene]) -> None:
+    s = scenes[0]
+    assert metrics.spurious_foreground(s.image, s) < 0.002
+    painted = s.image.copy()
+    background = ~s.mask
+    block = np.zeros_like(background)
+    block[100:108, :] = True  # a band of background pixels, painted saturated red
+    block &= background
+    painted[block] = (230, 30, 30)
+    share = metrics.spurious_foreground(painted, s)
+    assert share == pytest.approx(np.count_nonzero(block) / np.count_nonzero(background), rel=0.2)
+    assert metrics.spurious_foreground(np.full_like(s.image, 200), s) == 0.0

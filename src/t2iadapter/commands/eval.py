@@ -14,7 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="measure controllability on held-out demo-world scenes",
         description="Generate held-out world scenes (seeds disjoint from training) as text only, with each adapter, "
         "with sketch+color composed by weighted sum and by the fuser, and with a 0–0.5 step window; report "
-        "structure IoU, colour accuracy and palette error.",
+        "structure IoU, edge F1 (2 px, against the true outlines), spurious foreground, colour accuracy and "
+        "palette error.",
     )
     p.add_argument("--base", default="demo", help="base model (default: the embedded demo)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",

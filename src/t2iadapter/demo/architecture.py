@@ -32,12 +32,16 @@ class DemoBaseConfig:
     """Sizes of the demo base (defaults: the shipped model; `tiny()` for CPU smoke runs)."""
 
     image_size: int = 256  # world scenes are 256²; the VAE (f=8) makes 32² latents
-    vae_channels: tuple[int, ...] = (16, 32, 64, 128)  # 4 blocks as SD's VAE (128, 256, 512, 512); 2.7M
-    vae_layers_per_block: int = 1  # SD uses 2; decoding 256² costs 11 GFLOP (2-core CPU budget)
+    vae_channels: tuple[int, ...] = (32, 64, 128, 128)  # 4 blocks as SD's VAE (128, 256, 512, 512); 3.9M.
+    # v1 had (16, 32, 64, 128): 28.9 dB PSNR on held-out scenes, beads, greyed backgrounds (docs/demo-model.md)
+    vae_layers_per_block: int = 1  # SD uses 2; decoding 256² costs 31 GFLOP (2-core CPU budget)
     latent_channels: int = 4  # as SD1.5, so adapters and pipelines see the usual latent shape
     unet_channels: tuple[int, ...] = (32, 64, 128, 192)  # SD1.5: (320, 640, 1280, 1280); 12.9M params,
     # 3.9 GFLOP per CFG step at 32² latents, so 25 steps + decode fit ~5 s on 2 CPU cores
     unet_layers_per_block: int = 2  # as SD1.5: adapter features enter after the 2nd block of each level
+    self_attention: tuple[bool, ...] = (False, True, True, True)  # per level; False: the level's transformer
+    # blocks attend to the text only (diffusers' only_cross_attention). Self-attention over 32² latents was a
+    # third of v1's CPU step time; 16² and 8² keep it, so shapes still see each other.
     cross_attention_dim: int = 256  # = text_hidden (SD1.5: 768 = CLIP ViT-L/14 text width)
     attention_head_dim: int = 4  # diffusers reads it as the number of heads: head dims 8/16/32/48
     norm_num_groups: int = 32  # as SD1.5
@@ -69,6 +73,8 @@ class DemoBaseConfig:
     @staticmethod
     def from_dict(data: dict[str, Any]) -> DemoBaseConfig:
         """Inverse of to_dict."""
+        data = dict(data)
+        data.setdefault("self_attention", (True,) * len(data.get("unet_channels", (0,) * 4)))  # v1 files
         return DemoBaseConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
@@ -106,6 +112,7 @@ def unet_config(config: DemoBaseConfig = DemoBaseConfig()) -> dict[str, Any]:
         "act_fn": "silu",
         "flip_sin_to_cos": True,
         "freq_shift": 0,
+        "only_cross_attention": [not a for a in config.self_attention],
     }
 
 

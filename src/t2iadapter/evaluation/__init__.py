@@ -2,10 +2,12 @@
 
 from t2iadapter.evaluation.metrics import (
     colour_accuracy,
+    edge_f1,
     foreground_mask,
     iou,
     palette_error,
+    spurious_foreground,
     structure_iou,
 )
 
-__all__ = ["colour_accuracy", "foreground_mask", "iou", "palette_error", "structure_iou"]
+__all__ = ["colour_accuracy", "edge_f1", "foreground_mask", "iou", "palette_error", "spurious_foreground", "structure_iou"]

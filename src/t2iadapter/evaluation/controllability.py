@@ -2,7 +2,8 @@
 
 For each scene the prompt is its caption and the conditions are its exact maps, so structure
 control is measured directly (foreground IoU against the true mask), colour fidelity against the
-caption's colours, and the colour adapter against its palette. Nobody else ships this (DESIGN.md §9).
+caption's colours, and the colour adapter against its palette; edge F1 against the true outlines
+and the share of background painted as foreground (METRICS says what each averages). Nobody else ships this (DESIGN.md §9).
 """
 from __future__ import annotations
 
@@ -14,7 +15,16 @@ import numpy as np
 from PIL import Image
 
 from t2iadapter import world
-from t2iadapter.evaluation.metrics import as_rgb, colour_accuracy, foreground_mask, iou, palette_error, structure_iou
+from t2iadapter.evaluation.metrics import (
+    as_rgb,
+    colour_accuracy,
+    edge_f1,
+    foreground_mask,
+    iou,
+    palette_error,
+    spurious_foreground,
+    structure_iou,
+)
 
 STRUCTURAL = ("sketch", "seg", "depth", "pose")
 
@@ -44,21 +54,32 @@ def default_settings(available: Iterable[str], has_fuser: bool) -> list[Setting]
     return out
 
 
+# Summary key → what it averages; every metric is a mean over the scenes it applies to, counted in "n_<key>".
+METRICS: dict[str, str] = {
+    "structure_iou": "foreground IoU against the true mask (pose: inside the persons' boxes)",
+    "edge_f1": "F1 of the image's Canny edges against the true outlines, 2 px tolerance (ControlNet++)",
+    "spurious_foreground": "share of true-background pixels painted as foreground",
+    "colour_accuracy": "share of objects shown in their caption's colour (location-free)",
+    "palette_error": "mean absolute palette difference from the colour condition",
+    "seconds_per_image": "wall-clock seconds per generated image",
+}
+
+
 @dataclass
 class Row:
-    """Scores of one setting, averaged over scenes (None where a metric does not apply)."""
+    """Scores of one setting: per-scene values of each metric in METRICS (a metric may not apply to every scene)."""
 
     setting: Setting
-    iou: list[float] = field(default_factory=list)
-    colour: list[float] = field(default_factory=list)
-    palette: list[float] = field(default_factory=list)
-    seconds: list[float] = field(default_factory=list)
+    values: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in METRICS})
 
     def summary(self) -> dict[str, float | None | str]:
-        mean = lambda xs: float(np.mean(xs)) if xs else None  # noqa: E731
-        return {"setting": self.setting.name, "structure_iou": mean(self.iou), "colour_accuracy": mean(self.colour),
-                "palette_error": mean(self.palette), "seconds_per_image": mean(self.seconds), "scenes": len(self.seconds),
-                "n_iou": len(self.iou), "n_colour": len(self.colour), "n_palette": len(self.palette)}
+        """Means and counts: {"setting", metric: mean or None, "n_" + metric: count, "scenes"}."""
+        out: dict[str, float | None | str] = {"setting": self.setting.name}
+        for key, xs in self.values.items():
+            out[key] = float(np.mean(xs)) if xs else None
+            out[f"n_{key}"] = len(xs)
+        out["scenes"] = len(self.values["seconds_per_image"])
+        return out
 
 
 def person_iou(image: np.ndarray, scene: world.Scene) -> float | None:
@@ -76,17 +97,21 @@ def person_iou(image: np.ndarray, scene: world.Scene) -> float | None:
 
 
 def score(setting: Setting, image: Image.Image, scene: world.Scene, row: Row) -> None:
+    """Add one generated image's scores to its row."""
     arr = as_rgb(image, scene.size)
+    values = row.values
     structural = [a for a in setting.adapters if a in STRUCTURAL]
     if structural == ["pose"]:
         value = person_iou(arr, scene)
         if value is not None:
-            row.iou.append(value)
+            values["structure_iou"].append(value)
     else:
-        row.iou.append(structure_iou(arr, scene))
-    row.colour.append(colour_accuracy(arr, scene, region="image"))
+        values["structure_iou"].append(structure_iou(arr, scene))
+    values["edge_f1"].append(edge_f1(arr, scene))
+    values["spurious_foreground"].append(spurious_foreground(arr, scene))
+    values["colour_accuracy"].append(colour_accuracy(arr, scene, region="image"))
     if "color" in setting.adapters or not setting.adapters:
-        row.palette.append(palette_error(arr, scene.color))
+        values["palette_error"].append(palette_error(arr, scene.color))
 
 
 def evaluate(pipe, scenes: Sequence[world.Scene], settings: Sequence[Setting], *, steps: int = 25,
@@ -106,7 +131,7 @@ def evaluate(pipe, scenes: Sequence[world.Scene], settings: Sequence[Setting], *
                          size=(scene.size, scene.size), weights=dict(zip(s.adapters, s.weights)) if s.weights else None,
                          windows=dict(zip(s.adapters, s.windows)) if s.windows else None, compose=s.compose,
                          progress=False).image
-            row.seconds.append(time.perf_counter() - start)
+            row.values["seconds_per_image"].append(time.perf_counter() - start)
             score(s, image, scene, row)
             if keep_images:
                 images[s.name].append(image)
@@ -120,20 +145,19 @@ def merge_summaries(parts: Sequence[Sequence[dict]]) -> list[dict]:
     merged: dict[str, dict] = {}
     for part in parts:
         for s in part:
-            m = merged.setdefault(s["setting"], {"setting": s["setting"], "scenes": 0, "n_iou": 0, "n_colour": 0,
-                                                 "n_palette": 0, "_sums": {}})
-            for key, n in (("structure_iou", "n_iou"), ("colour_accuracy", "n_colour"), ("palette_error", "n_palette"),
-                           ("seconds_per_image", "scenes")):
-                if s[key] is not None:
-                    m["_sums"][key] = m["_sums"].get(key, 0.0) + s[key] * s[n]
-            for n in ("scenes", "n_iou", "n_colour", "n_palette"):
-                m[n] += s[n]
+            m = merged.setdefault(s["setting"], {"setting": s["setting"], "scenes": 0, "_sums": {}, "_counts": {}})
+            m["scenes"] += s["scenes"]
+            for key in METRICS:
+                n = s.get(f"n_{key}", s["scenes"] if key == "seconds_per_image" else 0)
+                if s.get(key) is not None and n:
+                    m["_sums"][key] = m["_sums"].get(key, 0.0) + s[key] * n
+                    m["_counts"][key] = m["_counts"].get(key, 0) + n
     out = []
     for m in merged.values():
-        sums = m.pop("_sums")
-        for key, n in (("structure_iou", "n_iou"), ("colour_accuracy", "n_colour"), ("palette_error", "n_palette"),
-                       ("seconds_per_image", "scenes")):
-            m[key] = sums[key] / m[n] if key in sums and m[n] else None
+        sums, counts = m.pop("_sums"), m.pop("_counts")
+        for key in METRICS:
+            m[key] = sums[key] / counts[key] if counts.get(key) else None
+            m[f"n_{key}"] = counts.get(key, 0)
         out.append(m)
     return out
 
@@ -143,9 +167,11 @@ def format_table(rows: Sequence[Row] | Sequence[dict]) -> str:
     def fmt(v, pct=False):
         return "–" if v is None else (f"{100 * v:.0f}%" if pct else f"{v:.3f}")
 
-    lines = ["| setting | structure IoU | colour accuracy | palette error | s/image |", "|---|---|---|---|---|"]
+    lines = ["| setting | structure IoU | edge F1 | spurious fg | colour accuracy | palette error | s/image |",
+             "|---|---|---|---|---|---|---|"]
     for row in rows:
         s = row if isinstance(row, dict) else row.summary()
-        lines.append(f"| {s['setting']} | {fmt(s['structure_iou'])} | {fmt(s['colour_accuracy'], True)} | "
+        lines.append(f"| {s['setting']} | {fmt(s['structure_iou'])} | {fmt(s.get('edge_f1'))} | "
+                     f"{fmt(s.get('spurious_foreground'), True)} | {fmt(s['colour_accuracy'], True)} | "
                      f"{fmt(s['palette_error'])} | {fmt(s['seconds_per_image'])} |")
     return "\n".join(lines)

@@ -80,6 +80,39 @@ def structure_iou(generated_image: Any, scene: world.Scene) -> float:
     return iou(foreground_mask(as_rgb(generated_image, scene.size)), scene.mask)
 
 
+def edge_f1(generated_image: Any, scene: world.Scene, tolerance: int = 2) -> float:
+    """F1 of the generated image's Canny edges against the scene's true outlines, within `tolerance` px.
+
+    The controllability measure of ControlNet++ (Li et al. 2024, table 1) for edge conditions, with the
+    exact outlines the world draws (`scene.sketch`) as ground truth instead of an extractor's output.
+    Precision: share of generated edge pixels within `tolerance` of a true outline; recall: share of
+    true outline pixels within `tolerance` of a generated edge (1.0 when both are empty).
+    """
+    image = as_rgb(generated_image, scene.size)
+    found = cv2.Canny(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), 100, 200) > 0
+    truth = scene.sketch > 0
+    if not found.any() and not truth.any():
+        return 1.0
+    if not found.any() or not truth.any():
+        return 0.0
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * tolerance + 1, 2 * tolerance + 1))
+    near_truth = cv2.dilate(truth.view(np.uint8), kernel) > 0
+    near_found = cv2.dilate(found.view(np.uint8), kernel) > 0
+    precision = np.count_nonzero(found & near_truth) / np.count_nonzero(found)
+    recall = np.count_nonzero(truth & near_found) / np.count_nonzero(truth)
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
+def spurious_foreground(generated_image: Any, scene: world.Scene) -> float:
+    """Share of the scene's true background pixels that the generated image paints as foreground."""
+    background = ~scene.mask
+    total = np.count_nonzero(background)
+    if total == 0:
+        return 0.0
+    fg = foreground_mask(as_rgb(generated_image, scene.size))
+    return np.count_nonzero(fg & background) / total
+
+
 def _dominant_colour(image: np.ndarray, region: np.ndarray) -> int | None:
     """The named colour most of the region's foreground pixels are nearest to, or None if too few are coloured."""
     total = np.count_nonzero(region)
