@@ -117,3 +117,31 @@ def test_resume_without_checkpoint_starts_fresh_and_bad_path_is_an_error(tmp_pat
     assert ckpt.resolve("latest", tmp_path / "none") is None
     with pytest.raises(CheckpointError):
         ckpt.resolve(str(tmp_path), tmp_path)
+
+
+class _Planted:
+    """A pickle that would create a marker file if anything unpickled it without weights_only."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_resume_refuses_a_malicious_rng_file_in_one_line(straight, tmp_path, capsys):
+    import shutil
+
+    from t2iadapter.cli import main as cli
+
+    out, _ = straight
+    planted = tmp_path / "run"
+    shutil.copytree(out, planted)
+    newest = ckpt.checkpoints(planted / "checkpoints")[-1]
+    marker = tmp_path / "ran"
+    torch.save({"torch": _Planted(marker)}, newest / "rng-0.pt")
+    code = cli(["train", "--config", str(ROOT / "configs" / "tiny-cpu.yaml"), *(f"--set={s}" for s in RECIPE),
+                "--output-dir", str(planted), "--resume", str(newest)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and not marker.exists()
+    assert len(err.splitlines()) == 1 and "rng-0.pt" in err and "refused" in err, err

@@ -17,8 +17,15 @@ from t2iadapter import commands
 from t2iadapter.errors import T2IAdapterError
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake in one line (not the whole usage block) and exits 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="t2iadapter",
         description="T2I-Adapter: structural and style control for Stable Diffusion models.",
     )
@@ -57,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except FileNotFoundError as exc:
         print(f"error: file not found: {exc.filename or exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a path the user named cannot be read or written (permissions, a folder, a full disk)
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
 
 

@@ -29,7 +29,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=None, help="also write the markdown table here")
     p.add_argument("--json", default=None, help="also write the results as JSON here")
+    p.add_argument("--force", action="store_true", help="overwrite --out / --json files that exist")
     p.set_defaults(func=run)
+
+
+def check_writable_file(flag: str, target: str | None, *, force: bool) -> None:
+    """Before any work: the file a flag names must be a file in an existing folder, and new unless forced."""
+    if target is None:
+        return
+    path = Path(target)
+    if path.is_dir():
+        raise ConfigError(f"{flag} {target} is a folder; name a file")
+    if not path.parent.is_dir():
+        raise ConfigError(f"{flag} {target}: folder {path.parent} does not exist")
+    if path.exists() and not force:
+        raise ConfigError(f"{flag} {target} exists; pass --force to overwrite it")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,6 +55,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.scenes < 1:
         raise ConfigError("--scenes must be at least 1")
+    if args.first_seed is not None and args.first_seed < 0:
+        raise ConfigError(f"--first-seed must be >= 0, got {args.first_seed}")
+    for flag, target in (("--out", args.out), ("--json", args.json)):
+        check_writable_file(flag, target, force=args.force)
     pairs = {}
     for item in args.adapter:
         if "=" not in item:

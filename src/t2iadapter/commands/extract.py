@@ -46,6 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="batch mode: worker processes (default: the CPU count; 1 for model-based extractors)",
     )
     p.add_argument("--no-progress", action="store_true", help="batch mode: no progress bar")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists (batch mode never overwrites)")
     options = p.add_argument_group("extractor options", "each applies to the extractors named in its help")
     for option, users in sorted(_option_flags().items()):
         options.add_argument(f"--{option.replace('_', '-')}", dest=f"opt_{option}", metavar="V", help=", ".join(users))
@@ -77,10 +78,33 @@ def run(args: argparse.Namespace) -> int:
         return run_batch(extractor, args)
     if not (args.input and args.output):
         raise ConfigError(f"usage: t2iadapter extract {args.name} IN OUT (or --input-dir D --output-dir O)")
-    return run_one(extractor, args.input, args.output)
+    return run_one(extractor, args.input, args.output, force=args.force)
 
 
-def run_one(extractor: Extractor, source: str, target: str) -> int:
+# Output suffixes an image condition can be written as (Pillow picks the format from the suffix).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def check_target(extractor: Extractor, target: str, *, force: bool) -> None:
+    """Before extracting: OUT is a new file (or --force), in an existing folder, with a suffix that fits the output."""
+    from pathlib import Path
+
+    out = Path(target)
+    if out.is_dir():
+        raise ConfigError(f"OUT {target} is a folder; name a file (or use --input-dir/--output-dir for folders)")
+    if not out.parent.is_dir():
+        raise ConfigError(f"OUT {target}: folder {out.parent} does not exist")
+    suffix = out.suffix.lower()
+    if extractor.output_suffix == ".safetensors":
+        if suffix != ".safetensors":
+            raise ConfigError(f"{extractor.name} writes a tensor, not an image: name the output *.safetensors")
+    elif suffix not in IMAGE_SUFFIXES:
+        raise ConfigError(f"OUT {target}: an image is written as {' '.join(IMAGE_SUFFIXES)}, not {suffix or 'no suffix'}")
+    if out.exists() and not force:
+        raise ConfigError(f"OUT {target} exists; pass --force to overwrite it")
+
+
+def run_one(extractor: Extractor, source: str, target: str, *, force: bool = False) -> int:
     """Extract one file; an unreadable input is a user error here (exit 2)."""
     from pathlib import Path
 
@@ -91,8 +115,7 @@ def run_one(extractor: Extractor, source: str, target: str) -> int:
     path = Path(source)
     if not path.is_file():
         raise ConfigError(f"no input file {source}")
-    if extractor.output_suffix == ".safetensors" and Path(target).suffix != ".safetensors":
-        raise ConfigError(f"{extractor.name} writes a tensor, not an image: name the output *.safetensors")
+    check_target(extractor, target, force=force)
     try:
         loaded = load_input(extractor, path)
     except (UnidentifiedImageError, OSError) as exc:

@@ -63,6 +63,10 @@ def resolve_device(device: str | None, dtype: str | None):
 
 def output_paths(out: str, n: int, force: bool) -> list[Path]:
     base = Path(out)
+    if base.is_dir():
+        raise ConfigError(f"--out {out} is a folder; name a PNG file")
+    if not base.parent.is_dir():
+        raise ConfigError(f"--out {out}: folder {base.parent} does not exist")
     if base.suffix.lower() != ".png":
         raise ConfigError(f"--out {out}: the output is a PNG file; name it *.png")
     paths = [base] if n == 1 else [base.with_name(f"{base.stem}-{i}{base.suffix}") for i in range(n)]

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from t2iadapter.errors import ConfigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,8 +23,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-dir", help="same as --set output_dir=DIR")
     p.add_argument("--resume", nargs="?", const="latest", metavar="CKPT",
                    help="continue from the newest checkpoint in the output dir, or from CKPT (a checkpoint folder)")
+    p.add_argument("--force", action="store_true",
+                   help="start over in an output dir that already holds a run (its checkpoints are overwritten)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     p.set_defaults(func=run)
+
+
+def check_output_dir(out: Path, *, resume: bool, force: bool) -> None:
+    """Refuse a file as output dir, and an earlier run's folder unless resuming or forced (nothing is overwritten)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output dir {out} is a file; name a folder")
+    earlier = out.is_dir() and any((out / name).exists() for name in ("checkpoints", "train_config.json"))
+    if earlier and not (resume or force):
+        raise ConfigError(f"{out} already holds a training run: --resume continues it, --force starts over "
+                          "(overwriting its checkpoints), or choose another --output-dir")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config.to_json())
         return 0
+    check_output_dir(Path(config.output_dir), resume=args.resume is not None, force=args.force)
     logging.getLogger("t2iadapter.train").setLevel(min(logging.getLogger().level, logging.INFO))
     from t2iadapter.train.loop import Trainer
 

@@ -29,7 +29,10 @@ NETWORKS = ("vae", "unet", "text_encoder")
 
 @dataclass(frozen=True)
 class DemoBaseConfig:
-    """Sizes of the demo base (defaults: the shipped model; `tiny()` for CPU smoke runs)."""
+    """Sizes of the demo base (defaults: the v2 architecture, docs/demo-model.md; `tiny()` for CPU smoke runs).
+
+    Shipped folders carry their own `demo_config.json`, so loading never depends on these defaults.
+    """
 
     image_size: int = 256  # world scenes are 256²; the VAE (f=8) makes 32² latents
     vae_channels: tuple[int, ...] = (32, 64, 128, 128)  # 4 blocks as SD's VAE (128, 256, 512, 512); 3.9M.

@@ -54,16 +54,17 @@ def output_for(source: Path, input_dir: Path, output_dir: Path, suffix: str) -> 
 
 
 def save(result: Any, path: Path) -> None:
-    """Write a condition atomically (temp file, then rename): an image as PNG, a tensor as safetensors."""
+    """Write a condition atomically (temp file, then rename): an image in its suffix's format, a tensor as safetensors."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.part")
     try:
         from PIL import Image
 
-        if isinstance(result, Image.Image) and result.mode in ("L", "RGB"):
+        fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
+        if isinstance(result, Image.Image) and result.mode in ("L", "RGB") and fmt == "PNG":
             partial.write_bytes(encode_png(result))
         elif isinstance(result, Image.Image):
-            result.save(partial, format="PNG")
+            result.save(partial, format=fmt)
         else:
             from safetensors.torch import save_file
 

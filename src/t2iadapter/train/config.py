@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +123,11 @@ class RecipeConfig:
             raise ConfigError("recipe.keep_all_prob + recipe.drop_all_prob must be <= 1")
         if len(self.betas) != 2:
             raise ConfigError(f"recipe.betas needs two numbers (β1, β2), got {list(self.betas)}")
+        for name in ("lr", "weight_decay", "ema_decay", "grad_clip", "max_minutes", "betas"):
+            value = getattr(self, name, None)
+            for v in value if isinstance(value, tuple) else (value,):
+                if v is not None and not math.isfinite(v):
+                    raise ConfigError(f"recipe.{name} must be a finite number, got {v}")
         if self.lr <= 0:
             raise ConfigError(f"recipe.lr must be > 0, got {self.lr}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
@@ -137,6 +143,12 @@ class CheckpointConfig:
     every: int = 500  # optimiser steps between checkpoints (0: only the final one)
     keep: int = 3  # newest checkpoints kept; older ones are deleted
 
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ConfigError(f"checkpoint.every must be >= 0 (0: only the final checkpoint), got {self.every}")
+        if self.keep < 1:
+            raise ConfigError(f"checkpoint.keep must be >= 1, got {self.keep}")
+
 
 @dataclass(frozen=True)
 class ValidationConfig:
@@ -149,6 +161,14 @@ class ValidationConfig:
     seeds: tuple[int, ...] = (0,)  # sampling seeds; one grid row per (item, seed)
     steps: int = 20  # denoising steps
     guidance_scale: float = 7.5
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ConfigError(f"validation.every must be >= 0 (0: off), got {self.every}")
+        if self.steps < 1:
+            raise ConfigError(f"validation.steps must be >= 1, got {self.steps}")
+        if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
+            raise ConfigError(f"validation.guidance_scale must be a finite number >= 0, got {self.guidance_scale}")
 
 
 @dataclass(frozen=True)

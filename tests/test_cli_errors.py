@@ -1,0 +1,75 @@
+"""Every mistake a user can make on the command line: exit 2, one line on stderr, no traceback, no file touched."""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from t2iadapter.cli import main as cli
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny-cpu.yaml")
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> dict[str, Path]:
+    """An input image, an existing output image, a plain file, an empty folder and an earlier training run."""
+    image = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(image)
+    existing = tmp_path / "existing.png"
+    existing.write_bytes(b"not to be overwritten")
+    plain = tmp_path / "plain.txt"
+    plain.write_text("a file, not a folder")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "train_config.json").write_text("{}")
+    table = tmp_path / "table.json"
+    table.write_text("[]")
+    return {"image": image, "existing": existing, "plain": plain, "folder": folder, "run": run, "table": table}
+
+
+# name → (argv from the files, what the one line must mention)
+CASES: dict[str, tuple[Callable[[dict[str, Path]], list[str]], str]] = {
+    "typo in the command": (lambda f: ["generat"], "invalid choice"),
+    "unknown option": (lambda f: ["info", "demo/sketch", "--bogus"], "unrecognized"),
+    "extract over an existing file": (lambda f: ["extract", "canny", str(f["image"]), str(f["existing"])], "--force"),
+    "extract into a folder": (lambda f: ["extract", "canny", str(f["image"]), str(f["folder"])], "folder"),
+    "extract into a file's child": (lambda f: ["extract", "canny", str(f["image"]), str(f["plain"] / "x.png")], "does not exist"),
+    "extract to an unknown suffix": (lambda f: ["extract", "canny", str(f["image"]), str(f["folder"] / "out.xyz")], ".xyz"),
+    "convert into a file's child": (lambda f: ["convert", "demo/color", str(f["plain"] / "c.safetensors")], "plain.txt"),
+    "eval --out a folder": (lambda f: ["eval", "--out", str(f["folder"])], "folder"),
+    "eval --json an existing file": (lambda f: ["eval", "--json", str(f["table"])], "--force"),
+    "eval --first-seed negative": (lambda f: ["eval", "--first-seed", "-5"], "--first-seed"),
+    "train lr nan": (lambda f: ["train", "--config", TINY, "--set", "recipe.lr=.nan", "--output-dir", str(f["folder"] / "o")], "finite"),
+    "train checkpoint.keep -1": (lambda f: ["train", "--config", TINY, "--set", "checkpoint.keep=-1"], "checkpoint.keep"),
+    "train checkpoint.every -5": (lambda f: ["train", "--config", TINY, "--set", "checkpoint.every=-5"], "checkpoint.every"),
+    "train --output-dir a file": (lambda f: ["train", "--config", TINY, "--output-dir", str(f["plain"])], "is a file"),
+    "train over an earlier run": (lambda f: ["train", "--config", TINY, "--output-dir", str(f["run"])], "--resume"),
+    "generate --out a folder": (lambda f: ["generate", "--base", "tiny", "--prompt", "x", "--out", str(f["folder"])], "folder"),
+    "generate --out a file's child": (lambda f: ["generate", "--base", "tiny", "--prompt", "x", "--out", str(f["plain"] / "x.png")], "does not exist"),
+}  # fmt: skip
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Path → content hash of every file under root (what must not change)."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_user_error_is_one_line_exit_2_and_touches_nothing(name: str, files: dict[str, Path], capsys) -> None:
+    argv, mention = CASES[name]
+    root = files["image"].parent
+    before = snapshot(root)
+    with pytest.raises(SystemExit) as raised:  # argparse exits; our commands return 2
+        raise SystemExit(cli(argv(files)))
+    assert raised.value.code == 2, name
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert mention in err, err
+    assert snapshot(root) == before
