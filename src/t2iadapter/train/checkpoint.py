@@ -171,11 +171,12 @@ def save(root: str | Path, step: int, modules: dict[str, Any], trainer_state: di
 
 def load(path: str | Path, rank: int = 0) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(trainer state, this rank's RNG state or None) of a checkpoint folder."""
+    from t2iadapter.formats import load_pickle
+
     path = Path(path)
-    try:
-        state = torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
+    if not (path / TRAINER_FILE).is_file():
+        raise CheckpointError(f"cannot read checkpoint {path}: it has no {TRAINER_FILE}")
+    state = load_pickle(path / TRAINER_FILE)  # one-line CheckpointError when corrupt or unsafe
     rng_file = path / f"rng-{rank}.pt"
-    rng = torch.load(rng_file, map_location="cpu", weights_only=True) if rng_file.is_file() else None
+    rng = load_pickle(rng_file) if rng_file.is_file() else None
     return state, rng
