@@ -151,8 +151,11 @@ def test_extractions_waiting_beyond_the_queue_get_429(pipe, monkeypatch):
             threads[1].start()  # the one that may wait
             end = time.monotonic() + 10
             r = None
-            while time.monotonic() < end:  # until the waiting one is counted, the next one also fits
-                r = httpx.post(url + "/v1/extract", json={"extractor": "slow", "image": image}, timeout=0.5)
+            while time.monotonic() < end:  # until the waiting one is counted, the next one also fits (and waits)
+                try:
+                    r = httpx.post(url + "/v1/extract", json={"extractor": "slow", "image": image}, timeout=0.5)
+                except httpx.TimeoutException:
+                    continue
                 if r.status_code == 429:
                     break
             assert r is not None and r.status_code == 429 and "extraction queue is full" in r.text
