@@ -17,15 +17,15 @@ from t2iadapter import commands
 from t2iadapter.errors import T2IAdapterError
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a usage mistake in one line (not the whole usage block) and exits 2."""
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (not the 12-line usage block), exit status 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(
+    parser = Parser(
         prog="t2iadapter",
         description="T2I-Adapter: structural and style control for Stable Diffusion models.",
     )
@@ -40,7 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)  # sub-command parsers are `Parser`s too (argparse copies the class)
+    except SystemExit as exc:  # a usage error (already printed) or --help
+        return exc.code if isinstance(exc.code, int) else 2
     if not args.verbose:
         # Library chatter (dtype advisories, loading bars) is not what a person running a command needs.
         for var in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):

@@ -95,16 +95,37 @@ def read_weights(path: str | Path) -> tuple[StateDict, dict[str, str]]:
         raise CheckpointError(
             f"{path}: unknown checkpoint type {path.suffix!r}; expected .safetensors, .pth, .pt, .ckpt or .bin"
         )
+    return _unwrap(load_pickle(path), path), {}
+
+
+def load_pickle(path: str | Path) -> Any:
+    """`torch.load(weights_only=True)` on the CPU, its warnings kept quiet and its errors made one line."""
+    import warnings
+
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4", printed before the refusal
+            warnings.simplefilter("ignore")
+            return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise UnsafeCheckpointError(
             f"{path}: refused: this pickle needs more than tensors to load (it could run code). Nothing in it was "
-            f"executed. If you trust its source, convert it to safetensors yourself. Detail: {str(exc).splitlines()[0]}"
+            f"executed. If you trust its source, convert it to safetensors yourself. Detail: {_torch_detail(exc)}"
         ) from None
     except Exception as exc:
-        raise CheckpointError(f"{path}: cannot read this checkpoint (truncated or corrupt?): {exc}") from None
-    return _unwrap(obj, path), {}
+        raise CheckpointError(f"{path}: cannot read this checkpoint (truncated or corrupt?): {_torch_detail(exc)}") from None
+
+
+# Lines of torch.load's messages that say nothing about the file at hand.
+_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def _torch_detail(exc: BaseException) -> str:
+    """The informative sentence of a torch.load error (they run to several paragraphs of advice)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith(_TORCH_BOILERPLATE)] or lines or [type(exc).__name__]
+    first = lines[0].removeprefix("WeightsUnpickler error:").strip() or lines[0]
+    head, dot, _rest = first.partition(". ")
+    return head + ("." if dot else "")
 
 
 def _unwrap(obj: Any, path: Path) -> StateDict:

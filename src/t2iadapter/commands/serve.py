@@ -31,6 +31,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body in MB (default 10; larger: 413)")
     p.add_argument("--max-steps", type=int, default=50, help="most denoising steps per request (default 50)")
     p.add_argument("--max-side", type=int, default=1024, help="largest output width/height in pixels (default 1024)")
+    p.add_argument("--max-images", type=int, default=4, help="most images per request (default 4)")
+    p.add_argument("--max-work", type=float, default=64.0,
+                   help="most work per request in megapixel-steps, width x height x steps x images / 1e6 "
+                   "(default 64: 512² x 50 steps x 4 images fits, 1024² x 20 steps x 4 does not)")
     p.add_argument("--max-input-side", type=int, default=4096, help="largest uploaded image width/height (default 4096)")
     p.add_argument("--queue-size", type=int, default=8, help="requests waiting behind the running one (default 8; more: 429)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request, queue included (default 300; then 504)")
@@ -72,7 +76,8 @@ def settings_from(args: argparse.Namespace):
             if fuser is None and "fuser" in shipped:
                 fuser = "demo/fuser"
     limits = Limits(max_upload_mb=args.max_upload_mb, max_steps=args.max_steps, max_side=args.max_side,
-                    max_input_side=args.max_input_side, queue_size=args.queue_size, timeout=args.timeout)
+                    max_images=args.max_images, max_work=args.max_work, max_input_side=args.max_input_side,
+                    queue_size=args.queue_size, timeout=args.timeout)
     settings = ServerSettings(base=args.base, adapters=adapters, fuser=fuser, device=args.device, dtype=args.dtype)
     return settings, limits
 

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from t2iadapter.extractors.images import ImageInput
 
 ANNOTATORS_REPO = "lllyasviel/Annotators"
+MAX_DETECT_RESOLUTION = 4096  # the detectors' work grows with its square; the server accepts 4096² images
 
 
 @dataclass
@@ -44,7 +45,10 @@ class _ControlNetAux(Extractor):
                 f"the {self.name!r} extractor runs {self.what} from controlnet-aux, which is not installed: "
                 "pip install 't2iadapter[annotators]'"
             )
-        check(self.detect_resolution >= 64, f"{self.name} needs --detect-resolution >= 64")
+        check(
+            64 <= self.detect_resolution <= MAX_DETECT_RESOLUTION,
+            f"{self.name} needs 64 <= --detect-resolution <= {MAX_DETECT_RESOLUTION}, got {self.detect_resolution}",
+        )
 
     def load(self) -> None:
         """Find the weight files (folder, hub cache or download) and build the detector (once)."""
@@ -91,6 +95,10 @@ class Sketch(_ControlNetAux):
 
     threshold: float = 0.5  # the released SD1 sketch adapters were trained on edges > 0.5
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(0 <= self.threshold <= 1, f"{self.name} needs 0 <= --threshold <= 1, got {self.threshold}")
+
     def __call__(self, image: ImageInput) -> Image.Image:
         from t2iadapter.extractors import images
 
@@ -111,6 +119,10 @@ class Hed(_ControlNetAux):
     what = "HED"
 
     threshold: float = 0.5  # binarise as the sketch recipe does; 0 keeps the soft edge map
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(0 <= self.threshold <= 1, f"{self.name} needs 0 <= --threshold <= 1, got {self.threshold}")
 
     def __call__(self, image: ImageInput) -> Image.Image:
         from t2iadapter.extractors import images

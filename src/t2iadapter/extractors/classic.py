@@ -13,6 +13,13 @@ from t2iadapter.extractors.base import (
     check,
 )
 
+# Upper bounds on options: beyond them a result cannot change, or the work (or memory) explodes:
+# cv2.GaussianBlur's kernel is ~6σ wide, so σ=1e9 asks for gigabytes and σ=300 on 4096² took 203 s.
+MAX_CANNY = 10_000  # canny thresholds; above 2040 (the largest 8-bit 3x3 Sobel gradient) nothing is an edge
+MAX_SIGMA = 32.0  # sketch-classic blur; 1.3 s on a 4096² image on one core
+MAX_SIDE = 4096  # colour palette factor: the largest image side the server accepts
+MAX_AREA = MAX_SIDE * MAX_SIDE  # binarize speck size in pixels
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -29,10 +36,13 @@ class Canny(Extractor):
     recipe = "cv2.Canny(image, low, high) on the RGB image (original: 100/200)"
 
     low: int = 100  # hysteresis thresholds of cv2.Canny; the released adapters used 100/200
-    high: int = 200
+    high: int = 200  # at most MAX_CANNY: 3x3 Sobel gradients of 8-bit images stay below 2040
 
     def __post_init__(self) -> None:
-        check(0 <= self.low <= self.high, f"canny needs 0 <= low <= high, got low={self.low} high={self.high}")
+        check(
+            0 <= self.low <= self.high <= MAX_CANNY,
+            f"canny needs 0 <= low <= high <= {MAX_CANNY}, got low={self.low} high={self.high}",
+        )
 
     def __call__(self, image: ImageInput) -> Image.Image:
         import cv2
@@ -54,7 +64,7 @@ class Color(Extractor):
     factor: int = 64  # the released colour adapter was trained on 1/64 palettes
 
     def __post_init__(self) -> None:
-        check(self.factor >= 1, f"color needs --factor >= 1, got {self.factor}")
+        check(1 <= self.factor <= MAX_SIDE, f"color needs 1 <= --factor <= {MAX_SIDE}, got {self.factor}")
 
     def __call__(self, image: ImageInput) -> Image.Image:
         import cv2
@@ -77,11 +87,13 @@ class SketchClassic(Extractor):
     channels = 1
     recipe = "Gaussian blur → Sobel magnitude / its 99th percentile → > threshold → white lines on black"
 
-    sigma: float = 1.0  # Gaussian blur before the gradient; larger drops texture, keeps outlines
+    sigma: float = 1.0  # Gaussian blur before the gradient; larger drops texture, keeps outlines (<= MAX_SIGMA)
     threshold: float = 0.5  # on the magnitude normalised by its 99th percentile; the sketch recipe binarises at 0.5
 
     def __post_init__(self) -> None:
-        check(self.sigma >= 0, f"sketch-classic needs --sigma >= 0, got {self.sigma}")
+        check(
+            0 <= self.sigma <= MAX_SIGMA, f"sketch-classic needs 0 <= --sigma <= {MAX_SIGMA:g}, got {self.sigma}"
+        )
         check(0 < self.threshold < 1, f"sketch-classic needs 0 < --threshold < 1, got {self.threshold}")
 
     def __call__(self, image: ImageInput) -> Image.Image:
@@ -123,7 +135,9 @@ class Binarize(Extractor):
             self.strokes in ("auto", "dark", "light"),
             f"binarize --strokes must be auto, dark or light, not {self.strokes!r}",
         )
-        check(self.min_area >= 0, f"binarize needs --min-area >= 0, got {self.min_area}")
+        check(
+            0 <= self.min_area <= MAX_AREA, f"binarize needs 0 <= --min-area <= {MAX_AREA}, got {self.min_area}"
+        )
 
     def __call__(self, image: ImageInput) -> Image.Image:
         import cv2

@@ -22,11 +22,11 @@ from t2iadapter.server.extraction import ExtractorPool, describe
 from t2iadapter.server.generation import UnknownName, make_work, prepare
 from t2iadapter.server.images import b64_bytes, b64_png, open_bounded
 from t2iadapter.server.jobs import Job, ModelWorker, QueueFull, Stopped, WorkerStopped
-from t2iadapter.server.limits import Limits, ServerSettings
+from t2iadapter.server.limits import BIG_OUTPUT, Limits, ServerSettings
 from t2iadapter.server.schemas import (
     AdapterInfo, ExtractRequest, ExtractResponse, GenerateRequest, GenerateResponse, Health, JobOut, ModelsResponse,
 )  # fmt: skip
-from t2iadapter.server.security import BodyLimit, TokenGuard
+from t2iadapter.server.security import BodyLimit, QuietDisconnect, SameOrigin, TokenGuard
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def create_app(
     limits = limits or Limits()
     label = base_label or (source.base if isinstance(source, ServerSettings) else str(pipe.base.source))
     worker = ModelWorker(limits.queue_size)
-    pool = ExtractorPool()
+    pool = ExtractorPool(max_waiting=limits.queue_size)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -55,6 +55,7 @@ def create_app(
         try:
             yield
         finally:
+            pool.close()
             await run_in_threadpool(worker.stop)
 
     app = FastAPI(
@@ -66,7 +67,9 @@ def create_app(
     app.state.worker, app.state.pipeline, app.state.limits = worker, pipe, limits
 
     app.add_middleware(BodyLimit, max_bytes=limits.max_upload_bytes)
-    app.add_middleware(TokenGuard, token=token, public=is_public)  # outermost: 401 before anything is read
+    app.add_middleware(SameOrigin, enabled=not token, public=is_public)
+    app.add_middleware(TokenGuard, token=token, public=is_public)  # 401 before anything is read
+    app.add_middleware(QuietDisconnect)  # outermost: a client gone mid-body is one log line
 
     # ------------------------------------------------------------- errors → statuses
 
@@ -125,7 +128,7 @@ def create_app(
         req, data = await read_extract(request)
         extractor = pool.build(req.extractor, req.options)
         image = await run_in_threadpool(open_bounded, data, "image", limits.max_input_side)
-        out = await run_in_threadpool(pool.run, extractor, image)
+        out = await pool.run(extractor, image)
         png = await run_in_threadpool(b64_png, out)
         return ExtractResponse(extractor=req.extractor, png=png, width=out.width, height=out.height,
                                channels=extractor.channels or 3)
@@ -135,7 +138,8 @@ def create_app(
     async def submit(request: Request) -> Job:
         req, uploads = await read_generate(request)
         gen = await run_in_threadpool(prepare, req, pipe, limits, uploads)
-        return worker.submit(make_work(gen, pipe, label, time.monotonic()), limits.timeout)
+        big = gen.size[0] * gen.size[1] * req.num_images >= BIG_OUTPUT
+        return worker.submit(make_work(gen, pipe, label, time.monotonic()), limits.timeout, big=big)
 
     @app.post("/v1/generate", response_model=GenerateResponse, tags=["generate"],
               openapi_extra=openapi.body("GenerateRequest", multipart=openapi.GENERATE_MULTIPART),
@@ -201,7 +205,7 @@ async def wait_done(job: Job, timeout: float) -> None:
 async def read_generate(request: Request) -> tuple[GenerateRequest, dict[str, bytes]]:
     """JSON body, or multipart: a `request` field with that JSON plus `condition.<name>` files."""
     if not is_multipart(request):
-        return validated(GenerateRequest, await request.body()), {}
+        return validated(GenerateRequest, await json_body(request)), {}
     form = await request.form(max_files=32, max_fields=32)
     req = validated(GenerateRequest, str(form.get("request") or "{}"))
     uploads = {}
@@ -216,7 +220,7 @@ async def read_generate(request: Request) -> tuple[GenerateRequest, dict[str, by
 async def read_extract(request: Request) -> tuple[ExtractRequest, bytes]:
     """JSON body with base64 `image`, or multipart: `image` file, `extractor`, optional `options` (JSON)."""
     if not is_multipart(request):
-        req = validated(ExtractRequest, await request.body())
+        req = validated(ExtractRequest, await json_body(request))
         return req, b64_bytes(req.image, "image")
     form = await request.form(max_files=1, max_fields=8)
     upload = form.get("image")
@@ -232,7 +236,25 @@ def is_public(path: str) -> bool:
 
 
 def is_multipart(request: Request) -> bool:
-    return request.headers.get("content-type", "").lower().startswith("multipart/form-data")
+    return media_type(request) == "multipart/form-data"
+
+
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").partition(";")[0].strip().lower()
+
+
+async def json_body(request: Request) -> bytes:
+    """The body of an `application/json` request; 415 for any other type.
+
+    A page on another site may send text/plain or form bodies without a CORS preflight; JSON sent as
+    `application/json` needs one, which this server never grants.
+    """
+    if media_type(request) != "application/json":
+        given = request.headers.get("content-type") or "none"
+        raise HTTPException(
+            415, f"send the request as Content-Type: application/json (or multipart/form-data), not {given[:80]}"
+        )
+    return await request.body()
 
 
 def json_field(text: Any, name: str) -> Any:

@@ -1,8 +1,10 @@
 """`POST /v1/extract`: which extractors the server offers, their options from JSON, a small instance cache."""
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from PIL import Image
@@ -10,6 +12,7 @@ from PIL import Image
 from t2iadapter import extractors
 from t2iadapter.errors import ConfigError
 from t2iadapter.server.generation import check_name
+from t2iadapter.server.jobs import QueueFull, release_memory
 
 # Options that name files or devices are the operator's choice, never a client's.
 SERVER_ONLY_OPTIONS = frozenset({"model", "device"})
@@ -33,38 +36,74 @@ def describe(name: str) -> dict[str, Any]:
 
 
 class ExtractorPool:
-    """Builds extractors on demand, keeps the last few (model-based ones hold weights), runs one at a time."""
+    """Builds extractors on demand, keeps the last few (model-based ones hold weights), runs one at a time.
 
-    def __init__(self, keep: int = 4) -> None:
+    Extractions run on one thread of their own, in arrival order; at most `max_waiting` wait behind the
+    running one (one more: QueueFull → 429). Nothing here blocks the event loop: `build` does no work
+    and holds its lock only for a dict lookup, and `run` awaits the extraction thread.
+    """
+
+    def __init__(self, keep: int = 4, max_waiting: int = 8) -> None:
         self._cache: OrderedDict[tuple, extractors.Extractor] = OrderedDict()
         self._keep = keep
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the cache only; never held while an extractor runs
+        self._executor: ThreadPoolExecutor | None = None
+        self._max_waiting = max_waiting
+        self._active = 0  # extractions running or waiting (counted on the event loop)
         self.names = offered()
 
     def build(self, name: str, options: dict[str, Any]) -> extractors.Extractor:
-        """Check the name and options (typed like the CLI's) and return a ready extractor."""
+        """Check the name and options (typed and bounded like the CLI's) and return a ready extractor."""
         check_name(name, self.names, "extractor")
         forbidden = sorted(SERVER_ONLY_OPTIONS & set(options))
         if forbidden:
             raise ConfigError(f"option {', '.join(forbidden)} is set by the server operator, not per request")
         cls = extractors.info(name)
-        values = cls.coerce({k: str(v) for k, v in options.items()})
+        try:
+            texts = {k: str(v) for k, v in options.items()}
+        except ValueError:  # an integer with thousands of digits
+            raise ConfigError("extractor option values must be short numbers, booleans or strings") from None
+        values = cls.coerce(texts)
         key = (name, tuple(sorted(values.items())))
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        extractor = extractors.get(name, **values)
+        extractor = extractors.get(name, **values)  # the options' bounds are checked here; weights load on first use
         with self._lock:
             self._cache[key] = extractor
             while len(self._cache) > self._keep:
                 self._cache.popitem(last=False)
         return extractor
 
-    def run(self, extractor: extractors.Extractor, image: Image.Image) -> Image.Image:
-        """Blocking: call from a worker thread."""
-        with self._lock:
-            out = extractor(image)
+    async def run(self, extractor: extractors.Extractor, image: Image.Image) -> Image.Image:
+        """Run on the extraction thread; QueueFull when `max_waiting` extractions already wait."""
+        if self._active > self._max_waiting:
+            raise QueueFull(retry_after=1, what="extraction")
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="t2iadapter-extract")
+        self._active += 1
+        try:
+            out = await asyncio.get_running_loop().run_in_executor(self._executor, _extract, extractor, image)
+        finally:
+            self._active -= 1
         if not isinstance(out, Image.Image):
             raise ConfigError(f"extractor {extractor.name!r} does not produce an image")
         return out
+
+    def close(self) -> None:
+        """Drop waiting extractions and let the running one finish on its own (it cannot be interrupted)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+
+def _extract(extractor: extractors.Extractor, image: Image.Image) -> Any:
+    try:
+        return extractor(image)
+    finally:
+        if image.width * image.height >= BIG_IMAGE:
+            release_memory()
+
+
+BIG_IMAGE = 1024 * 1024  # after extracting from an image this large, hand freed memory back to the OS

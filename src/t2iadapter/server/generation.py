@@ -45,6 +45,7 @@ def prepare(req: GenerateRequest, pipe: Any, limits: Limits, uploads: dict[str, 
     w, h = req.width or pipe.default_size[0], req.height or pipe.default_size[1]
     if w > limits.max_side or h > limits.max_side:
         raise ConfigError(f"size {w}x{h} is above this server's limit of {limits.max_side} pixels a side")
+    limits.check_work(w, h, req.steps, req.num_images)
     if req.compose == "fuser" and pipe.fuser is None:
         raise ConfigError("compose='fuser' needs a CoAdapter fuser; this server was started without --fuser")
     registered = list(pipe.adapters)

@@ -6,6 +6,7 @@ stops a running one at the next denoising step, so a timed-out request frees the
 from __future__ import annotations
 
 import collections
+import ctypes
 import logging
 import math
 import threading
@@ -28,8 +29,8 @@ Work = Callable[[Callable[[int, int], None]], Any]
 class QueueFull(Exception):
     """The queue holds `queue_size` waiting jobs; `retry_after` is a guess in whole seconds."""
 
-    def __init__(self, retry_after: int) -> None:
-        super().__init__(f"the generation queue is full; retry in {retry_after} s")
+    def __init__(self, retry_after: int, what: str = "generation") -> None:
+        super().__init__(f"the {what} queue is full; retry in {retry_after} s")
         self.retry_after = retry_after
 
 
@@ -61,6 +62,7 @@ class Job:
     done_steps: int = 0
     total_steps: int = 0
     stop: Stopped | None = None  # set when the job is asked to stop
+    big: bool = False  # hand its memory back to the OS when it ends (see `release_memory`)
 
     @property
     def status(self) -> str:
@@ -134,14 +136,14 @@ class ModelWorker:
 
     # ---------------------------------------------------------------- clients
 
-    def submit(self, work: Work, timeout: float) -> Job:
-        """Queue `work`; raises QueueFull (→ 429) or WorkerStopped (→ 503)."""
+    def submit(self, work: Work, timeout: float, *, big: bool = False) -> Job:
+        """Queue `work` (`big`: release memory after it); raises QueueFull (→ 429) or WorkerStopped (→ 503)."""
         with self._cond:
             if self._thread is None or self._stopping:
                 raise WorkerStopped("the model worker is not running")
             if len(self._pending) >= self.queue_size:
                 raise QueueFull(self.retry_after())
-            job = Job(work=work, deadline=time.monotonic() + timeout, timeout=timeout)
+            job = Job(work=work, deadline=time.monotonic() + timeout, timeout=timeout, big=big)
             self._pending.append(job)
             self._jobs[job.id] = job
             self._evict()
@@ -231,3 +233,25 @@ class ModelWorker:
             job.finished = time.monotonic()
             with self._cond:
                 self._durations.append(job.finished - job.started)
+            if job.big:
+                release_memory()
+
+
+def release_memory() -> None:
+    """Hand memory freed by a big job back to the OS: collect cycles, empty the CUDA cache, trim glibc's heap.
+
+    Without it a 1024² x 4 generation left the server's RSS at twice its size for good: glibc keeps
+    freed blocks in its arenas. A full collection costs ~0.3 s with torch and diffusers loaded.
+    """
+    import gc
+    import sys
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl): nothing to trim
+            pass

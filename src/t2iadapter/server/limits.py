@@ -15,11 +15,14 @@ class Limits:
     max_side: int = 1024  # output width/height in pixels (SD1.5 was trained at 512, SDXL at 1024)
     max_input_side: int = 4096  # width/height of an uploaded image (a phone photo fits)
     max_images: int = 4  # images per generation request
+    # The work of one request in megapixel-steps, width x height x steps x images / 1e6: what its time grows
+    # with. 64 admits 512² x 50 steps x 4 images (52) or 1024² x 50 steps (52), not 1024² x 20 steps x 4 (84).
+    max_work: float = 64.0
     queue_size: int = 8  # generations waiting behind the running one; one more gets 429
     timeout: float = 300.0  # seconds from arrival to result (queue wait included); later gets 504
 
     def __post_init__(self) -> None:
-        for name in ("max_upload_mb", "timeout"):
+        for name in ("max_upload_mb", "timeout", "max_work"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("max_steps", "max_side", "max_input_side", "max_images", "queue_size"):
@@ -29,6 +32,19 @@ class Limits:
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    def check_work(self, width: int, height: int, steps: int, images: int) -> None:
+        """ConfigError (→ 422) when a request's megapixel-steps pass `max_work`, naming the option that raises it."""
+        work = width * height * steps * images / 1e6
+        if work > self.max_work:
+            raise ConfigError(
+                f"this request is {work:.3g} megapixel-steps ({width}x{height} x {steps} steps x {images} images), "
+                f"above this server's limit of {self.max_work:g}; ask for fewer pixels, steps or images "
+                "(the operator can raise it with `t2iadapter serve --max-work`)"
+            )
+
+
+BIG_OUTPUT = 1024 * 1024  # output pixels x images from which the worker hands memory back after a job
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,11 @@ EXTRACT_MULTIPART = {
 }
 GENERATE_ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"description": "a token is set and the request lacks `Authorization: Bearer <token>`"},
+    403: {"description": "no token is set and a browser sent the request from another site (`Origin`)"},
     404: {"description": "an adapter name that is not registered"},
     413: {"description": "the request body is larger than --max-upload-mb"},
-    422: {"description": "invalid or out-of-bounds parameters, with the reason"},
+    415: {"description": "the body is neither `application/json` nor `multipart/form-data`"},
+    422: {"description": "invalid or out-of-bounds parameters (--max-steps, --max-side, --max-work...), with the reason"},
     429: {"description": "the queue is full; see Retry-After"},
     503: {"description": "the server is shutting down"},
     504: {"description": "the request did not finish within --timeout"},

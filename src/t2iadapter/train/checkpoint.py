@@ -171,23 +171,13 @@ def save(root: str | Path, step: int, modules: dict[str, Any], trainer_state: di
 
 def load(path: str | Path, rank: int = 0) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(trainer state, this rank's RNG state or None) of a checkpoint folder."""
+    from t2iadapter.formats import load_pickle
+
     path = Path(path)
-    state = _load_tensors_only(path / TRAINER_FILE)
+    if not (path / TRAINER_FILE).is_file():
+        raise CheckpointError(f"cannot read checkpoint {path}: it has no {TRAINER_FILE}")
+    state = load_pickle(path / TRAINER_FILE)  # one-line CheckpointError when corrupt or unsafe
     rng_file = path / f"rng-{rank}.pt"
-    rng = _load_tensors_only(rng_file) if rng_file.is_file() else None
+    rng = load_pickle(rng_file) if rng_file.is_file() else None
     return state, rng
 
-
-def _load_tensors_only(file: Path) -> Any:
-    """torch.load with weights_only (no code runs); any failure is one line naming the file."""
-    import warnings
-
-    try:
-        with warnings.catch_warnings():  # torch warns before some refusals; the error below says it all
-            warnings.simplefilter("ignore")
-            return torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - corrupt, truncated or a pickle that needs code: all refused
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-            first = "it holds Python objects that only code could rebuild (refused; nothing in it ran)"
-        raise CheckpointError(f"cannot read checkpoint file {file}: {first}") from None

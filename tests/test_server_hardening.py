@@ -1,0 +1,313 @@
+"""The server under attack (issue 14): a slow extraction blocks nothing, options and work are bounded,
+only JSON or multipart bodies are read, UTF-8 tokens, and a client that hangs up is one log line."""
+import base64
+import contextlib
+import io
+import json
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from t2iadapter import extractors  # noqa: E402
+from t2iadapter.bases import load_base, tiny_adapter_config  # noqa: E402
+from t2iadapter.cli import main as cli  # noqa: E402
+from t2iadapter.extractors.base import Extractor  # noqa: E402
+from t2iadapter.models import build_adapter  # noqa: E402
+from t2iadapter.pipeline import AdapterPipeline  # noqa: E402
+from t2iadapter.server import Limits, create_app  # noqa: E402
+
+LIMITS = Limits(max_upload_mb=0.25, max_steps=8, max_side=128, max_input_side=256, queue_size=2, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    base = load_base("tiny")
+    torch.manual_seed(0)
+    yield AdapterPipeline(base, {"sketch": build_adapter(tiny_adapter_config(base, 1))})
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def client(pipe):
+    with TestClient(create_app(pipe, limits=LIMITS)) as c:
+        yield c
+
+
+def png(w=64, h=64, mode="L") -> bytes:
+    arr = np.random.default_rng(0).integers(0, 256, (h, w) if mode == "L" else (h, w, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def gen_body(**kw):
+    return {"prompt": "a red star", "conditions": {"sketch": base64.b64encode(png()).decode()}, "steps": 2, "seed": 7,
+            **kw}
+
+
+@contextlib.contextmanager
+def serving(app):
+    """uvicorn in a thread on a free loopback port; its loggers propagate (log_config=None) so caplog sees them."""
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, log_level="info"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}", port
+    finally:
+        server.should_exit = True
+        thread.join(15)
+
+
+# ------------------------------------------------------------------ 1. a slow extraction blocks nothing
+
+STARTED, RELEASE = threading.Event(), threading.Event()
+
+
+@dataclass
+class Slow(Extractor):
+    """Test double: an extraction that runs until the test releases it."""
+
+    name = "slow"
+    feeds = ()
+    channels = 1
+    recipe = "waits for the test"
+
+    def __call__(self, image):
+        STARTED.set()
+        assert RELEASE.wait(30)
+        return Image.new("L", image.size)
+
+
+def test_slow_extraction_does_not_block_the_server(pipe, monkeypatch):
+    monkeypatch.setitem(extractors.REGISTRY, "slow", Slow)
+    STARTED.clear()
+    RELEASE.clear()
+    image = base64.b64encode(png(32, 32, "RGB")).decode()
+    results = {}
+
+    def extract(key, name):
+        with httpx.Client(timeout=30) as http:
+            results[key] = http.post(url + "/v1/extract", json={"extractor": name, "image": image}).status_code
+
+    with serving(create_app(pipe, limits=LIMITS)) as (url, _port):
+        try:
+            first = threading.Thread(target=extract, args=("slow", "slow"))
+            first.start()
+            assert STARTED.wait(20), "the slow extraction never started"
+            second = threading.Thread(target=extract, args=("queued", "canny"))  # waits behind the slow one
+            second.start()
+            latencies = []
+            with httpx.Client(timeout=5) as http:
+                end = time.monotonic() + 1.0  # poll for a second while both extractions are in the server
+                while time.monotonic() < end:
+                    t = time.monotonic()
+                    assert http.get(url + "/health").status_code == 200
+                    assert http.get(url + "/v1/models").status_code == 200
+                    latencies.append(time.monotonic() - t)
+            assert max(latencies) < 0.5, f"/health and /v1/models took up to {max(latencies):.2f} s"
+            assert "queued" not in results, "the second extraction should wait for the first"
+        finally:
+            RELEASE.set()
+        first.join(30)
+        second.join(30)
+    assert results == {"slow": 200, "queued": 200}
+
+
+def test_extractions_waiting_beyond_the_queue_get_429(pipe, monkeypatch):
+    monkeypatch.setitem(extractors.REGISTRY, "slow", Slow)
+    STARTED.clear()
+    RELEASE.clear()
+    image = base64.b64encode(png(16, 16, "RGB")).decode()
+    with serving(create_app(pipe, limits=Limits(queue_size=1))) as (url, _port):
+        answers = []
+        refused = threading.Semaphore(0)
+
+        def extract():
+            r = httpx.post(url + "/v1/extract", json={"extractor": "slow", "image": image}, timeout=30)
+            answers.append((r.status_code, r.headers.get("retry-after"), r.text))
+            if r.status_code == 429:
+                refused.release()
+
+        threads = [threading.Thread(target=extract) for _ in range(4)]
+        try:
+            threads[0].start()
+            assert STARTED.wait(20)
+            for t in threads[1:]:  # one of these may wait behind the running one; two get 429 at once
+                t.start()
+            assert refused.acquire(timeout=20) and refused.acquire(timeout=20), answers
+        finally:
+            RELEASE.set()
+        for t in threads:
+            t.join(30)
+    assert sorted(a[0] for a in answers) == [200, 200, 429, 429]
+    full = [a for a in answers if a[0] == 429]
+    assert all(int(retry) >= 1 and "extraction queue is full" in text for _code, retry, text in full)
+
+
+# ------------------------------------------------------------------ 2. extractor options are bounded
+
+@pytest.mark.parametrize("extractor, options, reason", [
+    ("sketch-classic", {"sigma": "inf"}, "--sigma <= 32"),
+    ("sketch-classic", {"sigma": 1e308}, "--sigma <= 32"),
+    ("sketch-classic", {"sigma": 1e9}, "--sigma <= 32"),
+    ("sketch-classic", {"sigma": "nan"}, "--sigma <= 32"),
+    ("sketch-classic", {"sigma": -1}, "--sigma <= 32"),
+    ("sketch-classic", {"threshold": "nan"}, "--threshold"),
+    ("canny", {"low": 10**30, "high": 10**30}, "high <= 10000"),
+    ("canny", {"high": 10**400}, ""),
+    ("color", {"factor": 10**12}, "--factor <= 4096"),
+    ("binarize", {"min_area": 10**30}, "--min-area <="),
+])
+def test_out_of_range_extractor_options_get_422(client, extractor, options, reason):
+    image = base64.b64encode(png(32, 32, "RGB")).decode()
+    t = time.monotonic()
+    r = client.post("/v1/extract", json={"extractor": extractor, "image": image, "options": options})
+    assert r.status_code == 422 and reason in r.text, r.text
+    assert time.monotonic() - t < 1.0
+
+
+def test_the_cli_takes_the_same_bounds(tmp_path, capsys):
+    src = tmp_path / "in.png"
+    src.write_bytes(png(32, 32, "RGB"))
+    assert cli(["extract", "sketch-classic", str(src), str(tmp_path / "out.png"), "--sigma", "inf"]) == 2
+    assert "--sigma <= 32" in capsys.readouterr().err
+    assert not (tmp_path / "out.png").exists()
+
+
+# ------------------------------------------------------------------ 3. the work of one request is bounded
+
+def test_work_over_the_limit_gets_422_naming_the_option(pipe):
+    with TestClient(create_app(pipe, limits=Limits(max_steps=8, max_work=0.02))) as c:
+        r = c.post("/v1/generate", json=gen_body(steps=4, num_images=2))  # 64² x 4 x 2 = 0.033 Mpx-steps
+        assert r.status_code == 422, r.text
+        detail = r.json()["detail"]
+        assert "0.0328 megapixel-steps" in detail and "limit of 0.02" in detail and "--max-work" in detail
+        assert c.post("/v1/jobs", json=gen_body(steps=4, num_images=2)).status_code == 422
+        assert c.post("/v1/generate", json=gen_body(steps=4)).status_code == 200  # 0.016 fits
+        assert c.get("/v1/models").json()["limits"]["max_work"] == 0.02
+
+
+def test_serve_takes_max_work_and_max_images(monkeypatch):
+    import uvicorn
+
+    seen = {}
+
+    def fake_run(app, **_kw):
+        seen["limits"] = app.state.limits
+
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    assert cli(["serve", "--base", "tiny", "--max-work", "12.5", "--max-images", "2", "--threads", "1"]) == 0
+    assert seen["limits"].max_work == 12.5 and seen["limits"].max_images == 2
+    assert cli(["serve", "--base", "tiny", "--max-work", "0"]) == 2
+
+
+def test_big_jobs_hand_memory_back(pipe, monkeypatch):
+    from t2iadapter.server import jobs
+
+    calls = []
+    monkeypatch.setattr(jobs, "release_memory", lambda: calls.append(1))
+    with TestClient(create_app(pipe, limits=Limits(max_steps=8, max_side=1024))) as c:
+        assert c.post("/v1/generate", json=gen_body(steps=1)).status_code == 200  # 64²: small, kept
+        assert calls == []
+        r = c.post("/v1/generate", json=gen_body(steps=1, width=512, height=512, num_images=4))  # 1 MP out
+        assert r.status_code == 200, r.text
+        end = time.monotonic() + 10
+        while not calls and time.monotonic() < end:  # it runs on the worker after the answer is sent
+            time.sleep(0.01)
+        assert calls == [1]
+    monkeypatch.undo()
+    jobs.release_memory()  # and the real one runs here
+
+
+# ------------------------------------------------------------------ 4. bodies: JSON as application/json only
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded", "text/json"])
+def test_json_sent_as_another_type_gets_415(client, content_type):
+    headers = {"content-type": content_type} if content_type else {}
+    data = json.dumps(gen_body()).encode()
+    for path in ("/v1/generate", "/v1/jobs", "/v1/extract"):
+        r = client.post(path, content=data, headers=headers)
+        assert r.status_code == 415 and "application/json" in r.json()["detail"], (path, r.text[:200])
+    assert client.get("/health").json()["waiting"] == 0
+
+
+def test_json_with_a_charset_is_json(client):
+    r = client.post("/v1/generate", content=json.dumps(gen_body()).encode(),
+                    headers={"content-type": "Application/JSON; charset=utf-8"})
+    assert r.status_code == 200, r.text
+
+
+def test_cross_site_posts_are_refused_without_a_token(pipe):
+    raw = png()
+    form = {"data": {"request": json.dumps({"prompt": "x", "steps": 1})}, "files": {"condition.sketch": ("s.png", raw)}}
+    with TestClient(create_app(pipe, limits=LIMITS)) as c:
+        r = c.post("/v1/generate", headers={"origin": "https://evil.example"}, **form)
+        assert r.status_code == 403 and "cross-origin" in r.text
+        assert c.post("/v1/jobs", headers={"origin": "null"}, **form).status_code == 403
+        assert c.delete("/v1/jobs/x", headers={"origin": "http://evil.example"}).status_code == 403
+        assert c.get("/v1/models", headers={"origin": "https://evil.example"}).status_code == 200  # reads are fine
+        assert c.post("/v1/generate", headers={"origin": "http://testserver"}, **form).status_code == 200  # the page
+        assert c.post("/v1/generate", **form).status_code == 200  # not a browser
+    with TestClient(create_app(pipe, limits=LIMITS, token="t")) as c:  # the token protects; a proxy may rewrite Host
+        r = c.post("/v1/generate", headers={"origin": "https://proxy.example", "authorization": "Bearer t"}, **form)
+        assert r.status_code == 200
+
+
+def test_non_ascii_tokens_compare_as_utf8(pipe):
+    from t2iadapter.server.security import bearer_ok
+
+    token = "pässwörd-ключ"
+    with TestClient(create_app(pipe, limits=LIMITS, token=token)) as c:
+        assert c.get("/v1/models", headers={"authorization": ("Bearer " + token).encode()}).status_code == 200
+        assert c.get("/v1/models", headers={"authorization": "Bearer pässwörd".encode()}).status_code == 401
+    # The header's own bytes are compared (TestClient re-encodes headers, so these go to the guard directly).
+    assert bearer_ok("Bearer pässwörd".encode(), "pässwörd")
+    assert not bearer_ok("Bearer pässwörd".encode("latin-1"), "pässwörd")  # worked only this way before
+    assert not bearer_ok(b"Bearer \xff\xfe", "pässwörd") and not bearer_ok(None, "x")
+
+
+# ------------------------------------------------------------------ 5. a client that hangs up is one line
+
+def test_client_gone_mid_upload_logs_one_line(pipe, caplog):
+    caplog.set_level(logging.INFO)
+    with serving(create_app(pipe, limits=LIMITS)) as (url, port):
+        for path in ("/v1/extract", "/v1/generate", "/v1/jobs"):
+            caplog.clear()
+            part = (b"--XyZ\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n"
+                    b"Content-Type: image/png\r\n\r\n" + png()[:200])
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                          b"Content-Type: multipart/form-data; boundary=XyZ\r\nContent-Length: 100000\r\n\r\n" + part)
+            end = time.monotonic() + 10
+            while time.monotonic() < end and not any("disconnect" in r.getMessage().lower() or r.exc_info
+                                                     for r in caplog.records):
+                time.sleep(0.02)
+            records = [r for r in caplog.records if "disconnect" in r.getMessage().lower() or r.exc_info
+                       or r.levelno >= logging.ERROR]
+            assert records, f"nothing was logged for {path}"
+            assert not [r for r in records if r.exc_info or r.levelno >= logging.ERROR], caplog.text
+            assert "Traceback" not in caplog.text
+            assert len(records) == 1 and records[0].levelno in (logging.INFO, logging.WARNING)
+        assert httpx.get(url + "/health").status_code == 200
