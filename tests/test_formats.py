@@ -114,7 +114,7 @@ def original_state_dict(cin, channels, n, ksize, sk, use_conv):
             conv(b + ".block1", out_c, out_c, 3)
             conv(b + ".block2", out_c, out_c, ksize)
             if not sk:
-                conv(b + ".skep", out_c, in_c, ksize)
+                conv(b + ".skep", out_c, out_c, ksize)  # the original SD branch: skep acts on in_conv's output
             if i and not j and use_conv:
                 conv(b + ".down_opt.op", in_c, in_c, 3)
     return sd
@@ -132,6 +132,18 @@ def test_original_general_options(tmp_path, ksize, sk, use_conv, channels):
     x = torch.rand(1, 1, 128, 128)
     with torch.no_grad():
         assert feats_equal(ours(x), original_reference(sd, x, 2, ksize, sk, use_conv, (False, True, True, True)))
+
+
+def test_original_default_adapter_layout(tmp_path):
+    """The original's default `Adapter()` (ksize=3, sk=False, use_conv=True, nums_rb=3) with changing channels."""
+    sd = original_state_dict(64, TINY, 3, 3, False, True)
+    torch.save(sd, tmp_path / "default.pth")
+    ours = load_adapter(tmp_path / "default.pth")
+    cfg = ours.config
+    assert (cfg.channels, cfg.num_res_blocks, cfg.ksize, cfg.skip_conv, cfg.conv_downsample) == (TINY, 3, 3, True, True)
+    x = torch.rand(1, 1, 128, 192)
+    with torch.no_grad():
+        assert feats_equal(ours(x), original_reference(sd, x, 3, 3, False, True, (False, True, True, True)))
 
 
 def all_kinds():

@@ -39,10 +39,6 @@ class FullAdapterConfig:
             raise ConfigError(f"ksize must be 1 or 3 (as in the original), got {self.ksize}")
         if self.num_res_blocks < 1 or self.downscale_factor < 1:
             raise ConfigError("num_res_blocks and downscale_factor must be positive")
-        if self.skip_conv and len(set(self.channels)) > 1:
-            # The original applies `skep` (in_c -> out_c) after `in_conv` has already made out_c
-            # channels, so it only runs where the channel count never changes.
-            raise ConfigError("skip_conv (original sk=False) only works with constant channels, as in the original code")
 
     @property
     def kind(self) -> str:
@@ -91,7 +87,8 @@ class ResnetBlock(nn.Module):
         self.block1 = nn.Conv2d(out_c, out_c, 3, 1, 1)
         self.act = nn.ReLU()
         self.block2 = nn.Conv2d(out_c, out_c, config.ksize, 1, pad)
-        self.skep = nn.Conv2d(in_c, out_c, config.ksize, 1, pad) if config.skip_conv else None
+        # The original's current SD branch: `skep` acts on in_conv's output, so it is out_c -> out_c.
+        self.skep = nn.Conv2d(out_c, out_c, config.ksize, 1, pad) if config.skip_conv else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.down_opt is not None:
