@@ -222,12 +222,11 @@ def tiny_base(spec: TinySpec = TinySpec(), seed: int = 0) -> BaseModel:
 
 
 def tiny_adapter_config(base: BaseModel, in_channels: int = 3):
-    """A full adapter config whose features fit a tiny base."""
+    """A full adapter config whose features fit a base (read off its UNet and VAE configs)."""
     from t2iadapter.models import FullAdapterConfig
-    from t2iadapter.unet_hook import feature_channels
+    from t2iadapter.unet_hook import adapter_layout
 
-    chans = tuple(feature_channels(base.unet))
-    return FullAdapterConfig.sdxl(in_channels, channels=chans) if base.is_sdxl else FullAdapterConfig.sd(in_channels, channels=chans)
+    return FullAdapterConfig(in_channels=in_channels, **adapter_layout(base.unet, base.vae_scale_factor))
 
 
 def _demo() -> BaseModel:
