@@ -107,7 +107,7 @@ def load_base(
     config_dir: str | os.PathLike | None = None,
 ) -> BaseModel:
     """Load a base: preset name, diffusers folder, single file (.safetensors/.ckpt) or hub id."""
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     text = str(source)
     if text in PRESETS:
@@ -115,6 +115,10 @@ def load_base(
     else:
         path = Path(text).expanduser()
         kwargs = dict(torch_dtype=dtype) if dtype is not None else {}
+        if not path.exists() and "/" in text and not text.startswith((".", "/")):
+            from t2iadapter import hub
+
+            path = hub.pipeline_path(text)  # the hub's cache first; one clear error when offline and not cached
         try:
             if path.is_dir():
                 index = path / "model_index.json"
@@ -130,8 +134,6 @@ def load_base(
                 cls = StableDiffusionXLPipeline if _single_file_is_sdxl(path) else StableDiffusionPipeline
                 sf = dict(config=str(config_dir), local_files_only=True) if config_dir else {}
                 pipe = cls.from_single_file(str(path), **sf, **kwargs)
-            elif "/" in text and not text.startswith((".", "/")):
-                pipe = DiffusionPipeline.from_pretrained(text, **kwargs)
             else:
                 raise CheckpointError(f"{text}: no such base model folder or file, and not a preset ({', '.join(PRESETS)})")
         except CheckpointError:

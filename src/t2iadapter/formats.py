@@ -385,21 +385,10 @@ _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(/.+)?$")
 
 
 def _download(source: str) -> Path:
-    """A local path for a hub id `org/repo` (whole adapter folder) or `org/repo/file/in/repo`."""
-    try:
-        from huggingface_hub import hf_hub_download, snapshot_download
+    """A local path for a hub id `org/repo` (whole adapter folder) or `org/repo/file/in/repo` (cache first)."""
+    from t2iadapter import hub
 
-        parts = source.split("/")
-        repo, rest = "/".join(parts[:2]), "/".join(parts[2:])
-        if rest:
-            return Path(hf_hub_download(repo, rest))
-        patterns = ["config.json", "*.safetensors", "*.bin"]
-        return Path(snapshot_download(repo, allow_patterns=patterns))
-    except Exception as exc:  # offline, missing repo, missing file: all one message
-        raise CheckpointError(
-            f"{source!r} is not a local file or folder, and fetching it from the Hugging Face hub failed "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Check the path, or go online."
-        ) from None
+    return hub.adapter_path(source)
 
 
 def resolve(source: str | os.PathLike) -> Path:
