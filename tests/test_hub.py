@@ -100,5 +100,5 @@ def test_offline_and_not_cached_is_one_clear_line_at_once(tmp_path, args):
     # (transformers' notices on importing diffusers' pipelines without torchvision are issue 14.14's, not the hub's)
     err = [line for line in proc.stderr.strip().splitlines() if not line.startswith("[transformers]")]
     assert code == "2" and float(seconds) < 5.0, proc.stderr[-2000:]
-    assert len(err) == 1 and "not in the Hugging Face cache while HF_HUB_OFFLINE is set" in err[0], err
+    assert len(err) == 1 and "not in the local Hugging Face hub cache while HF_HUB_OFFLINE is set" in err[0], err
     assert not (tmp_path / "o.png").exists()

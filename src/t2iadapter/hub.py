@@ -32,9 +32,9 @@ def fetch(source: str, what: str, get: Callable[..., Any]) -> Path:
         pass
     if offline():
         raise CheckpointError(
-            f"{source!r} is not a local path, and the {what} is not in the Hugging Face cache while HF_HUB_OFFLINE is "
-            f"set; download it on a machine with internet (`hf download {'/'.join(source.split('/')[:2])}`) or pass "
-            "a local path"
+            f"{source!r} is not a local path, and the {what} is not in the local Hugging Face hub cache while "
+            f"HF_HUB_OFFLINE is set; download it on a machine with internet "
+            f"(`hf download {'/'.join(source.split('/')[:2])}`) or pass a local path"
         )
     try:
         return Path(get(local_files_only=False))
