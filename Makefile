@@ -1,4 +1,6 @@
 # Quickstart: `make demo` and `make test` (a fresh machine with Python 3.11 and pip is enough).
+# constraints.txt pins torch/torchvision for this .venv; `install-dev` adds every extra the tests use
+# (train, serve, annotators), so `make test` skips nothing for a missing package.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python

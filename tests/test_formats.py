@@ -114,7 +114,7 @@ def original_state_dict(cin, channels, n, ksize, sk, use_conv):
             conv(b + ".block1", out_c, out_c, 3)
             conv(b + ".block2", out_c, out_c, ksize)
             if not sk:
-                conv(b + ".skep", out_c, in_c, ksize)
+                conv(b + ".skep", out_c, out_c, ksize)  # the original SD branch: skep acts on in_conv's output
             if i and not j and use_conv:
                 conv(b + ".down_opt.op", in_c, in_c, 3)
     return sd
@@ -132,6 +132,18 @@ def test_original_general_options(tmp_path, ksize, sk, use_conv, channels):
     x = torch.rand(1, 1, 128, 128)
     with torch.no_grad():
         assert feats_equal(ours(x), original_reference(sd, x, 2, ksize, sk, use_conv, (False, True, True, True)))
+
+
+def test_original_default_adapter_layout(tmp_path):
+    """The original's default `Adapter()` (ksize=3, sk=False, use_conv=True, nums_rb=3) with changing channels."""
+    sd = original_state_dict(64, TINY, 3, 3, False, True)
+    torch.save(sd, tmp_path / "default.pth")
+    ours = load_adapter(tmp_path / "default.pth")
+    cfg = ours.config
+    assert (cfg.channels, cfg.num_res_blocks, cfg.ksize, cfg.skip_conv, cfg.conv_downsample) == (TINY, 3, 3, True, True)
+    x = torch.rand(1, 1, 128, 192)
+    with torch.no_grad():
+        assert feats_equal(ours(x), original_reference(sd, x, 3, 3, False, True, (False, True, True, True)))
 
 
 def all_kinds():
@@ -312,3 +324,62 @@ def test_written_files_get_normal_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+def _crafted(tmp_path, module, **changes):
+    """`module`'s single file with its stored config edited (the tensors untouched)."""
+    path = module.save_file(tmp_path / "crafted.safetensors", overwrite=True)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    meta["t2iadapter_config"] = json.dumps({**json.loads(meta["t2iadapter_config"]), **changes})
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+@pytest.mark.parametrize("kind, changes, message", [
+    ("full", {"num_res_blocks": 1_000_000_000}, "num_res_blocks must be an integer between 1 and 64"),
+    ("full", {"channels": [1_000_000_000, 16, 32, 32]}, "channels must be a list"),
+    ("full", {"channels": 5}, "channels must be a list"),
+    ("full", {"num_res_blocks": "1e9"}, "num_res_blocks must be an integer"),
+    ("full", {"downsample": "yes"}, "downsample must have one entry per stage"),
+    ("full", {"num_res_blocks": 3}, "describes 12 residual blocks, its tensors hold 8"),
+    ("light", {"num_res_blocks": 1_000_000_000}, "num_res_blocks must be an integer"),
+    ("light", {"num_res_blocks": 7}, "describes 7 blocks in stage 0, its tensors hold 2"),
+    ("style", {"num_layers": 1_000_000_000}, "num_layers must be an integer"),
+    ("style", {"num_layers": 40}, "describes 40 transformer layers, its tensors hold 1"),
+    ("fuser", {"num_layers": 10**12}, "num_layers must be an integer"),
+    ("fuser", {"num_tasks": 2**40}, "num_tasks must be an integer"),
+])
+def test_crafted_stored_config_is_refused_at_once(tmp_path, capsys, kind, changes, message):
+    """A file whose stored config is absurd or disagrees with its tensors: one clear line, within a second (issue 14.6)."""
+    import time
+
+    module = {m.kind: m for m in all_kinds()}[kind]
+    path = _crafted(tmp_path, module, **changes)
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match=message):
+        load_adapter(path)
+    assert cli(["info", str(path)]) == 2
+    assert time.perf_counter() - start < 1.0
+    err = capsys.readouterr().err.strip()
+    assert message.split()[0] in err and len(err.splitlines()) == 1
+
+
+def test_crafted_diffusers_config_is_refused_at_once(tmp_path):
+    import time
+
+    folder = tmp_path / "d"
+    diffusers_random("full_adapter", 3, TINY).save_pretrained(folder)
+    for changes, message in (({"num_res_blocks": 1_000_000_000}, "num_res_blocks must be an integer"),
+                             ({"channels": 10**9}, "channels must be a list"),
+                             ({"downscale_factor": "x"}, "downscale_factor must be an integer"),
+                             ({"num_res_blocks": 4}, "describes 16 residual blocks, its tensors hold 8")):
+        data = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**data, **changes}))
+        start = time.perf_counter()
+        with pytest.raises(CheckpointError, match=message):
+            load_adapter(folder)
+        assert time.perf_counter() - start < 1.0
+        (folder / "config.json").write_text(json.dumps(data))

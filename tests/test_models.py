@@ -119,8 +119,6 @@ def test_bad_inputs_give_clear_errors():
         ad(torch.rand(1, 1, 60, 64))
     with pytest.raises(ConfigError, match="ksize"):
         FullAdapterConfig(ksize=2)
-    with pytest.raises(ConfigError, match="constant channels"):
-        FullAdapterConfig(skip_conv=True)
     with pytest.raises(ConditionError, match="CLIP-vision"):
         build_adapter(StyleAdapterConfig(width=32, context_dim=16, num_heads=4, num_layers=1))(torch.rand(1, 5, 8))
 

@@ -141,7 +141,7 @@ def test_errors_are_clear(base, tmp_path):
     with pytest.raises(ConfigError, match="no style adapter"):
         run(pipe, "a", [img(64, 64)], style_image=img(64, 64))
     xl_adapter = build_adapter(FullAdapterConfig.sdxl(3, channels=(32, 32, 64, 64)))
-    with pytest.raises(ConfigError, match="made for SDXL"):
+    with pytest.raises(ConfigError, match=r"gives features \[32ch@1/16, 32ch@1/16, 64ch@1/32, 64ch@1/32\] .*takes \[32ch@1/8, "):
         AdapterPipeline(base, [xl_adapter])
     with pytest.raises(ConfigError, match="channels"):
         AdapterPipeline(base, [build_adapter(FullAdapterConfig.sd(3, channels=(8, 16, 32, 32)))])

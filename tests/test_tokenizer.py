@@ -47,3 +47,20 @@ def test_vocab_is_deterministic(tmp_path: Path) -> None:
     for name in ("vocab.json", "merges.txt"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert (tmp_path / "a" / "merges.txt").read_text().startswith("#version: 0.2\n")
+
+
+def test_tiny_base_leaves_no_temporary_folder(tmp_path: Path, monkeypatch) -> None:
+    """Loading the `tiny` base builds its tokenizer in a temporary folder and removes it again (issue 14.10)."""
+    import tempfile
+
+    from t2iadapter.bases import load_base
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    base = load_base("tiny")
+    assert [p.name for p in scratch.iterdir() if p.name.startswith("t2i_")] == []  # (torch may add its own caches)
+    ids = base.tokenizer("a red circle").input_ids
+    assert base.tokenizer.convert_ids_to_tokens(ids[1:-1]) == ["a</w>", "red</w>", "circle</w>"]
+    base.tokenizer.save_pretrained(tmp_path / "saved")  # still complete without the folder it was read from
+    assert build_clip_tokenizer(["x"], tmp_path / "kept") and (tmp_path / "kept" / "vocab.json").is_file()

@@ -107,7 +107,7 @@ def load_base(
     config_dir: str | os.PathLike | None = None,
 ) -> BaseModel:
     """Load a base: preset name, diffusers folder, single file (.safetensors/.ckpt) or hub id."""
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     text = str(source)
     if text in PRESETS:
@@ -115,6 +115,10 @@ def load_base(
     else:
         path = Path(text).expanduser()
         kwargs = dict(torch_dtype=dtype) if dtype is not None else {}
+        if not path.exists() and "/" in text and not text.startswith((".", "/")):
+            from t2iadapter import hub
+
+            path = hub.pipeline_path(text)  # the hub's cache first; one clear error when offline and not cached
         try:
             if path.is_dir():
                 index = path / "model_index.json"
@@ -130,8 +134,6 @@ def load_base(
                 cls = StableDiffusionXLPipeline if _single_file_is_sdxl(path) else StableDiffusionPipeline
                 sf = dict(config=str(config_dir), local_files_only=True) if config_dir else {}
                 pipe = cls.from_single_file(str(path), **sf, **kwargs)
-            elif "/" in text and not text.startswith((".", "/")):
-                pipe = DiffusionPipeline.from_pretrained(text, **kwargs)
             else:
                 raise CheckpointError(f"{text}: no such base model folder or file, and not a preset ({', '.join(PRESETS)})")
         except CheckpointError:
@@ -222,12 +224,11 @@ def tiny_base(spec: TinySpec = TinySpec(), seed: int = 0) -> BaseModel:
 
 
 def tiny_adapter_config(base: BaseModel, in_channels: int = 3):
-    """A full adapter config whose features fit a tiny base."""
+    """A full adapter config whose features fit a base (read off its UNet and VAE configs)."""
     from t2iadapter.models import FullAdapterConfig
-    from t2iadapter.unet_hook import feature_channels
+    from t2iadapter.unet_hook import adapter_layout
 
-    chans = tuple(feature_channels(base.unet))
-    return FullAdapterConfig.sdxl(in_channels, channels=chans) if base.is_sdxl else FullAdapterConfig.sd(in_channels, channels=chans)
+    return FullAdapterConfig(in_channels=in_channels, **adapter_layout(base.unet, base.vae_scale_factor))
 
 
 def _demo() -> BaseModel:

@@ -249,8 +249,8 @@ def detect_config(sd: StateDict) -> Any:
             conv_down = any(".down_opt.op." in k for k in sd)
         if conv_down:
             downs = tuple(f"body.{i * n}.down_opt.op.weight" in sd for i in range(len(channels)))
-        elif factor == 16:
-            downs = (False, False, True, False)[: len(channels)]
+        elif factor == 16:  # no config: diffusers' full_adapter_xl layout (only the 3rd stage downsamples)
+            downs = tuple(i == 2 for i in range(len(channels)))
         else:
             downs = (False,) + (True,) * (len(channels) - 1)
         return FullAdapterConfig(
@@ -289,6 +289,26 @@ def _floating_dtype(sd: StateDict) -> torch.dtype:
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
+def _check_counts(config: Any, sd: StateDict, source: str) -> None:
+    """Before building anything: the blocks/layers/scales a config describes are those the tensors hold, so a
+    crafted config (say `num_res_blocks: 1000000000`) is one clear error, not a module of a billion blocks."""
+    if config.kind == "light":
+        counts = {"stages": (len(config.channels), r"^body\.(\d+)\."),
+                  "blocks in stage 0": (config.num_res_blocks, r"^body\.0\.body\.(\d+)\.")}
+    elif config.kind in ("full", "full_xl"):
+        counts = {"residual blocks": (len(config.channels) * config.num_res_blocks, r"^body\.(\d+)\.")}
+    elif config.kind == "style":
+        counts = {"transformer layers": (config.num_layers, r"^transformer_layes\.(\d+)\.")}
+    else:
+        counts = {"transformer layers": (config.num_layers, r"^transformer_layes\.(\d+)\."),
+                  "scales": (len(config.unet_channels), r"^spatial_ch_projs\.(\d+)\.")}
+    for what, (want, pattern) in counts.items():
+        have = len(_indices(sd, pattern))
+        if have != want:
+            raise CheckpointError(f"{source}: its config describes {want} {what}, its tensors hold {have}; "
+                                  "the config or the file is wrong")
+
+
 def adapter_from_state_dict(sd: StateDict, config: Any = None, *, source: str = "state dict") -> AdapterModule:
     """An adapter holding exactly these tensors (dtype kept, no copy); strict key and shape check."""
     sd = _strip_prefix(sd)
@@ -296,6 +316,7 @@ def adapter_from_state_dict(sd: StateDict, config: Any = None, *, source: str = 
         config = detect_config(sd)
     if config.kind in DIFFUSERS_TYPES and is_diffusers_layout(sd):
         sd = diffusers_to_ours(sd, config)
+    _check_counts(config, sd, source)
     with torch.device("meta"):
         module = build_adapter(config)
     expected = module.state_dict()
@@ -330,17 +351,19 @@ def _config_from_metadata(meta: Mapping[str, str]) -> Any | None:
 
 def _diffusers_config(data: Mapping[str, Any]) -> Any:
     """Our config from a diffusers `T2IAdapter` config.json."""
-    kind = {v: k for k, v in DIFFUSERS_TYPES.items()}.get(data.get("adapter_type", "full_adapter"))
+    kind = {v: k for k, v in DIFFUSERS_TYPES.items()}.get(str(data.get("adapter_type", "full_adapter")))
     if kind is None:
-        raise CheckpointError(f"unknown diffusers adapter_type {data.get('adapter_type')!r}")
-    channels = tuple(data.get("channels", (320, 640, 1280, 1280)))
-    in_ch = int(data.get("in_channels", 3))
-    n = int(data.get("num_res_blocks", 2))
-    factor = int(data.get("downscale_factor", 8))
+        raise CheckpointError(f"unknown diffusers adapter_type {data.get('adapter_type')!r}"[:200])
+    channels = data.get("channels", [320, 640, 1280, 1280])
+    channels = tuple(channels) if isinstance(channels, (list, tuple)) else channels  # the config checks the values
+    if not isinstance(channels, tuple) or not 1 <= len(channels) <= 64:
+        raise ConfigError(f"channels must be a list of 1 to 64 integers, got {channels!r}"[:200])
+    in_ch, n, factor = data.get("in_channels", 3), data.get("num_res_blocks", 2), data.get("downscale_factor", 8)
     if kind == "light":
         return LightAdapterConfig(in_channels=in_ch, channels=channels + channels[-1:], num_res_blocks=n, downscale_factor=factor)
-    if kind == "full_xl":
-        return FullAdapterConfig.sdxl(in_ch, channels=channels, num_res_blocks=n, downscale_factor=factor)
+    if kind == "full_xl":  # diffusers' FullAdapterXL: only stage 2 (0-based) downsamples, for any channel count
+        return FullAdapterConfig(in_channels=in_ch, channels=channels, num_res_blocks=n, downscale_factor=factor,
+                                 downsample=tuple(i == 2 for i in range(len(channels))))
     return FullAdapterConfig(in_channels=in_ch, channels=channels, num_res_blocks=n, downscale_factor=factor,
                              downsample=(False,) + (True,) * (len(channels) - 1))
 
@@ -353,14 +376,22 @@ def _load_folder(path: Path) -> AdapterModule:
         data = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{cfg_path}: not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{cfg_path}: a config.json holds a JSON object")
     if "kind" in data:  # our folder format
         weights = path / OUR_FOLDER_WEIGHTS
-        config = config_from_dict({k: v for k, v in data.items() if not k.startswith("_")})
+        try:
+            config = config_from_dict({k: v for k, v in data.items() if not k.startswith("_")})
+        except ConfigError as exc:
+            raise CheckpointError(f"{cfg_path}: the config is invalid: {exc}") from None
     else:
         cls = data.get("_class_name", "T2IAdapter")
         if cls != "T2IAdapter":
             raise CheckpointError(f"{path}: a diffusers {cls}, not a T2IAdapter; load each adapter folder on its own")
-        config = _diffusers_config(data)
+        try:
+            config = _diffusers_config(data)
+        except ConfigError as exc:
+            raise CheckpointError(f"{cfg_path}: {exc}") from None
         weights = next((path / w for w in DIFFUSERS_WEIGHTS if (path / w).is_file()), path / DIFFUSERS_WEIGHTS[0])
     sd, _ = read_weights(weights)
     return adapter_from_state_dict(sd, config, source=str(path))
@@ -375,21 +406,10 @@ _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(/.+)?$")
 
 
 def _download(source: str) -> Path:
-    """A local path for a hub id `org/repo` (whole adapter folder) or `org/repo/file/in/repo`."""
-    try:
-        from huggingface_hub import hf_hub_download, snapshot_download
+    """A local path for a hub id `org/repo` (whole adapter folder) or `org/repo/file/in/repo` (cache first)."""
+    from t2iadapter import hub
 
-        parts = source.split("/")
-        repo, rest = "/".join(parts[:2]), "/".join(parts[2:])
-        if rest:
-            return Path(hf_hub_download(repo, rest))
-        patterns = ["config.json", "*.safetensors", "*.bin"]
-        return Path(snapshot_download(repo, allow_patterns=patterns))
-    except Exception as exc:  # offline, missing repo, missing file: all one message
-        raise CheckpointError(
-            f"{source!r} is not a local file or folder, and fetching it from the Hugging Face hub failed "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Check the path, or go online."
-        ) from None
+    return hub.adapter_path(source)
 
 
 def resolve(source: str | os.PathLike) -> Path:

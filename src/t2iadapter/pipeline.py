@@ -211,7 +211,7 @@ class AdapterPipeline:
             if module.kind == "style":
                 unet_hook.check_style_fits(base.unet, module.config, name)
             else:
-                unet_hook.check_adapter_fits(base.unet, module.config, name)
+                unet_hook.check_adapter_fits(base.unet, module.config, name, vae_scale_factor=base.vae_scale_factor)
             self.adapters[name] = module.requires_grad_(False).eval()
         self.fuser = load_adapter(fuser).requires_grad_(False).eval() if fuser is not None else None
         if self.fuser is not None and self.fuser.kind != "fuser":

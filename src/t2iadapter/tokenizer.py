@@ -92,14 +92,18 @@ def clip_vocab_and_merges(words: Iterable[str]) -> tuple[dict[str, int], list[tu
 def build_clip_tokenizer(
     words: Iterable[str], out_dir: str | Path | None = None, model_max_length: int = 77
 ) -> CLIPTokenizer:
-    """Write vocab.json/merges.txt for `words` (CLIP BPE format) to `out_dir` and load it as a CLIPTokenizer.
+    """Write vocab.json/merges.txt for `words` (CLIP BPE format) to `out_dir` (default: a temporary folder,
+    removed again) and load it as a CLIPTokenizer.
 
     Unknown words still tokenise: they fall back to byte-level characters and partial merges.
     """
     from transformers import CLIPTokenizer
 
+    if out_dir is None:  # the tokenizer holds vocab and merges in memory once loaded: leave no folder behind
+        with tempfile.TemporaryDirectory(prefix="t2i_tokenizer_") as tmp:
+            return build_clip_tokenizer(words, tmp, model_max_length)
     vocab, merges = clip_vocab_and_merges(words)
-    out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="t2i_tokenizer_"))
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]

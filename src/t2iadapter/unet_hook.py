@@ -9,6 +9,7 @@ tensors are never touched. Style tokens (paper §3.3) extend the cross-attention
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -22,28 +23,70 @@ def is_sdxl(unet: UNet2DConditionModel) -> bool:
 
 
 def feature_channels(unet: UNet2DConditionModel) -> list[int]:
-    """Channel count of each adapter feature this UNet accepts, in injection order."""
+    """Channel count of each adapter feature a new adapter for this UNet gives (released layouts: one per down
+    block, SDXL one more after the mid block)."""
     channels = list(unet.config.block_out_channels)
     if is_sdxl(unet):
         channels.append(channels[-1])  # the 4th SDXL feature enters after the mid block
     return channels
 
 
-def expected_unshuffle(unet: UNet2DConditionModel) -> int:
-    """PixelUnshuffle factor an adapter for this UNet uses: 8 (SD1.x/SD2.x) or 16 (SDXL)."""
-    return 16 if is_sdxl(unet) else 8
+@dataclass(frozen=True)
+class FeatureSlot:
+    """Where one adapter feature enters the UNet: its channels and its scale (image pixels per feature pixel)."""
+
+    channels: int
+    scale: int
+    mid_block: bool = False  # after the mid block: diffusers adds it only if its shape fits, so it is optional
 
 
-def check_adapter_fits(unet: UNet2DConditionModel, config, name: str) -> None:
-    """Raise a clear ConfigError when a spatial adapter was made for another base."""
-    want_channels = feature_channels(unet)
-    base = "SDXL" if is_sdxl(unet) else "SD1.x/SD2.x"
-    if config.downscale_factor != expected_unshuffle(unet):
-        made_for = "SDXL" if config.downscale_factor == 16 else "SD1.x/SD2.x"
-        raise ConfigError(f"adapter {name!r} was made for {made_for} (pixel-unshuffle {config.downscale_factor}); the base is {base}")
-    if list(config.channels) != want_channels:
-        raise ConfigError(f"adapter {name!r} gives features with channels {list(config.channels)}; this {base} UNet takes "
-                          f"{want_channels}")
+def feature_slots(unet: UNet2DConditionModel, vae_scale_factor: int) -> list[FeatureSlot]:
+    """Every place diffusers' UNet adds an adapter feature, in order, read from the UNet and VAE configs.
+
+    A cross-attention down block takes its feature before its downsampler, a plain down block after it
+    (diffusers' `UNet2DConditionModel.forward`); one more may follow the mid block, at the lowest scale.
+    """
+    slots, scale = [], vae_scale_factor
+    for block, c in zip(unet.down_blocks, unet.config.block_out_channels):
+        cross = getattr(block, "has_cross_attention", False)
+        if cross:
+            slots.append(FeatureSlot(c, scale))
+        if getattr(block, "downsamplers", None) is not None:
+            scale *= 2
+        if not cross:
+            slots.append(FeatureSlot(c, scale))
+    if unet.mid_block is not None:
+        slots.append(FeatureSlot(unet.config.block_out_channels[-1], scale, mid_block=True))
+    return slots
+
+
+def adapter_layout(unet: UNet2DConditionModel, vae_scale_factor: int) -> dict:
+    """`channels`, `downscale_factor` and `downsample` of a full adapter that fits this base (the slots that
+    `feature_channels` counts)."""
+    slots = feature_slots(unet, vae_scale_factor)[: len(feature_channels(unet))]
+    downs = tuple(i > 0 and s.scale != slots[i - 1].scale for i, s in enumerate(slots))
+    return dict(channels=tuple(s.channels for s in slots), downscale_factor=slots[0].scale, downsample=downs)
+
+
+def _describe(pairs) -> str:
+    return "[" + ", ".join(f"{c}ch@1/{s}" for c, s in pairs) + "]"
+
+
+def check_adapter_fits(unet: UNet2DConditionModel, config, name: str, *, vae_scale_factor: int) -> None:
+    """Raise a clear ConfigError unless a spatial adapter's features have the channels and scales the UNet takes.
+
+    The adapter must fill every down-block slot in order; the mid-block slot is optional (as in diffusers).
+    """
+    slots = feature_slots(unet, vae_scale_factor)
+    given = list(zip(config.channels, config.feature_scales))
+    wanted = [(s.channels, s.scale) for s in slots]
+    required = sum(not s.mid_block for s in slots)
+    if len(given) < required or len(given) > len(slots) or given != wanted[: len(given)]:
+        optional = " (the last one, after the mid block, optional)" if len(slots) > required else ""
+        raise ConfigError(
+            f"adapter {name!r} gives features {_describe(given)} (channels@scale of the input); this base "
+            f"takes {_describe(wanted)}{optional}"
+        )
 
 
 def check_style_fits(unet: UNet2DConditionModel, config, name: str) -> None:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from t2iadapter.errors import ConditionError, ConfigError
-from t2iadapter.models.base import AdapterModule, register
+from t2iadapter.models.base import MAX_COUNT, MAX_WIDTH, AdapterModule, check_ints, register
 
 
 @dataclass(frozen=True)
@@ -31,22 +31,25 @@ class FullAdapterConfig:
     pool_ceil_mode: bool = True  # avg-pool rounds odd sizes up like the UNet (diffusers); the original floors
 
     def __post_init__(self) -> None:
-        if self.in_channels < 1:
-            raise ConfigError(f"in_channels must be >= 1, got {self.in_channels}")
-        if len(self.downsample) != len(self.channels):
-            raise ConfigError(f"downsample has {len(self.downsample)} entries for {len(self.channels)} channels")
+        check_ints("full", {"in_channels": (self.in_channels, MAX_COUNT), "channels": (self.channels, MAX_WIDTH),
+                            "num_res_blocks": (self.num_res_blocks, MAX_COUNT), "downscale_factor": (self.downscale_factor, 64)})
+        if not isinstance(self.downsample, tuple) or len(self.downsample) != len(self.channels):
+            raise ConfigError(f"downsample must have one entry per stage ({len(self.channels)}), got {self.downsample!r}"[:300])
         if self.ksize not in (1, 3):
             raise ConfigError(f"ksize must be 1 or 3 (as in the original), got {self.ksize}")
-        if self.num_res_blocks < 1 or self.downscale_factor < 1:
-            raise ConfigError("num_res_blocks and downscale_factor must be positive")
-        if self.skip_conv and len(set(self.channels)) > 1:
-            # The original applies `skep` (in_c -> out_c) after `in_conv` has already made out_c
-            # channels, so it only runs where the channel count never changes.
-            raise ConfigError("skip_conv (original sk=False) only works with constant channels, as in the original code")
+        if not all(isinstance(d, bool) for d in self.downsample) or not isinstance(self.skip_conv, bool) \
+                or not isinstance(self.conv_downsample, bool) or not isinstance(self.pool_ceil_mode, bool):
+            raise ConfigError("full adapter config: downsample, skip_conv, conv_downsample and pool_ceil_mode are booleans")
 
     @property
     def kind(self) -> str:
-        return "full_xl" if self.downscale_factor == 16 else "full"
+        """`full_xl` for diffusers' SDXL layout (only the 3rd stage downsamples), else `full` (what the layout is,
+        not which base it is for: `unet_hook.check_adapter_fits` compares scales and channels with the base)."""
+        n = len(self.channels)
+        xl, sd = tuple(i == 2 for i in range(n)), tuple(i > 0 for i in range(n))
+        if self.downsample == xl and (xl != sd or self.downscale_factor == 16):
+            return "full_xl"
+        return "full"
 
     @classmethod
     def sd(cls, in_channels: int = 3, **overrides) -> "FullAdapterConfig":
@@ -55,15 +58,29 @@ class FullAdapterConfig:
 
     @classmethod
     def sdxl(cls, in_channels: int = 3, **overrides) -> "FullAdapterConfig":
-        """The released SDXL layout: unshuffle 16, stage 2 not downsampled, stage 4 not downsampled."""
-        kw = dict(downscale_factor=16, downsample=(False, False, True, False))
+        """The released SDXL layout (diffusers' `full_adapter_xl`): unshuffle 16, only the 3rd stage downsampled."""
+        kw = dict(downscale_factor=16)
         kw.update(overrides)
+        kw.setdefault("downsample", tuple(i == 2 for i in range(len(kw.get("channels", cls.channels)))))
         return cls(in_channels=in_channels, **kw)
 
     @property
     def total_downscale(self) -> int:
         """Input side lengths must be multiples of this for every stage to halve exactly."""
         return self.downscale_factor * 2 ** sum(self.downsample)
+
+    @property
+    def feature_scales(self) -> tuple[int, ...]:
+        """Input pixels per feature pixel of each output (unshuffle x 2 per downsample so far)."""
+        return _scales(self.downscale_factor, self.downsample)
+
+
+def _scales(unshuffle: int, downsample: tuple[bool, ...]) -> tuple[int, ...]:
+    scales, s = [], unshuffle
+    for down in downsample:
+        s *= 2 if down else 1
+        scales.append(s)
+    return tuple(scales)
 
 
 class Downsample(nn.Module):
@@ -91,7 +108,8 @@ class ResnetBlock(nn.Module):
         self.block1 = nn.Conv2d(out_c, out_c, 3, 1, 1)
         self.act = nn.ReLU()
         self.block2 = nn.Conv2d(out_c, out_c, config.ksize, 1, pad)
-        self.skep = nn.Conv2d(in_c, out_c, config.ksize, 1, pad) if config.skip_conv else None
+        # The original's current SD branch: `skep` acts on in_conv's output, so it is out_c -> out_c.
+        self.skep = nn.Conv2d(out_c, out_c, config.ksize, 1, pad) if config.skip_conv else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.down_opt is not None:
@@ -162,8 +180,8 @@ class LightAdapterConfig:
     pool_ceil_mode: bool = True  # avg-pool rounds odd sizes up like the UNet (diffusers); the original floors
 
     def __post_init__(self) -> None:
-        if self.in_channels < 1 or self.num_res_blocks < 1 or not self.channels:
-            raise ConfigError("light adapter needs in_channels >= 1, num_res_blocks >= 1 and some channels")
+        check_ints("light", {"in_channels": (self.in_channels, MAX_COUNT), "channels": (self.channels, MAX_WIDTH),
+                             "num_res_blocks": (self.num_res_blocks, MAX_COUNT), "downscale_factor": (self.downscale_factor, 64)})
         if any(c % 4 for c in self.channels):
             raise ConfigError(f"light adapter channels must be multiples of 4, got {self.channels}")
 
@@ -178,6 +196,10 @@ class LightAdapterConfig:
     @property
     def total_downscale(self) -> int:
         return self.downscale_factor * 2 ** (len(self.channels) - 1)
+
+    @property
+    def feature_scales(self) -> tuple[int, ...]:
+        return _scales(self.downscale_factor, self.downsample)
 
 
 class LightResnetBlock(nn.Module):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -19,6 +20,24 @@ def register(kind: str, config_cls: type, module_cls: type) -> None:
     REGISTRY[kind] = (config_cls, module_cls)
 
 
+# Upper bounds far above every released or sensible model, so a crafted config (a file's metadata, a
+# config.json) is refused at once instead of building a billion blocks or gigabyte tensors.
+MAX_COUNT = 64  # stages, residual blocks per stage, transformer layers
+MAX_WIDTH = 16384  # channels, token widths
+MAX_TOKENS = 1024  # style tokens, task rows, attention heads
+
+
+def check_ints(kind: str, bounds: dict[str, tuple[Any, int]]) -> None:
+    """Each value (an int, or a tuple of ints) must be an int in [1, bound]; one clear ConfigError otherwise."""
+    for name, (value, hi) in bounds.items():
+        listed = name in ("channels", "unet_channels")
+        values = value if listed and isinstance(value, tuple) else (value,)
+        if (listed and not isinstance(value, tuple)) or not values or len(values) > MAX_COUNT or \
+                any(isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi for v in values):
+            what = f"a list of 1 to {MAX_COUNT} integers" if listed else "an integer"
+            raise ConfigError(f"{kind} adapter config: {name} must be {what} between 1 and {hi}, got {value!r}"[:300])
+
+
 def config_to_dict(config: Any) -> dict[str, Any]:
     """A JSON-ready dict of a config dataclass, with its kind (`{"kind": ..., **fields}`)."""
     out = {"kind": config.kind}
@@ -30,6 +49,8 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 def config_from_dict(data: dict[str, Any]) -> Any:
     """Rebuild a config dataclass from `config_to_dict`'s output; unknown kinds or fields are errors."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"an adapter config is a JSON object, got {type(data).__name__}")
     data = dict(data)
     kind = data.pop("kind", None)
     if kind not in REGISTRY:
@@ -41,7 +62,7 @@ def config_from_dict(data: dict[str, Any]) -> Any:
         raise ConfigError(f"unknown {kind} config fields {sorted(unknown)}")
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
     config = config_cls(**kwargs)
-    if config.kind != kind:
+    if REGISTRY[config.kind] != REGISTRY[kind]:  # full vs full_xl is a label read off the layout, not a class
         raise ConfigError(f"config says kind {kind!r} but its fields describe {config.kind!r}")
     return config
 

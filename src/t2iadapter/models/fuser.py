@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from t2iadapter.errors import ConditionError, ConfigError
-from t2iadapter.models.base import AdapterModule, register
+from t2iadapter.models.base import MAX_COUNT, MAX_TOKENS, MAX_WIDTH, AdapterModule, check_ints, register
 from t2iadapter.models.transformer import LayerNorm, ResidualAttentionBlock
 
 #: task-embedding rows, as the original's `ExtraCondition` enum. `pose` is our name for openpose.
@@ -36,6 +36,9 @@ class FuserConfig:
     num_tasks: int = 16  # rows of the task embedding ("16, maybe large enough")
 
     def __post_init__(self) -> None:
+        check_ints("fuser", {"unet_channels": (self.unet_channels, MAX_WIDTH), "width": (self.width, MAX_WIDTH),
+                             "num_heads": (self.num_heads, MAX_TOKENS), "num_layers": (self.num_layers, MAX_COUNT),
+                             "num_tasks": (self.num_tasks, MAX_TOKENS)})
         if self.width % self.num_heads:
             raise ConfigError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
 

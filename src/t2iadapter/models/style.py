@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from t2iadapter.errors import ConditionError, ConfigError
-from t2iadapter.models.base import AdapterModule, register
+from t2iadapter.models.base import MAX_COUNT, MAX_TOKENS, MAX_WIDTH, AdapterModule, check_ints, register
 from t2iadapter.models.transformer import LayerNorm, ResidualAttentionBlock
 
 
@@ -22,6 +22,9 @@ class StyleAdapterConfig:
     num_tokens: int = 8  # style tokens appended to the text context
 
     def __post_init__(self) -> None:
+        check_ints("style", {"width": (self.width, MAX_WIDTH), "context_dim": (self.context_dim, MAX_WIDTH),
+                             "num_heads": (self.num_heads, MAX_TOKENS), "num_layers": (self.num_layers, MAX_COUNT),
+                             "num_tokens": (self.num_tokens, MAX_TOKENS)})
         if self.width % self.num_heads:
             raise ConfigError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
 

@@ -103,19 +103,23 @@ class AdapterSet(nn.Module):
 # building the models
 
 
-def _adapter_config(spec: AdapterSpec, unet) -> Any:
+def _adapter_config(spec: AdapterSpec, unet, vae_scale_factor: int) -> Any:
     from t2iadapter.models import FullAdapterConfig, LightAdapterConfig, StyleAdapterConfig
-    from t2iadapter.unet_hook import feature_channels, is_sdxl
+    from t2iadapter.unet_hook import adapter_layout, is_sdxl
 
     sdxl = is_sdxl(unet)
     extra = dict(spec.options)
     if spec.num_res_blocks is not None:
         extra["num_res_blocks"] = spec.num_res_blocks
-    channels = tuple(spec.channels) if spec.channels else tuple(feature_channels(unet))
+    layout = adapter_layout(unet, vae_scale_factor)  # read off the UNet and VAE configs
+    channels = tuple(spec.channels) if spec.channels else layout["channels"]
     try:
         if spec.kind == "style":
             extra.setdefault("context_dim", unet.config.cross_attention_dim)
             return StyleAdapterConfig(**extra)
+        extra.setdefault("downscale_factor", layout["downscale_factor"])
+        if len(channels) == len(layout["channels"]):
+            extra.setdefault("downsample", layout["downsample"])
         if spec.kind == "full":
             if sdxl:
                 raise ConfigError("adapter kind 'full' is the SD1.x/SD2.x layout; for an SDXL base use 'full_xl'")
@@ -126,12 +130,13 @@ def _adapter_config(spec: AdapterSpec, unet) -> Any:
             return FullAdapterConfig.sdxl(spec.in_channels, channels=channels, **extra)
         if sdxl:
             raise ConfigError("the light (colour) adapter exists for SD1.x/SD2.x bases only")
+        extra.pop("downsample", None)  # the light adapter downsamples every stage after the first
         return LightAdapterConfig(in_channels=spec.in_channels, channels=channels, **extra)
     except TypeError as exc:
         raise ConfigError(f"adapter {spec.condition!r}: bad option in `options`: {exc}") from None
 
 
-def build_adapters(config: TrainConfig, unet) -> tuple[dict[str, nn.Module], nn.Module | None]:
+def build_adapters(config: TrainConfig, unet, vae_scale_factor: int) -> tuple[dict[str, nn.Module], nn.Module | None]:
     """Fresh (seeded) or loaded adapters and the optional fuser, in fp32, checked against the UNet."""
     from t2iadapter.formats import load_adapter
     from t2iadapter.models import FuserConfig, build_adapter
@@ -145,11 +150,11 @@ def build_adapters(config: TrainConfig, unet) -> tuple[dict[str, nn.Module], nn.
             if module.kind != spec.kind:
                 raise ConfigError(f"{spec.init_from} is a {module.kind} adapter, the config says kind {spec.kind!r}")
         else:
-            module = build_adapter(_adapter_config(spec, unet))
+            module = build_adapter(_adapter_config(spec, unet, vae_scale_factor))
         if module.kind == "style":
             check_style_fits(unet, module.config, spec.condition)
         else:
-            check_adapter_fits(unet, module.config, spec.condition)
+            check_adapter_fits(unet, module.config, spec.condition, vae_scale_factor=vae_scale_factor)
             if config.is_coadapter and list(module.config.channels) != list(feature_channels(unet)):
                 raise ConfigError("CoAdapter adapters must give the UNet's feature channels")
         adapters[spec.condition] = module
@@ -234,7 +239,7 @@ class Trainer:
         self.noise_scheduler = DDPMScheduler.from_config(base.scheduler.config)
         self.T = self.noise_scheduler.config.num_train_timesteps
 
-        adapters, fuser = build_adapters(config, base.unet)
+        adapters, fuser = build_adapters(config, base.unet, base.vae_scale_factor)
         self.names = list(adapters)
         self.style_names = [n for n, m in adapters.items() if m.kind == "style"]
         self.model = AdapterSet(adapters, fuser).to(self.device).train()
