@@ -14,6 +14,7 @@ Pickles are only ever read with `torch.load(weights_only=True)`; anything needin
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -394,7 +395,7 @@ def load_adapter(
 ) -> AdapterModule:
     """Load any adapter checkpoint (format detected), returning a module that carries its config and kind."""
     if isinstance(source, AdapterModule):
-        module = source
+        module = copy.deepcopy(source) if dtype is not None or device is not None else source  # never move the caller's
     else:
         path = resolve(source)
         module = _load_folder(path) if path.is_dir() else _load_file(path)

@@ -9,9 +9,12 @@ tensors are never touched. Style tokens (paper §3.3) extend the cross-attention
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import UNet2DConditionModel
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DConditionModel
 
 from t2iadapter.errors import ConfigError
 

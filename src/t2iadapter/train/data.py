@@ -49,23 +49,14 @@ class Raw:
 
 
 def _open_image(source: Any):
-    """A decoded PIL image from a path, bytes, a datasets image dict or a PIL image (fully loaded)."""
+    """A decoded PIL image from a path, bytes, a datasets image dict, an array or a PIL image (the one reader)."""
     from PIL import Image
 
-    if isinstance(source, Image.Image):
-        image = source
-    elif isinstance(source, (bytes, bytearray)):
-        image = Image.open(io.BytesIO(source))
-    elif isinstance(source, dict) and (source.get("bytes") or source.get("path")):
-        image = Image.open(io.BytesIO(source["bytes"])) if source.get("bytes") else Image.open(source["path"])
-    elif isinstance(source, (str, Path)):
-        image = Image.open(source)
-    elif isinstance(source, np.ndarray):
-        image = Image.fromarray(source)
-    else:
-        raise ValueError(f"not an image: {type(source).__name__}")
-    image.load()
-    return image
+    from t2iadapter.extractors.images import open_image
+
+    if isinstance(source, np.ndarray):
+        return Image.fromarray(source)
+    return open_image(source)
 
 
 def resize_crop(image, size: int, *, nearest: bool = False):
