@@ -50,24 +50,6 @@ DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_m
 PICKLE_SUFFIXES = {".pth", ".pt", ".ckpt", ".bin"}
 DIFFUSERS_TYPES = {"full": "full_adapter", "full_xl": "full_adapter_xl", "light": "light_adapter"}
 
-# Released checkpoints and what the loader detects them as (README table; DESIGN.md §4).
-RELEASED: list[tuple[str, str, str]] = [
-    ("TencentARC/T2I-Adapter models/t2iadapter_{sketch,canny}_sd14v1.pth", "original", "full, 1-channel, SD1"),
-    ("TencentARC/T2I-Adapter models/t2iadapter_{keypose,seg,depth,openpose}_sd14v1.pth", "original", "full, 3-channel, SD1"),
-    ("TencentARC/T2I-Adapter models/t2iadapter_color_sd14v1.pth", "original", "light, 3-channel, SD1"),
-    ("TencentARC/T2I-Adapter models/t2iadapter_style_sd14v1.pth", "original", "style (8 tokens, 768 context)"),
-    ("TencentARC/T2I-Adapter models/t2iadapter_{canny,sketch}_sd15v2.pth", "original", "full, 1-channel, SD1"),
-    ("TencentARC/T2I-Adapter models/t2iadapter_{depth,zoedepth}_sd15v{2,1}.pth", "original", "full, 3-channel, SD1"),
-    ("TencentARC/T2I-Adapter models/coadapter-{sketch,canny}-sd15v1.pth", "original", "full, 1-channel, SD1"),
-    ("TencentARC/T2I-Adapter models/coadapter-depth-sd15v1.pth", "original", "full, 3-channel, SD1"),
-    ("TencentARC/T2I-Adapter models/coadapter-color-sd15v1.pth", "original", "light, 3-channel, SD1"),
-    ("TencentARC/T2I-Adapter models/coadapter-style-sd15v1.pth", "original", "style"),
-    ("TencentARC/T2I-Adapter models/coadapter-fuser-sd15v1.pth", "original", "fuser"),
-    ("TencentARC/t2iadapter_{sketch,canny,...}_sd14v1 (diffusers)", "diffusers", "full or light, SD1"),
-    ("TencentARC/t2i-adapter-{sketch,canny,lineart}-sdxl-1.0", "diffusers", "full_xl, 3-channel, SDXL"),
-    ("TencentARC/t2i-adapter-{openpose,depth-zoe,depth-midas}-sdxl-1.0", "diffusers", "full_xl, 3-channel, SDXL"),
-]
-
 
 # ---------------------------------------------------------------------------------------------
 # reading raw files
