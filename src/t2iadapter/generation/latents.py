@@ -1,4 +1,4 @@
-"""The VAE's latent space, for every family: scaling into it (trainer) and out of it (pipeline).
+"""The VAE's latent space, for every family: encoding and scaling into it (trainer), out of it (pipeline).
 
 diffusers' VAEs describe their latent normalisation in the config: SD1/SD2/SDXL multiply by
 `scaling_factor`; SD3/FLUX-style VAEs subtract `shift_factor` first; some SDXL-family VAEs
@@ -10,6 +10,19 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+
+def posterior(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
+    """The VAE encoder's diagonal Gaussian posterior parameters [B, 2C, h, w] (mean, log-variance) of images in [-1, 1]."""
+    return vae.encode(pixels).latent_dist.parameters
+
+
+def sample_posterior(moments: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A draw from the posterior given its [B, 2C, h, w] parameters (mean, log-variance), in float32."""
+    mean, logvar = moments.float().chunk(2, dim=1)
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    noise = torch.randn(mean.shape, generator=generator, device=generator.device).to(mean.device)
+    return mean + std * noise
 
 
 def _stats(config: Any, like: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float]:

@@ -6,7 +6,6 @@ schema and, through `GET /v1/models`, the web page all take their defaults from 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from t2iadapter.errors import CheckpointError, ConfigError
-from t2iadapter.generation.latents import to_scaled
+from t2iadapter.generation.latents import posterior, sample_posterior, to_scaled
 from t2iadapter.train import checkpoint as ckpt
 from t2iadapter.train.config import AdapterSpec, TrainConfig
 
@@ -59,14 +59,6 @@ def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, times
     if kind == "sample":
         return latents
     raise ConfigError(f"the base's scheduler has prediction_type {kind!r}; expected epsilon, v_prediction or sample")
-
-
-def sample_posterior(moments: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """A draw from the VAE's diagonal Gaussian posterior given its [B, 2C, h, w] parameters (mean, log-variance)."""
-    mean, logvar = moments.float().chunk(2, dim=1)
-    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-    noise = torch.randn(mean.shape, generator=generator, device=generator.device).to(mean.device)
-    return mean + std * noise
 
 
 def condition_keep(names: list[str], recipe, generator: torch.Generator) -> list[str]:
@@ -316,7 +308,7 @@ class Trainer:
             moments = torch.stack([self.latent_cache[i] for i in idx]).to(self.device, non_blocking=True)
         if moments is None:
             pixels = batch["pixels"].to(self.device, vae.dtype, non_blocking=True)
-            moments = vae.encode(pixels).latent_dist.parameters
+            moments = posterior(vae, pixels)
             if self.config.recipe.cache_latents:
                 for i, m in zip(idx, moments.cpu()):
                     self.latent_cache[i] = m
