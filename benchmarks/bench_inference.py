@@ -405,7 +405,7 @@ def run_case(case: Case, args, device: torch.device, peak_rate: float, budget, r
     from diffusers import ControlNetModel
 
     from t2iadapter.generation import fast as fast_mode
-    from t2iadapter.pipeline import AdapterPipeline
+    from t2iadapter.generation.pipeline import AdapterPipeline
 
     eager_dtype = torch.float16 if device.type == "cuda" else torch.float32
     steps = args.steps

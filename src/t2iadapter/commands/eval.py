@@ -32,11 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from t2iadapter import world
     from t2iadapter.evaluation.controllability import default_settings, evaluate, format_table
-    from t2iadapter.pipeline import AdapterPipeline
+    from t2iadapter.generation.pipeline import AdapterPipeline, resolve_device
 
     if args.scenes < 1:
         raise ConfigError("--scenes must be at least 1")
@@ -46,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--adapter {item!r} must look like NAME=PATH (e.g. sketch=./sketch.safetensors)")
         name, path = item.split("=", 1)
         pairs[name] = path
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device, _ = resolve_device(args.device, None)
     if args.base == "demo" and not pairs:
         from t2iadapter.demo.loading import demo_pipeline
 

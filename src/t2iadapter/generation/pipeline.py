@@ -66,6 +66,16 @@ def task_of(name: str) -> str | None:
     return None
 
 
+def resolve_device(device: str | None, dtype: str | None) -> tuple[str, torch.dtype]:
+    """Device and dtype from their names: cuda when available; fp16 on a GPU, fp32 on the CPU (bf16/fp16/fp32)."""
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    key = dtype or ("fp32" if dev == "cpu" else "fp16")
+    if key not in names:
+        raise ConfigError(f"unknown dtype {key!r}; choose one of {', '.join(names)}")
+    return dev, names[key]
+
+
 def _own(source: Any) -> AdapterModule:
     """A module the pipeline may change: loaded from a file, or a copy of one the caller handed in."""
     module = load_adapter(source)

@@ -138,9 +138,14 @@ class GenerationRequest:
         return (self.prompt,) if isinstance(self.prompt, str) else self.prompt
 
 
+def use_defaults() -> dict[str, Any]:
+    """Field → default of `AdapterUse` (weight, window)."""
+    return {f.name: f.default for f in fields(AdapterUse) if f.name not in ("name", "condition")}
+
+
 def defaults() -> dict[str, Any]:
     """Field → default of every `GenerationRequest` field that has one (what the server tells the web page)."""
     return {f.name: f.default for f in fields(GenerationRequest) if f.name not in ("prompt", "adapters")}
 
 
-__all__ = ["AdapterUse", "GenerationRequest", "Window", "defaults", "COMPOSE_MODES", "FUSER_WINDOW_MODES"]
+__all__ = ["AdapterUse", "GenerationRequest", "Window", "defaults", "use_defaults", "COMPOSE_MODES", "FUSER_WINDOW_MODES"]
