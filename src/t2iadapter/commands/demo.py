@@ -27,7 +27,7 @@ def _demo(out: Path, steps: int, n: int) -> int:
     import numpy as np
     from PIL import Image, ImageDraw
 
-    from t2iadapter import world
+    from t2iadapter.demo import world
     from t2iadapter.demo.loading import demo_pipeline
     from t2iadapter.evaluation.controllability import Setting, evaluate, format_table
 

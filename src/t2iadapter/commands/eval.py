@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from t2iadapter import world
+    from t2iadapter.demo import world
     from t2iadapter.evaluation.controllability import default_settings, evaluate, format_table
     from t2iadapter.generation.pipeline import AdapterPipeline, resolve_device
 

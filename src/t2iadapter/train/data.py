@@ -108,10 +108,10 @@ class Source:
 
 
 class WorldSource(Source):
-    """Scenes of the procedural world (`t2iadapter.world`) from its TRAIN seeds, with exact conditions."""
+    """Scenes of the procedural world (`t2iadapter.demo.world`) from its TRAIN seeds, with exact conditions."""
 
     def __init__(self, conditions: list[str], resolution: int, num_samples: int | None) -> None:
-        from t2iadapter import world
+        from t2iadapter.demo import world
 
         self.world = world
         self.resolution = resolution
@@ -335,7 +335,7 @@ def build_source(data: DataConfig, adapters: tuple[AdapterSpec, ...]) -> Source:
     """The raw-sample source `data` describes; conditions without a stored location must have an extractor."""
     stored = dict(data.conditions)
     if data.kind == "world":
-        from t2iadapter import world
+        from t2iadapter.demo import world
 
         names = [a.condition for a in adapters]
         bad = [a.condition for a in adapters if a.condition not in world.CONDITIONS and a.extractor is None]

@@ -21,7 +21,7 @@ def validation_items(config, resolution: int) -> list[tuple[str, dict[str, Any]]
         paths = cond if isinstance(cond, dict) else {names[0]: cond}
         items.append((prompt, {n: resize_crop(_open_image(p), resolution) for n, p in paths.items()}))
     if val.world_seeds:
-        from t2iadapter import world
+        from t2iadapter.demo import world
 
         for seed in val.world_seeds:
             scene = world.generate(int(seed), size=resolution)
