@@ -34,16 +34,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from t2iadapter.demo import world
     from t2iadapter.evaluation.controllability import default_settings, evaluate, format_table
+    from t2iadapter.commands import parse_adapters
     from t2iadapter.generation.pipeline import AdapterPipeline, resolve_device
 
     if args.scenes < 1:
         raise ConfigError("--scenes must be at least 1")
-    pairs = {}
-    for item in args.adapter:
-        if "=" not in item:
-            raise ConfigError(f"--adapter {item!r} must look like NAME=PATH (e.g. sketch=./sketch.safetensors)")
-        name, path = item.split("=", 1)
-        pairs[name] = path
+    pairs = parse_adapters(args.adapter)
     device, _ = resolve_device(args.device, None)
     if args.base == "demo" and not pairs:
         from t2iadapter.demo.loading import demo_pipeline
