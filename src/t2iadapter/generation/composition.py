@@ -50,6 +50,11 @@ class Composition:
             self.parts = {n: by_task[self.tasks[n]] for n in self.names}
         self._cache: dict[frozenset, Composed] = {}
 
+    @property
+    def spatial(self) -> frozenset:
+        """The adapters that give feature maps (not style tokens)."""
+        return frozenset(n for n in self.names if not isinstance(self.weighted[n], torch.Tensor))
+
     def active(self, step: int, total: int) -> frozenset:
         return frozenset(n for n in self.names if self.windows[n].active(step, total))
 

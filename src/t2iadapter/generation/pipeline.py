@@ -331,24 +331,12 @@ class AdapterPipeline:
         encode = text.encode_prompts_batched if self.fast else text.encode_prompts
         prompts = encode(self.base, req.prompts, req.negative_prompt, req.num_images, cfg)
 
-        sched = schedulers.make_scheduler(req.scheduler, self.base.scheduler)
-        # Fast mode: the scheduler computes on host numbers (no sync per step), latents stay float32.
-        sched.set_timesteps(req.steps, device="cpu" if self.fast else self.device)
         f = self.base.vae_scale_factor
-        shape = (batch, self.base.unet.config.in_channels, canvas[1] // f, canvas[0] // f)
-        latent_dtype = torch.float32 if self.fast else prompts.text.context.dtype
-        noise = torch.randn(shape, generator=generator, device=generator.device, dtype=latent_dtype).to(self.device)
-        run = loop.Denoise(self.base.unet, sched, noise * sched.init_noise_sigma, prompts, composition, req.steps,
-                           req.guidance_scale, prompts.added(self.base, canvas, self.device),
-                           schedulers.step_kwargs(sched, generator, req.eta), callback, progress)
-        if self.fast:
-            spatial = [u.name for u in req.adapters if self.adapters[u.name].kind != "style"]
-            zeros = unet_hook.zero_features(self.base.unet, composition.of(frozenset(spatial))[0]) if spatial else \
-                unet_hook.no_features(self.base.unet, batch * (2 if cfg else 1), (shape[2], shape[3]), dtype=self.dtype,
-                                      device=self.device)
-            final = loop.denoise_fast(run, zeros, self.dtype)
-        else:
-            final = loop.denoise_eager(run)
+        run = loop.Denoise(self.base, schedulers.make_scheduler(req.scheduler, self.base.scheduler),
+                           (batch, self.base.unet.config.in_channels, canvas[1] // f, canvas[0] // f), generator, prompts,
+                           composition, req.steps, req.guidance_scale, prompts.added(self.base, canvas, self.device),
+                           req.eta, callback, progress)
+        final = loop.denoise_fast(run) if self.fast else loop.denoise_eager(run)
         images = self.decode(final)[:, :, :h, :w]
         return GenerationResult(self._output(images, output_type), self._parameters(req, seed, (w, h)))
 
