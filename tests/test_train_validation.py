@@ -62,3 +62,13 @@ def test_a_failed_validation_is_an_error_with_its_reason(base, tmp_path, caplog,
         assert trainer.run().step == 1
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert errors and "the grid broke" in errors[0].getMessage() and "validation" in errors[0].getMessage()
+
+
+def test_cli_train_with_mid_run_validation_and_ema_off(tmp_path, capsys):
+    """The issue's reproduction: `t2iadapter train --config configs/tiny-cpu.yaml --set validation.every=5`."""
+    from t2iadapter.cli import main
+
+    assert main(["train", "--config", str(TINY), "--set", "validation.every=5", "--set", "max_steps=6",
+                 "--set", "checkpoint.every=0", "--set", f"output_dir={tmp_path}"]) == 0
+    assert "trained to step 6" in capsys.readouterr().out
+    assert (tmp_path / "validation" / "step-00000005.png").is_file()
