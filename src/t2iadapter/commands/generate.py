@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from t2iadapter.errors import ConfigError
+from t2iadapter.generation.request import FUSER_WINDOW_MODES, defaults
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -17,7 +18,6 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared by `generate` and other commands that sample; defaults are GenerationRequest's."""
-    from t2iadapter.generation.request import defaults
     from t2iadapter.generation.schedulers import scheduler_names
 
     d = defaults()
@@ -49,6 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weight", action="append", type=float, default=[], help="adapter weight (repeatable, default 1)")
     p.add_argument("--window", action="append", default=[], help="START:END fraction of steps an adapter acts (default 0:1)")
     p.add_argument("--fuser", default=None, help="CoAdapter fuser checkpoint: compose the adapters through it")
+    p.add_argument("--fuser-windows", choices=FUSER_WINDOW_MODES, default=defaults()["fuser_windows"],
+                   help="with --fuser and --window: 'once' fuses every condition once and gates each by its window "
+                   "(the original CoAdapter); 'active' re-fuses the adapters active at each step")
     p.add_argument("--style-adapter", default=None, help="style adapter checkpoint (needs --style-image)")
     p.add_argument("--style-image", default=None, help="style reference image")
     p.add_argument("--style-encoder", default=None, help="CLIP ViT-L/14 vision model folder or hub id for --style-image")
@@ -99,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
                  for i, (name, cond) in enumerate(zip(pipe.adapters, conditions)))
     request = GenerationRequest(args.prompt, uses, negative_prompt=args.negative_prompt, steps=args.steps,
                                 guidance_scale=args.guidance, size=args.size, seed=args.seed, scheduler=args.scheduler,
-                                num_images=args.num_images, compose="fuser" if args.fuser else "sum")
+                                num_images=args.num_images, compose="fuser" if args.fuser else "sum",
+                                fuser_windows=args.fuser_windows)
     result = pipe.generate(request, progress=True)
     params = dict(result.parameters, adapter_sources=adapters, conditions=list(args.condition), fuser=args.fuser,
                   style_image=args.style_image)
