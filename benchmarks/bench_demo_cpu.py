@@ -30,7 +30,7 @@ try:
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from t2iadapter import world  # noqa: E402
+from t2iadapter.demo import world  # noqa: E402
 from t2iadapter.demo.architecture import DemoBaseConfig, build_demo_base, save_demo_base  # noqa: E402
 
 # name → architecture (None: the shipped files)

@@ -404,8 +404,8 @@ def fast_unet_error(base, inputs, ref: torch.Tensor, dtype: torch.dtype) -> floa
 def run_case(case: Case, args, device: torch.device, peak_rate: float, budget, report) -> dict[str, Any]:
     from diffusers import ControlNetModel
 
-    from t2iadapter import fast as fast_mode
-    from t2iadapter.pipeline import AdapterPipeline
+    from t2iadapter.generation import fast as fast_mode
+    from t2iadapter.generation.pipeline import AdapterPipeline
 
     eager_dtype = torch.float16 if device.type == "cuda" else torch.float32
     steps = args.steps

@@ -25,7 +25,7 @@ try:
 except ImportError:  # a bare checkout, e.g. on the GPU machine: use the source tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from t2iadapter import world  # noqa: E402
+from t2iadapter.demo import world  # noqa: E402
 from t2iadapter.evaluation import edge_f1, spurious_foreground, structure_iou  # noqa: E402
 
 

@@ -51,7 +51,7 @@ try:
 except ImportError:  # a bare checkout, e.g. on the GPU machine: use the source tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from t2iadapter import world  # noqa: E402
+from t2iadapter.demo import world  # noqa: E402
 from t2iadapter.demo.architecture import DemoBaseConfig, build_demo_base, count_parameters, save_demo_base  # noqa: E402
 
 logger = logging.getLogger("train_demo_base")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from t2iadapter import world
+from t2iadapter.demo import world
 from t2iadapter.demo import DemoBaseConfig, build_demo_tokenizer, scheduler_config, unet_config, vae_config
 from t2iadapter.demo.architecture import text_encoder_config
 

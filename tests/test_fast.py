@@ -7,7 +7,8 @@ import torch
 import torch._dynamo.testing
 from PIL import Image
 
-from t2iadapter import fast, unet_hook
+from t2iadapter import unet_hook
+from t2iadapter.generation import conditions, fast
 from t2iadapter.bases import load_base, tiny_adapter_config
 from t2iadapter.models import build_adapter
 from t2iadapter.pipeline import AdapterPipeline, prepare_condition
@@ -68,9 +69,9 @@ def test_fast_condition_equals_prepare_condition():
     for cond, ch, size, canvas in [(img((50, 30), "L", 0), 1, (72, 40), (128, 64)), (img((64, 64), "RGB", 1), 3, (64, 64), (64, 64)),
                                    (img((40, 40), "RGB", 2).convert("RGBA"), 3, (64, 48), (64, 64)), (img((64, 64), "RGB", 3), 1, (64, 64), (64, 64))]:
         want = prepare_condition(cond, ch, size, canvas)
-        got = fast.bytes_to_condition(fast.condition_bytes(cond, ch, size), canvas, torch.device("cpu"), torch.float32)
+        got = conditions.bytes_to_condition(conditions.condition_bytes(cond, ch, size), canvas, torch.device("cpu"), torch.float32)
         assert got.shape == want.shape and torch.equal(got, want)
-    assert fast.condition_bytes(torch.rand(3, 8, 8), 3, (8, 8)) is None  # tensors take the eager route
+    assert conditions.condition_bytes(torch.rand(3, 8, 8), 3, (8, 8)) is None  # tensors take the eager route
 
 
 def test_fast_loop_equals_eager_for_every_scheduler_kind():
@@ -137,7 +138,7 @@ def test_compile_failure_falls_back_to_eager(caplog):
     want = module(x)
     settings = fast.FastSettings(dtype=torch.float32, backend=broken)
     wrapper = fast.compile_module(module, "adapter:x", settings, cudagraphs=False)
-    with caplog.at_level(logging.WARNING, logger="t2iadapter.fast"):
+    with caplog.at_level(logging.WARNING, logger="t2iadapter.generation.fast"):
         for _ in range(2):
             got = module(x)
             assert all(torch.equal(a, b) for a, b in zip(got, want))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from t2iadapter import world
+from t2iadapter.demo import world
 from t2iadapter.evaluation import metrics
 from t2iadapter.evaluation import colour_accuracy, foreground_mask, palette_error, structure_iou
 

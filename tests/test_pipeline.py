@@ -95,7 +95,7 @@ def test_fresh_fuser_equals_weighted_sum(base):
     fused = run(pipe, "a", conds, weights=[0.7, 1.2], compose="fuser", output_type="np").images[0]
     assert np.abs(summed - fused).max() < 1e-5  # zero-initialised projections: the fuser starts as the sum
     with torch.no_grad():
-        for p in fuser.spatial_ch_projs:
+        for p in pipe.fuser.spatial_ch_projs:  # the pipeline runs its own copy of the fuser
             p.bias.fill_(1.0)
     doubled = run(pipe, "a", conds, weights=[0.7, 1.2], compose="fuser", output_type="np").images[0]
     assert np.abs(doubled - fused).max() > 1e-3

@@ -74,6 +74,7 @@ def test_health_models_page_and_docs(client):
     assert {(a["name"], a["kind"], a["channels"]) for a in models["adapters"]} == {("sketch", "full", 1), ("color", "full", 3)}
     assert "canny" in [e["name"] for e in models["extractors"]] and "ddim" in models["schedulers"]
     assert models["limits"]["max_steps"] == 8 and models["default_size"] == [64, 64]
+    assert models["defaults"]["steps"] == 30 and models["defaults"]["guidance_scale"] == 7.5  # GenerationRequest's
     assert all("model" not in e["options"] for e in models["extractors"])
     page = client.get("/")
     assert page.status_code == 200 and "<canvas" in page.text
@@ -239,12 +240,12 @@ class BlockingPipeline:
         self.release = threading.Event()
         self.base = type("Base", (), {"source": "stub"})()
 
-    def __call__(self, prompt, **kw):
+    def generate(self, request, **kw):
         kw["callback"](0, None, None)
         assert self.release.wait(30)
         from t2iadapter.pipeline import GenerationResult
 
-        return GenerationResult([Image.new("RGB", (64, 64))], {"prompt": prompt})
+        return GenerationResult([Image.new("RGB", (64, 64))], {"prompt": request.prompt})
 
 
 def test_full_queue_gets_429_with_retry_after():

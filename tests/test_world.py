@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from t2iadapter import world
+from t2iadapter.demo import world
 
 SEEDS = range(100, 160)
 

@@ -10,7 +10,7 @@ __all__ = ["AdapterPipeline", "load_adapter", "__version__"]
 
 if TYPE_CHECKING:
     from t2iadapter.formats import load_adapter
-    from t2iadapter.pipeline import AdapterPipeline
+    from t2iadapter.generation.pipeline import AdapterPipeline
 
 
 def __getattr__(name: str) -> Any:
@@ -20,7 +20,7 @@ def __getattr__(name: str) -> Any:
 
         return load_adapter
     if name == "AdapterPipeline":
-        from t2iadapter.pipeline import AdapterPipeline
+        from t2iadapter.generation.pipeline import AdapterPipeline
 
         return AdapterPipeline
     raise AttributeError(f"module 't2iadapter' has no attribute {name!r}")

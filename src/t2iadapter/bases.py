@@ -36,7 +36,9 @@ class BaseModel:
 
     @property
     def is_sdxl(self) -> bool:
-        return self.text_encoder_2 is not None or self.unet.config.get("addition_embed_type") == "text_time"
+        from t2iadapter.unet_hook import is_sdxl
+
+        return is_sdxl(self.unet)
 
     @property
     def vae_scale_factor(self) -> int:

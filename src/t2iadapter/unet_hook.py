@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import UNet2DConditionModel
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DConditionModel
 
 from t2iadapter.errors import ConfigError
 

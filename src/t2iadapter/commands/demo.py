@@ -27,7 +27,7 @@ def _demo(out: Path, steps: int, n: int) -> int:
     import numpy as np
     from PIL import Image, ImageDraw
 
-    from t2iadapter import world
+    from t2iadapter.demo import world
     from t2iadapter.demo.loading import demo_pipeline
     from t2iadapter.evaluation.controllability import Setting, evaluate, format_table
 
@@ -73,7 +73,7 @@ def _random_fallback(out: Path) -> int:
 
     from t2iadapter.bases import load_base, tiny_adapter_config
     from t2iadapter.models import build_adapter
-    from t2iadapter.pipeline import AdapterPipeline
+    from t2iadapter.generation.pipeline import AdapterPipeline
 
     print("The embedded demo model is not installed in this build; running the pipeline on a tiny seeded RANDOM "
           "model instead. Its output is noise from random weights — it only shows that every stage runs.")

@@ -47,11 +47,10 @@ def check_writable_file(flag: str, target: str | None, *, force: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from t2iadapter import world
+    from t2iadapter.demo import world
     from t2iadapter.evaluation.controllability import default_settings, evaluate, format_table
-    from t2iadapter.pipeline import AdapterPipeline
+    from t2iadapter.commands import parse_adapters
+    from t2iadapter.generation.pipeline import AdapterPipeline, resolve_device
 
     if args.scenes < 1:
         raise ConfigError("--scenes must be at least 1")
@@ -59,13 +58,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--first-seed must be >= 0, got {args.first_seed}")
     for flag, target in (("--out", args.out), ("--json", args.json)):
         check_writable_file(flag, target, force=args.force)
-    pairs = {}
-    for item in args.adapter:
-        if "=" not in item:
-            raise ConfigError(f"--adapter {item!r} must look like NAME=PATH (e.g. sketch=./sketch.safetensors)")
-        name, path = item.split("=", 1)
-        pairs[name] = path
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pairs = parse_adapters(args.adapter)
+    device, _ = resolve_device(args.device, None)
     if args.base == "demo" and not pairs:
         from t2iadapter.demo.loading import demo_pipeline
 

@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from t2iadapter.errors import ConfigError
+from t2iadapter.generation.request import FUSER_WINDOW_MODES, defaults
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -16,15 +17,19 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def add_generation_arguments(p: argparse.ArgumentParser) -> None:
-    """Options shared by `generate` and other commands that sample."""
+    """Options shared by `generate` and other commands that sample; defaults are GenerationRequest's."""
+    from t2iadapter.generation.schedulers import scheduler_names
+
+    d = defaults()
     p.add_argument("--prompt", required=True, help="text prompt")
-    p.add_argument("--negative-prompt", default=None, help="negative prompt")
-    p.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, stored in the PNG)")
-    p.add_argument("--size", type=parse_size, default=None, help="output WIDTHxHEIGHT (any size; default: the base's)")
-    p.add_argument("--scheduler", default=None, help="ddim, euler, euler_a, dpm++2m, dpm++2m_karras, unipc, pndm, lms, heun, ddpm")
-    p.add_argument("--num-images", type=int, default=1, help="images to generate (FILE-0.png, FILE-1.png, ...)")
+    p.add_argument("--negative-prompt", default=d["negative_prompt"], help="negative prompt")
+    p.add_argument("--steps", type=int, default=d["steps"], help=f"denoising steps (default {d['steps']})")
+    p.add_argument("--guidance", type=float, default=d["guidance_scale"],
+                   help=f"classifier-free guidance scale (default {d['guidance_scale']})")
+    p.add_argument("--seed", type=int, default=d["seed"], help="random seed (default: a random one, stored in the PNG)")
+    p.add_argument("--size", type=parse_size, default=d["size"], help="output WIDTHxHEIGHT (any size; default: the base's)")
+    p.add_argument("--scheduler", default=d["scheduler"], help=", ".join(scheduler_names()) + " (default: the base's)")
+    p.add_argument("--num-images", type=int, default=d["num_images"], help="images to generate (FILE-0.png, FILE-1.png, ...)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default: fp16 on GPU, fp32 on CPU")
     p.add_argument("--fast", action="store_true", help="fast mode on GPU: half precision, channels-last, torch.compile")
@@ -44,6 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weight", action="append", type=float, default=[], help="adapter weight (repeatable, default 1)")
     p.add_argument("--window", action="append", default=[], help="START:END fraction of steps an adapter acts (default 0:1)")
     p.add_argument("--fuser", default=None, help="CoAdapter fuser checkpoint: compose the adapters through it")
+    p.add_argument("--fuser-windows", choices=FUSER_WINDOW_MODES, default=defaults()["fuser_windows"],
+                   help="with --fuser and --window: 'once' fuses every condition once and gates each by its window "
+                   "(the original CoAdapter); 'active' re-fuses the adapters active at each step")
     p.add_argument("--style-adapter", default=None, help="style adapter checkpoint (needs --style-image)")
     p.add_argument("--style-image", default=None, help="style reference image")
     p.add_argument("--style-encoder", default=None, help="CLIP ViT-L/14 vision model folder or hub id for --style-image")
@@ -51,14 +59,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output PNG file")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.set_defaults(func=run)
-
-
-def resolve_device(device: str | None, dtype: str | None):
-    import torch
-
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype or ("fp32" if dev == "cpu" else "fp16")]
-    return dev, dt
 
 
 def output_paths(out: str, n: int, force: bool) -> list[Path]:
@@ -90,31 +90,25 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"condition image {cond} does not exist")
     paths = output_paths(args.out, args.num_images, args.force)
 
-    from t2iadapter.pipeline import AdapterPipeline
+    from t2iadapter.generation.pipeline import AdapterPipeline, resolve_device
+    from t2iadapter.generation.request import AdapterUse, GenerationRequest, Window
     from t2iadapter.pngmeta import save_png
 
     device, dtype = resolve_device(args.device, args.dtype)
     adapters = list(args.adapter) + ([args.style_adapter] if args.style_adapter else [])
+    conditions = list(args.condition) + ([args.style_image] if args.style_image else [])
     pipe = AdapterPipeline.from_pretrained(args.base, adapters, fuser=args.fuser, style_encoder=args.style_encoder,
                                            device=device, dtype=dtype, config_dir=args.config_dir)
     if args.fast:
         pipe.optimize()
-    result = pipe(
-        args.prompt,
-        list(args.condition),
-        negative_prompt=args.negative_prompt,
-        steps=args.steps,
-        guidance_scale=args.guidance,
-        size=args.size,
-        seed=args.seed,
-        num_images=args.num_images,
-        scheduler=args.scheduler,
-        weights=args.weight or None,
-        windows=args.window or None,
-        compose="fuser" if args.fuser else "sum",
-        style_image=args.style_image,
-        progress=True,
-    )
+    uses = tuple(AdapterUse(name, cond, **({"weight": args.weight[i]} if args.weight else {}),  # else the request's
+                            **({"window": Window.parse(args.window[i])} if args.window else {}))
+                 for i, (name, cond) in enumerate(zip(pipe.adapters, conditions)))
+    request = GenerationRequest(args.prompt, uses, negative_prompt=args.negative_prompt, steps=args.steps,
+                                guidance_scale=args.guidance, size=args.size, seed=args.seed, scheduler=args.scheduler,
+                                num_images=args.num_images, compose="fuser" if args.fuser else "sum",
+                                fuser_windows=args.fuser_windows)
+    result = pipe.generate(request, progress=True)
     params = dict(result.parameters, adapter_sources=adapters, conditions=list(args.condition), fuser=args.fuser,
                   style_image=args.style_image)
     for image, path in zip(result.images, paths):

@@ -4,13 +4,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 
-from t2iadapter.errors import ConfigError
+from t2iadapter.commands import parse_adapters
+from t2iadapter.server.limits import Limits
 
 log = logging.getLogger(__name__)
-
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,16 +26,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--token", default=None, help="require `Authorization: Bearer TOKEN` (default: $T2IADAPTER_TOKEN)")
-    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body in MB (default 10; larger: 413)")
-    p.add_argument("--max-steps", type=int, default=50, help="most denoising steps per request (default 50)")
-    p.add_argument("--max-side", type=int, default=1024, help="largest output width/height in pixels (default 1024)")
-    p.add_argument("--max-images", type=int, default=4, help="most images per request (default 4)")
-    p.add_argument("--max-work", type=float, default=64.0,
+    d = Limits()  # the defaults are the Limits dataclass's
+    p.add_argument("--max-upload-mb", type=float, default=d.max_upload_mb,
+                   help=f"largest request body in MB (default {d.max_upload_mb:g}; larger: 413)")
+    p.add_argument("--max-steps", type=int, default=d.max_steps, help=f"most denoising steps per request (default {d.max_steps})")
+    p.add_argument("--max-side", type=int, default=d.max_side, help=f"largest output width/height in pixels (default {d.max_side})")
+    p.add_argument("--max-images", type=int, default=d.max_images, help=f"most images per request (default {d.max_images})")
+    p.add_argument("--max-work", type=float, default=d.max_work,
                    help="most work per request in megapixel-steps, width x height x steps x images / 1e6 "
-                   "(default 64: 512² x 50 steps x 4 images fits, 1024² x 20 steps x 4 does not)")
-    p.add_argument("--max-input-side", type=int, default=4096, help="largest uploaded image width/height (default 4096)")
-    p.add_argument("--queue-size", type=int, default=8, help="requests waiting behind the running one (default 8; more: 429)")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds per request, queue included (default 300; then 504)")
+                   f"(default {d.max_work:g}: 512² x 50 steps x 4 images fits, 1024² x 20 steps x 4 does not)")
+    p.add_argument("--max-input-side", type=int, default=d.max_input_side,
+                   help=f"largest uploaded image width/height (default {d.max_input_side})")
+    p.add_argument("--queue-size", type=int, default=d.queue_size,
+                   help=f"requests waiting behind the running one (default {d.queue_size}; more: 429)")
+    p.add_argument("--timeout", type=float, default=d.timeout,
+                   help=f"seconds per request, queue included (default {d.timeout:g}; then 504)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default: fp16 on GPU, fp32 on CPU")
     p.add_argument("--threads", type=int, default=None,
@@ -45,26 +48,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def parse_adapters(specs: list[str]) -> dict[str, str]:
-    """`NAME=PATH` (or a bare source, named after its file stem) → {name: source}."""
-    adapters: dict[str, str] = {}
-    for spec in specs:
-        name, sep, source = spec.partition("=")
-        if not sep:
-            source = spec
-            name = spec.rstrip("/").rsplit("/", 1)[-1].split(".")[0]
-        if not NAME.match(name) or not source:
-            raise ConfigError(f"--adapter {spec!r}: give NAME=PATH with a NAME of letters, digits, '_', '-', '.'")
-        if name in adapters:
-            raise ConfigError(f"--adapter: the name {name!r} is registered twice")
-        adapters[name] = source
-    return adapters
-
-
 def settings_from(args: argparse.Namespace):
     """ServerSettings and Limits from the options; a missing demo model fails here, before anything loads."""
     from t2iadapter import assets
-    from t2iadapter.server.limits import Limits, ServerSettings
+    from t2iadapter.server.limits import ServerSettings
 
     adapters = parse_adapters(args.adapter)
     fuser = args.fuser

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from t2iadapter import world
+from t2iadapter.demo import world
 from t2iadapter.tokenizer import build_clip_tokenizer
 
 logger = logging.getLogger(__name__)

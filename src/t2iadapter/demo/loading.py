@@ -8,7 +8,7 @@ def demo_pipeline(adapters: list[str] | None = None, *, device: str | None = Non
     """`AdapterPipeline` on the shipped demo base with the shipped adapters (and the fuser, if shipped)."""
     import torch
 
-    from t2iadapter.pipeline import AdapterPipeline
+    from t2iadapter.generation.pipeline import AdapterPipeline
 
     names = [n for n in assets.demo_adapter_names() if n != "fuser"]
     chosen = names if adapters is None else adapters

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from t2iadapter import world
+from t2iadapter.demo import world
 from t2iadapter.evaluation.metrics import (
     as_rgb,
     colour_accuracy,

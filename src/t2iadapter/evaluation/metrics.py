@@ -12,7 +12,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from t2iadapter import world
+from t2iadapter.demo import world
 
 # A pixel is foreground when its HSV saturation and value are both at least these (in [0, 1]).
 SATURATION_THRESHOLD = 0.3  # world backgrounds ≤ 0.1, world objects ≥ 0.5

@@ -21,6 +21,7 @@ MAX_SIDE = 4096  # colour palette factor: the largest image side the server acce
 MAX_AREA = MAX_SIDE * MAX_SIDE  # binarize speck size in pixels
 
 if TYPE_CHECKING:
+    import numpy as np
     from PIL import Image
 
     from t2iadapter.extractors.images import ImageInput
@@ -52,6 +53,15 @@ class Canny(Extractor):
         return images.to_pil(cv2.Canny(images.to_rgb(image), self.low, self.high))
 
 
+def palette(rgb: np.ndarray, factor: int = 64) -> np.ndarray:
+    """HxWx3 uint8 → its colour palette: INTER_CUBIC down to W/factor×H/factor, INTER_NEAREST back up (original)."""
+    import cv2
+
+    height, width = rgb.shape[:2]
+    small = cv2.resize(rgb, (max(1, width // factor), max(1, height // factor)), interpolation=cv2.INTER_CUBIC)
+    return cv2.resize(small, (width, height), interpolation=cv2.INTER_NEAREST)
+
+
 @dataclass
 class Color(Extractor):
     """Spatial colour palette; original `get_cond_color`: INTER_CUBIC down to W/64×H/64, INTER_NEAREST up."""
@@ -67,15 +77,9 @@ class Color(Extractor):
         check(1 <= self.factor <= MAX_SIDE, f"color needs 1 <= --factor <= {MAX_SIDE}, got {self.factor}")
 
     def __call__(self, image: ImageInput) -> Image.Image:
-        import cv2
-
         from t2iadapter.extractors import images
 
-        rgb = images.to_rgb(image)
-        height, width = rgb.shape[:2]
-        small = (max(1, width // self.factor), max(1, height // self.factor))
-        palette = cv2.resize(rgb, small, interpolation=cv2.INTER_CUBIC)
-        return images.to_pil(cv2.resize(palette, (width, height), interpolation=cv2.INTER_NEAREST))
+        return images.to_pil(palette(images.to_rgb(image), self.factor))
 
 
 @dataclass

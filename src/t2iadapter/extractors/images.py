@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import os
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import numpy as np
 from PIL import Image
@@ -13,10 +15,41 @@ from t2iadapter.errors import ConditionError
 ImageInput = Union[Image.Image, np.ndarray, str, Path]
 
 
-def open_image(path: str | Path) -> Image.Image:
-    """Open and fully decode an image file, so a truncated file fails here and not later."""
-    image = Image.open(path)
-    image.load()
+def open_image(source: "str | Path | bytes | dict | Image.Image", what: str | None = None,
+               max_side: int | None = None) -> Image.Image:
+    """The one image reader: a path, bytes, a `datasets` image dict or a PIL image, fully decoded.
+
+    A truncated or unreadable file fails here (ConditionError, one line), not later; `max_side` refuses a
+    larger image before its pixels are decoded. Conditions, extractors, the server and the trainer all read
+    images through it.
+    """
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, dict) and (source.get("bytes") or source.get("path")):
+        source = source["bytes"] or source["path"]
+    if isinstance(source, (bytes, bytearray)):
+        what = what or "image"
+        if not source:
+            raise ConditionError(f"{what} is empty")
+        handle: Any = io.BytesIO(source)
+    elif isinstance(source, (str, os.PathLike)):
+        what = what or f"image {source}"
+        if not Path(source).is_file():
+            raise ConditionError(f"{what} does not exist")
+        handle = source
+    else:
+        raise ConditionError(f"expected an image file, bytes or PIL image, got {type(source).__name__}")
+    try:
+        image = Image.open(handle)
+    except Exception:
+        raise ConditionError(f"cannot read {what}: not an image PIL can read (PNG, JPEG or WebP)") from None
+    w, h = image.size
+    if max_side is not None and (w > max_side or h > max_side):
+        raise ConditionError(f"{what} is {w}x{h}; images may be at most {max_side} pixels a side")
+    try:
+        image.load()
+    except Exception as exc:
+        raise ConditionError(f"cannot read {what}: it could not be decoded ({exc})") from None
     return image
 
 

@@ -109,15 +109,15 @@ class AdapterModule(nn.Module):
 
     def save_pretrained(self, directory: str | Path, *, overwrite: bool = False) -> Path:
         """Write a folder: diffusers' layout for full/light/full_xl, ours (safetensors + config.json) otherwise."""
-        from t2iadapter import formats
+        from t2iadapter.models import saving
 
-        return formats.save_pretrained(self, directory, overwrite=overwrite)
+        return saving.save_pretrained(self, directory, overwrite=overwrite)
 
     def save_file(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write our single-file format: safetensors with the config in its metadata."""
-        from t2iadapter import formats
+        from t2iadapter.models import saving
 
-        return formats.save_single_file(self, path, overwrite=overwrite)
+        return saving.save_single_file(self, path, overwrite=overwrite)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}"

@@ -78,12 +78,11 @@ class CoAdapterFuser(AdapterModule):
                 nn.init.zeros_(proj.bias)
             self.seq_proj.zero_()
 
-    def forward(
-        self, features: Mapping[str, list[torch.Tensor] | torch.Tensor]
-    ) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
-        """{condition name: 4 maps, or style tokens [N, T, width]} → (summed modulated maps, modulated style tokens)."""
-        if not features:
-            return None, None
+    def parts(self, features: Mapping[str, list[torch.Tensor] | torch.Tensor]) -> dict[str, list[torch.Tensor] | torch.Tensor]:
+        """{condition: 4 maps, or style tokens [N, T, width]} → each condition's modulated maps or tokens.
+
+        The transformer sees every condition at once; `forward` sums the maps and concatenates the tokens.
+        """
         tokens = []
         for name, feat in features.items():
             if name not in TASKS:
@@ -98,19 +97,38 @@ class CoAdapterFuser(AdapterModule):
             tokens.append(seq + task + self.positional_embedding)
         x = self.ln_post(self.transformer_layes(self.ln_pre(torch.cat(tokens, dim=1))))
 
-        maps: list[torch.Tensor] | None = None
-        seqs = []
+        out: dict[str, list[torch.Tensor] | torch.Tensor] = {}
         pos = 0
-        for feat in features.values():
+        for name, feat in features.items():
             if isinstance(feat, torch.Tensor):
                 n = feat.shape[1]
-                seqs.append(feat * (x[:, pos : pos + n] @ self.seq_proj + 1))
+                out[name] = feat * (x[:, pos : pos + n] @ self.seq_proj + 1)
                 pos += n
                 continue
-            scaled = [f * (proj(x[:, pos + i]) + 1)[:, :, None, None] for i, (f, proj) in enumerate(zip(feat, self.spatial_ch_projs))]
-            maps = scaled if maps is None else [a + b for a, b in zip(maps, scaled)]
+            out[name] = [f * (proj(x[:, pos + i]) + 1)[:, :, None, None]
+                         for i, (f, proj) in enumerate(zip(feat, self.spatial_ch_projs))]
             pos += len(feat)
-        return maps, (torch.cat(seqs, dim=1) if seqs else None)
+        return out
+
+    def forward(
+        self, features: Mapping[str, list[torch.Tensor] | torch.Tensor]
+    ) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
+        """{condition name: 4 maps, or style tokens [N, T, width]} → (summed modulated maps, modulated style tokens)."""
+        if not features:
+            return None, None
+        return combine(list(self.parts(features).values()))
+
+
+def combine(parts: list[list[torch.Tensor] | torch.Tensor]) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
+    """Spatial parts summed in order, style tokens concatenated in order: (maps, tokens), either may be None."""
+    maps: list[torch.Tensor] | None = None
+    seqs = []
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            seqs.append(part)
+        else:
+            maps = list(part) if maps is None else [a + b for a, b in zip(maps, part)]
+    return maps, (torch.cat(seqs, dim=1) if seqs else None)
 
 
 register("fuser", FuserConfig, CoAdapterFuser)

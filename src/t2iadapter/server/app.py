@@ -109,14 +109,15 @@ def create_app(
     @app.get("/v1/models", response_model=ModelsResponse, tags=["models"])
     async def models() -> ModelsResponse:
         """Registered adapters (the only names requests may use), extractors, schedulers and limits."""
-        from t2iadapter.pipeline import scheduler_names
+        from t2iadapter.generation.request import defaults
+        from t2iadapter.generation.schedulers import scheduler_names
 
         adapters = [AdapterInfo(name=n, kind=m.kind, channels=getattr(m.config, "in_channels", None))
                     for n, m in pipe.adapters.items()]
         return ModelsResponse(
             base=label, adapters=adapters, fuser=pipe.fuser is not None,
             extractors=[describe(n) for n in pool.names], schedulers=scheduler_names(),
-            default_size=pipe.default_size, size_multiple=pipe.size_multiple, limits=asdict(limits),
+            default_size=pipe.default_size, size_multiple=pipe.size_multiple, limits=asdict(limits), defaults=defaults(),
         )
 
     # ------------------------------------------------------------- extraction

@@ -1,15 +1,12 @@
-"""A validated generation request → the work the model worker runs (one `AdapterPipeline` call)."""
+"""A validated HTTP body → a `GenerationRequest` → the work the model worker runs (one `AdapterPipeline.generate`)."""
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image
-
 from t2iadapter.errors import ConfigError
-from t2iadapter.pipeline import Window
+from t2iadapter.generation.request import AdapterUse, GenerationRequest, Window, use_defaults
 from t2iadapter.server.images import b64_bytes, b64_png, open_bounded
 from t2iadapter.server.limits import Limits
 from t2iadapter.server.schemas import GenerateRequest, GenerateResponse, ImageOut
@@ -19,25 +16,13 @@ class UnknownName(LookupError):
     """A client named a model that is not registered (→ 404); the name is never used as a path."""
 
 
-@dataclass(frozen=True)
-class Generation:
-    """Everything one pipeline call needs, checked against the registered models and the limits."""
-
-    request: GenerateRequest
-    conditions: dict[str, Image.Image]  # spatial adapter name → condition image
-    style_image: Image.Image | None
-    weights: dict[str, float]
-    windows: dict[str, Window]
-    size: tuple[int, int]
-
-
 def check_name(name: str, known: list[str], what: str) -> None:
     if name not in known:
         raise UnknownName(f"no {what} named {name!r} is registered; known: {', '.join(known) or 'none'}")
 
 
-def prepare(req: GenerateRequest, pipe: Any, limits: Limits, uploads: dict[str, bytes] | None = None) -> Generation:
-    """Check names, bounds and images before the request takes a queue slot."""
+def prepare(req: GenerateRequest, pipe: Any, limits: Limits, uploads: dict[str, bytes] | None = None) -> GenerationRequest:
+    """The `GenerationRequest` of a validated body: names, bounds and images checked before it takes a queue slot."""
     if req.steps > limits.max_steps:
         raise ConfigError(f"steps={req.steps} is above this server's limit of {limits.max_steps}")
     if req.num_images > limits.max_images:
@@ -63,41 +48,26 @@ def prepare(req: GenerateRequest, pipe: Any, limits: Limits, uploads: dict[str, 
     style = [n for n in images if n in pipe.style_names]
     if len(style) > 1:
         raise ConfigError(f"give one style image, not {len(style)} ({', '.join(style)})")
-    opts = {name: req.adapters.get(name) for name in images}
-    return Generation(
-        request=req,
-        conditions={n: im for n, im in images.items() if n not in style},
-        style_image=images[style[0]] if style else None,
-        weights={n: (o.weight if o else 1.0) for n, o in opts.items()},
-        windows={n: Window.parse(o.window if o else None) for n, o in opts.items()},
-        size=(w, h),
-    )
+    use = use_defaults()
+    uses = []
+    for name in [n for n in registered if n in images]:  # registration order: the order adapters compose in
+        opts = req.adapters.get(name)
+        uses.append(AdapterUse(name, images[name], opts.weight if opts else use["weight"],
+                               Window.parse(opts.window) if opts else use["window"]))
+    return GenerationRequest(req.prompt, tuple(uses), negative_prompt=req.negative_prompt, steps=req.steps,
+                             guidance_scale=req.guidance_scale, size=(w, h), seed=req.seed, scheduler=req.scheduler,
+                             num_images=req.num_images, compose=req.compose, fuser_windows=req.fuser_windows)
 
 
-def make_work(gen: Generation, pipe: Any, base_label: str, queued_at: float) -> Callable[[Callable[[int, int], None]], GenerateResponse]:
+def make_work(request: GenerationRequest, pipe: Any, base_label: str,
+              queued_at: float) -> Callable[[Callable[[int, int], None]], GenerateResponse]:
     """The function the worker thread calls: run the pipeline, report each step, encode PNGs with parameters."""
-    req = gen.request
+    steps = request.steps
 
     def work(progress: Callable[[int, int], None]) -> GenerateResponse:
         start = time.monotonic()
-        progress(0, req.steps)
-        result = pipe(
-            req.prompt,
-            conditions=gen.conditions,
-            negative_prompt=req.negative_prompt,
-            steps=req.steps,
-            guidance_scale=req.guidance_scale,
-            size=gen.size,
-            seed=req.seed,
-            num_images=req.num_images,
-            scheduler=req.scheduler,
-            weights=gen.weights,
-            windows=gen.windows,
-            compose=req.compose,
-            style_image=gen.style_image,
-            callback=lambda step, _t, _latents: progress(step + 1, req.steps),
-            progress=False,
-        )
+        progress(0, steps)
+        result = pipe.generate(request, callback=lambda step, _t, _latents: progress(step + 1, steps), progress=False)
         params = dict(result.parameters, base=base_label)
         images = [
             ImageOut(png=b64_png(im, dict(params, index=i)), width=im.width, height=im.height)

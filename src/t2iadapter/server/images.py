@@ -9,6 +9,7 @@ from typing import Any
 from PIL import Image
 
 from t2iadapter.errors import ConditionError
+from t2iadapter.extractors.images import open_image
 from t2iadapter.pngmeta import png_info
 
 
@@ -24,20 +25,7 @@ def b64_bytes(text: str, what: str) -> bytes:
 
 def open_bounded(data: bytes, what: str, max_side: int) -> Image.Image:
     """Decode an image, refusing one wider or taller than `max_side` before its pixels are decoded."""
-    if not data:
-        raise ConditionError(f"{what} is empty")
-    try:
-        image = Image.open(io.BytesIO(data))
-    except Exception:
-        raise ConditionError(f"{what} is not an image PIL can read (send PNG, JPEG or WebP)") from None
-    w, h = image.size
-    if w > max_side or h > max_side:
-        raise ConditionError(f"{what} is {w}x{h}; images may be at most {max_side} pixels a side")
-    try:
-        image.load()
-    except Exception as exc:
-        raise ConditionError(f"{what} could not be decoded: {exc}") from None
-    return image
+    return open_image(data, what=what, max_side=max_side)
 
 
 def png_bytes(image: Image.Image, parameters: dict[str, Any] | None = None) -> bytes:

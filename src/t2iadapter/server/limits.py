@@ -59,11 +59,7 @@ class ServerSettings:
 
     def load_pipeline(self):
         """The AdapterPipeline these settings describe (loads weights; seconds to minutes)."""
-        import torch
+        from t2iadapter.generation.pipeline import AdapterPipeline, resolve_device
 
-        from t2iadapter.pipeline import AdapterPipeline
-
-        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-        dtype = dtypes[self.dtype or ("fp32" if device == "cpu" else "fp16")]
+        device, dtype = resolve_device(self.device, self.dtype)
         return AdapterPipeline.from_pretrained(self.base, dict(self.adapters), fuser=self.fuser, device=device, dtype=dtype)

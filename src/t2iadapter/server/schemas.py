@@ -5,14 +5,19 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from t2iadapter.generation import request as gen
+
+DEFAULTS = gen.defaults()  # every default below comes from GenerationRequest / AdapterUse
+USE = gen.use_defaults()
+
 
 class AdapterOptions(BaseModel):
     """How one registered adapter acts: its weight and the fraction of the steps it is active in."""
 
     model_config = ConfigDict(extra="forbid")
 
-    weight: float = Field(1.0, ge=-10.0, le=10.0, description="feature scale (paper §3.3 uses 0..1; >1 strengthens)")
-    window: str | tuple[float, float] = Field("0:1", description="START:END fraction of the steps, e.g. '0:0.5'")
+    weight: float = Field(USE["weight"], ge=-10.0, le=10.0, description="feature scale (paper §3.3 uses 0..1; >1 strengthens)")
+    window: str | tuple[float, float] = Field(str(USE["window"]), description="START:END fraction of the steps, e.g. '0:0.5'")
 
 
 class GenerateRequest(BaseModel):
@@ -27,13 +32,16 @@ class GenerateRequest(BaseModel):
     )
     adapters: dict[str, AdapterOptions] = Field(default_factory=dict, description="adapter name → weight and window")
     seed: int | None = Field(None, ge=0, lt=2**32, description="default: random, returned in the parameters")
-    steps: int = Field(20, ge=1)
-    guidance_scale: float = Field(7.5, ge=0.0, le=50.0)
+    steps: int = Field(DEFAULTS["steps"], ge=1, le=gen.MAX_STEPS)
+    guidance_scale: float = Field(DEFAULTS["guidance_scale"], ge=0.0, le=50.0)
     width: int | None = Field(None, ge=8, description="default: the base model's size")
     height: int | None = Field(None, ge=8)
-    scheduler: str | None = Field(None, description="one of GET /v1/models → schedulers; default: the base's")
-    compose: Literal["sum", "fuser"] = "sum"
-    num_images: int = Field(1, ge=1)
+    scheduler: str | None = Field(DEFAULTS["scheduler"], description="one of GET /v1/models → schedulers; default: the base's")
+    compose: Literal[gen.COMPOSE_MODES] = DEFAULTS["compose"]  # type: ignore[valid-type]
+    fuser_windows: Literal[gen.FUSER_WINDOW_MODES] = Field(  # type: ignore[valid-type]
+        DEFAULTS["fuser_windows"], description="with compose=fuser: 'once' (fuse all conditions once, gate by window; "
+        "the original CoAdapter) or 'active' (fuse the adapters active at each step)")
+    num_images: int = Field(DEFAULTS["num_images"], ge=1)
 
 
 class ImageOut(BaseModel):
@@ -98,6 +106,8 @@ class ModelsResponse(BaseModel):
     default_size: tuple[int, int]
     size_multiple: int
     limits: dict[str, float | int]
+    defaults: dict[str, Any] = Field(..., description="GenerationRequest defaults (steps, guidance_scale, ...): what "
+                                     "a request that leaves a field out gets; the web page shows them")
 
 
 class Health(BaseModel):

@@ -160,15 +160,6 @@ def finish(root: str | Path, step: int, modules: dict[str, Any], trainer_state: 
     return final
 
 
-def save(root: str | Path, step: int, modules: dict[str, Any], trainer_state: dict[str, Any],
-         rng_states: list[dict[str, Any]], keep: int) -> Path:
-    """Single-process convenience: begin, write every RNG state, finish."""
-    tmp = begin(root, step)
-    for rank, state in enumerate(rng_states):
-        write_rng(tmp, rank, state)
-    return finish(root, step, modules, trainer_state, keep)
-
-
 def load(path: str | Path, rank: int = 0) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(trainer state, this rank's RNG state or None) of a checkpoint folder."""
     from t2iadapter.formats import load_pickle

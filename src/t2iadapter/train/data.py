@@ -49,23 +49,14 @@ class Raw:
 
 
 def _open_image(source: Any):
-    """A decoded PIL image from a path, bytes, a datasets image dict or a PIL image (fully loaded)."""
+    """A decoded PIL image from a path, bytes, a datasets image dict, an array or a PIL image (the one reader)."""
     from PIL import Image
 
-    if isinstance(source, Image.Image):
-        image = source
-    elif isinstance(source, (bytes, bytearray)):
-        image = Image.open(io.BytesIO(source))
-    elif isinstance(source, dict) and (source.get("bytes") or source.get("path")):
-        image = Image.open(io.BytesIO(source["bytes"])) if source.get("bytes") else Image.open(source["path"])
-    elif isinstance(source, (str, Path)):
-        image = Image.open(source)
-    elif isinstance(source, np.ndarray):
-        image = Image.fromarray(source)
-    else:
-        raise ValueError(f"not an image: {type(source).__name__}")
-    image.load()
-    return image
+    from t2iadapter.extractors.images import open_image
+
+    if isinstance(source, np.ndarray):
+        return Image.fromarray(source)
+    return open_image(source)
 
 
 def resize_crop(image, size: int, *, nearest: bool = False):
@@ -117,10 +108,10 @@ class Source:
 
 
 class WorldSource(Source):
-    """Scenes of the procedural world (`t2iadapter.world`) from its TRAIN seeds, with exact conditions."""
+    """Scenes of the procedural world (`t2iadapter.demo.world`) from its TRAIN seeds, with exact conditions."""
 
     def __init__(self, conditions: list[str], resolution: int, num_samples: int | None) -> None:
-        from t2iadapter import world
+        from t2iadapter.demo import world
 
         self.world = world
         self.resolution = resolution
@@ -344,7 +335,7 @@ def build_source(data: DataConfig, adapters: tuple[AdapterSpec, ...]) -> Source:
     """The raw-sample source `data` describes; conditions without a stored location must have an extractor."""
     stored = dict(data.conditions)
     if data.kind == "world":
-        from t2iadapter import world
+        from t2iadapter.demo import world
 
         names = [a.condition for a in adapters]
         bad = [a.condition for a in adapters if a.condition not in world.CONDITIONS and a.extractor is None]

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from t2iadapter.errors import CheckpointError, ConfigError
+from t2iadapter.generation.latents import posterior, sample_posterior, to_scaled
 from t2iadapter.train import checkpoint as ckpt
 from t2iadapter.train.config import AdapterSpec, TrainConfig
 
@@ -60,14 +61,6 @@ def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, times
     raise ConfigError(f"the base's scheduler has prediction_type {kind!r}; expected epsilon, v_prediction or sample")
 
 
-def sample_posterior(moments: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """A draw from the VAE's diagonal Gaussian posterior given its [B, 2C, h, w] parameters (mean, log-variance)."""
-    mean, logvar = moments.float().chunk(2, dim=1)
-    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-    noise = torch.randn(mean.shape, generator=generator, device=generator.device).to(mean.device)
-    return mean + std * noise
-
-
 def condition_keep(names: list[str], recipe, generator: torch.Generator) -> list[str]:
     """CoAdapter condition dropout (DESIGN.md §6): all with p_all, none with p_none, else each with p_keep."""
     r = torch.rand(1 + len(names), generator=generator, device=generator.device).tolist()
@@ -92,7 +85,9 @@ class AdapterSet(nn.Module):
             (name,) = names
             out = self.adapters[name](conditions[name])
             return (None, out) if self.adapters[name].kind == "style" else (out, None)
-        return self.fuser({n: self.adapters[n](conditions[n]) for n in names})
+        from t2iadapter.generation.composition import fuse
+
+        return fuse(self.fuser, {n: self.adapters[n](conditions[n]) for n in names})
 
     def anchor(self) -> torch.Tensor:
         """0·Σ one element of each parameter: keeps every parameter in the graph when no condition was kept."""
@@ -306,9 +301,6 @@ class Trainer:
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 
-    def unwrapped(self) -> AdapterSet:
-        return self.model
-
     # -- encoders (cached when asked) ----------------------------------------------------------
 
     @torch.no_grad()
@@ -321,13 +313,11 @@ class Trainer:
             moments = torch.stack([self.latent_cache[i] for i in idx]).to(self.device, non_blocking=True)
         if moments is None:
             pixels = batch["pixels"].to(self.device, vae.dtype, non_blocking=True)
-            moments = vae.encode(pixels).latent_dist.parameters
+            moments = posterior(vae, pixels)
             if self.config.recipe.cache_latents:
                 for i, m in zip(idx, moments.cpu()):
                     self.latent_cache[i] = m
-        latents = sample_posterior(moments, self.generator)
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return (latents - shift) * vae.config.scaling_factor
+        return to_scaled(vae.config, sample_posterior(moments, self.generator))
 
     @torch.no_grad()
     def encode_prompts(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -571,8 +561,8 @@ class Trainer:
         try:
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 path = render_grid(self, self.output_dir / "validation" / f"{ckpt.step_name(self.step)}.png")
-        except Exception as exc:  # a broken validation never stops training
-            log.warning("validation at step %d failed: %s: %s", self.step, type(exc).__name__, exc)
+        except Exception as exc:  # a broken validation never stops training, but it is an error in the log
+            log.error("validation at step %d failed: %s: %s", self.step, type(exc).__name__, exc)
             path = None
         finally:
             if was_offloaded:

@@ -21,7 +21,7 @@ def validation_items(config, resolution: int) -> list[tuple[str, dict[str, Any]]
         paths = cond if isinstance(cond, dict) else {names[0]: cond}
         items.append((prompt, {n: resize_crop(_open_image(p), resolution) for n, p in paths.items()}))
     if val.world_seeds:
-        from t2iadapter import world
+        from t2iadapter.demo import world
 
         for seed in val.world_seeds:
             scene = world.generate(int(seed), size=resolution)
@@ -39,27 +39,32 @@ def validation_items(config, resolution: int) -> list[tuple[str, dict[str, Any]]
 
 
 def render_grid(trainer, path: Path) -> Path:
-    """Sample every validation item with the adapter weights at 0 and at 1, and write the grid PNG."""
+    """Sample every validation item with the adapter weights at 0 and at 1, and write the grid PNG.
+
+    The pipeline runs copies of the modules (EMA weights, or the live ones): training state is never touched.
+    """
     from PIL import Image
 
-    from t2iadapter.pipeline import AdapterPipeline
+    from t2iadapter.generation.pipeline import AdapterPipeline
 
     config = trainer.config
     val = config.validation
     res = config.data.resolution
     modules = trainer.export_modules()
-    adapters = [m.eval() for m in modules.values()]
-    spatial = [a for a in adapters if a.kind != "fuser"]
-    pipe = AdapterPipeline(trainer.base, adapters=adapters)
+    fuser = modules.pop("fuser", None)
+    names = [a.condition for a in config.adapters]
+    adapters = dict(zip(names, modules.values()))  # condition name → module: the fuser's task names
+    pipe = AdapterPipeline(trainer.base, adapters=adapters, fuser=fuser)
+    spatial = [n for n in names if adapters[n].kind != "style"]
+    compose = "fuser" if fuser is not None else "sum"
     rows = []
     for prompt, conds in validation_items(config, res):
-        images = [conds[a.condition] for a in config.adapters]
         for seed in val.seeds:
-            common = dict(conditions=images, steps=val.steps, seed=int(seed), size=(res, res),
-                          guidance_scale=val.guidance_scale)
-            base_img = pipe(prompt, weights=[0.0] * len(spatial), **common).images[0]
-            with_img = pipe(prompt, weights=[1.0] * len(spatial), **common).images[0]
-            shown = images[0].convert("RGB").resize((res, res))
+            common = dict(conditions={n: conds[n] for n in spatial}, steps=val.steps, seed=int(seed), size=(res, res),
+                          guidance_scale=val.guidance_scale, compose=compose, progress=False)
+            base_img = pipe(prompt, weights={n: 0.0 for n in spatial}, **common).images[0]
+            with_img = pipe(prompt, weights={n: 1.0 for n in spatial}, **common).images[0]
+            shown = conds[names[0]].convert("RGB").resize((res, res))
             rows.append([shown, base_img.convert("RGB").resize((res, res)), with_img.convert("RGB").resize((res, res))])
     grid = Image.new("RGB", (3 * res, len(rows) * res), "white")
     for r, row in enumerate(rows):
@@ -67,7 +72,5 @@ def render_grid(trainer, path: Path) -> Path:
             grid.paste(image, (c * res, r * res))
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
-    for m in adapters:
-        m.train()
     log.info("validation grid %s", path)
     return path

@@ -242,7 +242,8 @@ async function load() {
     $("height").value = m.default_size[1];
     $("width").max = $("height").max = m.limits.max_side;
     $("steps").max = m.limits.max_steps;
-    $("steps").value = Math.min(20, m.limits.max_steps);
+    $("steps").value = Math.min(m.defaults.steps, m.limits.max_steps);  // the server's GenerationRequest defaults
+    $("guidance").value = m.defaults.guidance_scale;
     setStatus($("status"), "ready");
   } catch (e) {
     setStatus($("status"), e.message, true);

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from t2iadapter.extractors import classic, pose
+
 logger = logging.getLogger(__name__)
 
 # Training and held-out evaluation seeds never overlap; built-in demo scenes use a third range.
@@ -64,20 +66,14 @@ VOCABULARY: tuple[str, ...] = tuple(
 CONDITIONS: tuple[str, ...] = ("sketch", "seg", "depth", "pose", "color", "canny", "mask", "image")
 _RENDERED: tuple[str, ...] = ("image", "sketch", "seg", "depth", "pose", "color", "mask")
 
-# OpenPose (COCO-18) keypoint order, limb pairs and colours as the original body-pose drawing uses.
+# OpenPose (COCO-18) keypoint order; limb pairs (0-based) and colours are the pose extractor's (the original's).
 KEYPOINT_NAMES: tuple[str, ...] = (
     "nose", "neck", "r_shoulder", "r_elbow", "r_wrist", "l_shoulder", "l_elbow", "l_wrist",
     "r_hip", "r_knee", "r_ankle", "l_hip", "l_knee", "l_ankle", "r_eye", "l_eye", "r_ear", "l_ear",
 )  # fmt: skip
-OPENPOSE_LIMBS: tuple[tuple[int, int], ...] = (
-    (1, 2), (1, 5), (2, 3), (3, 4), (5, 6), (6, 7), (1, 8), (8, 9), (9, 10),
-    (1, 11), (11, 12), (12, 13), (1, 0), (0, 14), (14, 16), (0, 15), (15, 17),
-)  # fmt: skip
-OPENPOSE_COLOURS: tuple[tuple[int, int, int], ...] = (
-    (255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 0), (85, 255, 0),
-    (0, 255, 0), (0, 255, 85), (0, 255, 170), (0, 255, 255), (0, 170, 255), (0, 85, 255),
-    (0, 0, 255), (85, 0, 255), (170, 0, 255), (255, 0, 255), (255, 0, 170), (255, 0, 85),
-)  # fmt: skip
+OPENPOSE_LIMBS: tuple[tuple[int, int], ...] = tuple((a - 1, b - 1) for a, b in pose.LIMBS[: pose.DRAWN_LIMBS])
+OPENPOSE_COLOURS: tuple[tuple[int, int, int], ...] = pose.COLORS
+
 # Stick-figure limbs drawn into the image (the torso is neck → mid-hip, drawn separately).
 _FIGURE_LIMBS: tuple[tuple[int, int], ...] = (
     (2, 5), (2, 3), (3, 4), (5, 6), (6, 7), (8, 11), (8, 9), (9, 10), (11, 12), (12, 13),
@@ -349,14 +345,17 @@ def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
 
 
 def palette(image: np.ndarray) -> np.ndarray:
-    """The colour condition as the original makes it: bicubic down by 64, nearest back up (paper §3.3)."""
-    h, w = image.shape[:2]
-    small = cv2.resize(image, (max(1, w // 64), max(1, h // 64)), interpolation=cv2.INTER_CUBIC)
-    return cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST)
+    """The colour condition as the original makes it: the colour extractor's palette (bicubic down by 64, nearest up)."""
+    return classic.palette(image, 64)
 
 
 def draw_openpose(keypoints: Iterable[np.ndarray], size: int, stickwidth: int | None = None) -> np.ndarray:
-    """OpenPose body drawing: joints as coloured dots, limbs as coloured ellipses blended at 0.6, on black."""
+    """OpenPose body drawing: joints as coloured dots, limbs as coloured ellipses blended at 0.6, on black.
+
+    The pose extractor's colours and limbs, drawn at scene scale: stick width and joint radius grow with the
+    image (the extractor's are fixed at 4 px) and positions are rounded, not truncated, so small scenes keep
+    their limbs; the demo's pose adapter was trained on exactly these maps.
+    """
     canvas = np.zeros((size, size, 3), np.uint8)
     stick = stickwidth if stickwidth is not None else max(2, round(size / 64))
     people = [np.asarray(k, np.float64) for k in keypoints]

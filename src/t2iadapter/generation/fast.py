@@ -1,6 +1,6 @@
-"""Fast inference (issue 7): half precision, channels-last, SDPA, torch.compile with static shapes, CUDA graphs.
+"""Fast mode (issue 7, `AdapterPipeline.optimize()`): half precision, channels-last, SDPA, torch.compile with static shapes, CUDA graphs.
 
-What `AdapterPipeline.optimize()` sets up, and what the pipeline's fast path does with it:
+What `optimize()` sets up, and what the fast denoising loop (`loop.denoise_fast`) does with it:
 - weights in bf16 (fp16 where the card lacks bf16) on GPU; every conv net in channels-last memory;
 - attention through PyTorch's fused SDPA (flash / memory-efficient kernels), q/k/v in one matmul;
 - the UNet, the VAE decoder and the spatial adapters wrapped in `torch.compile` with `dynamic=False`;
@@ -163,40 +163,6 @@ def optimize_adapters(adapters: Mapping[str, Any], settings: FastSettings) -> No
 
 # ---------------------------------------------------------------------------------------------
 # pieces of the pipeline's fast path
-
-
-def condition_bytes(image: Any, channels: int, size: tuple[int, int]):
-    """An 8-bit PIL condition as a uint8 [1, C, h, w] tensor, resized exactly as `prepare_condition` does.
-
-    Crossing to the device as bytes and dividing by 255 there gives the same float32 values as the
-    eager path (IEEE division), with a quarter of the transfer and no host float conversion.
-    Returns None for anything that is not a PIL image of mode L/RGB/RGBA/etc. (the caller falls back).
-    """
-    import numpy as np
-    from PIL import Image
-
-    if not isinstance(image, Image.Image):
-        return None
-    mode = "L" if channels == 1 else "RGB"
-    if image.mode != mode:
-        image = image.convert(mode)
-    w, h = size
-    arr = np.asarray(image.resize((w, h), resample=Image.LANCZOS))
-    if arr.dtype != np.uint8:
-        return None
-    arr = arr[..., None] if arr.ndim == 2 else arr
-    return torch.from_numpy(np.array(arr)).permute(2, 0, 1)[None]  # a writable copy
-
-
-def bytes_to_condition(x: torch.Tensor, canvas: tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 [1, C, h, w] → [0, 1] on `device` in `dtype`, zero-padded right/bottom to `canvas` (w, h)."""
-    import torch.nn.functional as F
-
-    x = x.to(device).float() / 255.0
-    cw, ch = canvas
-    if (x.shape[-1], x.shape[-2]) != (cw, ch):
-        x = F.pad(x, (0, cw - x.shape[-1], 0, ch - x.shape[-2]))
-    return x.to(dtype)
 
 
 class LoopClock:

@@ -1,0 +1,151 @@
+"""`GenerationRequest`: everything one generation takes, with the one set of defaults and checks (no torch here).
+
+The Python API (`AdapterPipeline.__call__`/`generate`), the CLI (`t2iadapter generate`), the server's
+schema and, through `GET /v1/models`, the web page all take their defaults from this module.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+from t2iadapter.errors import ConfigError
+
+COMPOSE_MODES = ("sum", "fuser")
+# How the fuser meets step windows: "once" (the original CoAdapter: fuse all conditions once, gate the fused
+# features per step) or "active" (fuse again over the adapters active at each step).
+FUSER_WINDOW_MODES = ("once", "active")
+MAX_STEPS = 1000
+SIDE_RANGE = (8, 8192)  # pixels a side any pipeline accepts (servers may lower the top)
+
+
+@dataclass(frozen=True)
+class Window:
+    """Fraction of the denoising in which an adapter acts; step i (0-based, sampling order) of N is active when
+    `N - int((1 - start)·N) <= i < N - int((1 - end)·N)`.
+
+    For start=0 this is exactly the original's `cond_tau` gate (`N - i - 1 >= int((1 - tau)·N)`, TencentARC
+    ddim.py); windows that meet (0:a, a:1) split the steps with no gap or overlap. ComfyUI calls these
+    start/end percent; diffusers' SDXL `adapter_conditioning_factor` rounds the other way (`i < int(f·N)`).
+    """
+
+    start: float = 0.0
+    end: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.start <= self.end <= 1.0):
+            raise ConfigError(f"window {self.start}:{self.end} must satisfy 0 <= start <= end <= 1")
+
+    @classmethod
+    def parse(cls, value: "Window | tuple[float, float] | list[float] | str | None") -> "Window":
+        """A window from `Window`, `(start, end)`, `"START:END"` or None (the whole run)."""
+        if value is None:
+            return cls()
+        if isinstance(value, Window):
+            return value
+        if isinstance(value, str):
+            try:
+                start, end = (float(v) for v in value.split(":"))
+            except ValueError:
+                raise ConfigError(f"window {value!r} must look like START:END, e.g. 0:0.5") from None
+            return cls(start, end)
+        try:
+            start, end = value
+            return cls(float(start), float(end))
+        except (TypeError, ValueError):
+            raise ConfigError(f"window {value!r} must be (start, end) or 'START:END'") from None
+
+    def steps(self, total: int) -> range:
+        """The active step indices of a `total`-step run."""
+        return range(total - int((1 - self.start) * total), total - int((1 - self.end) * total))
+
+    def active(self, step: int, total: int) -> bool:
+        return step in self.steps(total)
+
+    def __str__(self) -> str:
+        return f"{self.start:g}:{self.end:g}"
+
+
+@dataclass(frozen=True)
+class AdapterUse:
+    """One loaded adapter taking part in a call: its name, condition (image, array, tensor or path), weight, window.
+
+    A style adapter's condition is its reference image (or precomputed CLIP-vision tokens).
+    """
+
+    name: str
+    condition: Any
+    weight: float = 1.0  # feature scale (original `cond_weight`); 0 turns the adapter off, >1 strengthens it
+    window: Window = Window()  # the steps in which it acts (original `cond_tau` = Window(0, tau))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "window", Window.parse(self.window))
+        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not math.isfinite(self.weight):
+            raise ConfigError(f"weight of {self.name!r} must be a finite number, got {self.weight!r}")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Everything one generation takes; the defaults here are the only ones (API, CLI, server, web page)."""
+
+    prompt: str | tuple[str, ...]
+    adapters: tuple[AdapterUse, ...] = ()
+    negative_prompt: str | tuple[str, ...] | None = None  # None: "" (SD1/SD2) or zero context (SDXL), as diffusers
+    steps: int = 30  # denoising steps
+    guidance_scale: float = 7.5  # classifier-free guidance; <= 1 turns CFG off
+    size: tuple[int, int] | None = None  # (width, height); None: the base's own size
+    seed: int | None = None  # None: a random one, returned in the parameters
+    scheduler: str | None = None  # a name from `scheduler_names()`; None: the base's own
+    num_images: int = 1  # per prompt
+    compose: str = "sum"  # "sum" (Σ w·F, paper §3.4) or "fuser" (CoAdapter)
+    fuser_windows: str = "once"  # with compose="fuser": see FUSER_WINDOW_MODES
+    eta: float = 0.0  # DDIM eta (schedulers that take it)
+
+    def __post_init__(self) -> None:
+        prompt = self.prompt if isinstance(self.prompt, str) else tuple(self.prompt)
+        object.__setattr__(self, "prompt", prompt)
+        if not self.prompts or not all(isinstance(p, str) for p in self.prompts):
+            raise ConfigError("no prompt given")
+        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
+            object.__setattr__(self, "negative_prompt", tuple(self.negative_prompt))
+            if len(self.negative_prompt) != len(self.prompts):
+                raise ConfigError(f"got {len(self.negative_prompt)} negative prompts for {len(self.prompts)} prompts")
+        object.__setattr__(self, "adapters", tuple(self.adapters))
+        names = [u.name for u in self.adapters]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"an adapter is used twice: {names}")
+        if not isinstance(self.steps, int) or not 1 <= self.steps <= MAX_STEPS:
+            raise ConfigError(f"steps must be between 1 and {MAX_STEPS}, got {self.steps}")
+        if not isinstance(self.num_images, int) or self.num_images < 1:
+            raise ConfigError(f"num_images must be >= 1, got {self.num_images}")
+        if not math.isfinite(self.guidance_scale):
+            raise ConfigError(f"guidance_scale must be a number, got {self.guidance_scale}")
+        if self.compose not in COMPOSE_MODES:
+            raise ConfigError(f"compose must be 'sum' or 'fuser', got {self.compose!r}")
+        if self.fuser_windows not in FUSER_WINDOW_MODES:
+            raise ConfigError(f"fuser_windows must be one of {', '.join(FUSER_WINDOW_MODES)}, got {self.fuser_windows!r}")
+        if self.size is not None:
+            w, h = (int(v) for v in self.size)
+            lo, hi = SIDE_RANGE
+            if not (lo <= w <= hi and lo <= h <= hi):
+                raise ConfigError(f"size {w}x{h} is out of range ({lo}..{hi} pixels a side)")
+            object.__setattr__(self, "size", (w, h))
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+
+    @property
+    def prompts(self) -> tuple[str, ...]:
+        return (self.prompt,) if isinstance(self.prompt, str) else self.prompt
+
+
+def use_defaults() -> dict[str, Any]:
+    """Field → default of `AdapterUse` (weight, window)."""
+    return {f.name: f.default for f in fields(AdapterUse) if f.name not in ("name", "condition")}
+
+
+def defaults() -> dict[str, Any]:
+    """Field → default of every `GenerationRequest` field that has one (what the server tells the web page)."""
+    return {f.name: f.default for f in fields(GenerationRequest) if f.name not in ("prompt", "adapters")}
+
+
+__all__ = ["AdapterUse", "GenerationRequest", "Window", "defaults", "use_defaults", "COMPOSE_MODES", "FUSER_WINDOW_MODES"]

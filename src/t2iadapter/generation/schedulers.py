@@ -1,0 +1,53 @@
+"""Schedulers by name: a fresh diffusers scheduler configured like the base's own (betas, prediction type)."""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+from t2iadapter.errors import ConfigError
+
+# name → (diffusers scheduler class name, extra config); aliases map the names people use.
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {}),
+    "dpm++2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+}
+_ALIASES = {"euler a": "euler_a", "euler_ancestral": "euler_a", "dpm++ 2m": "dpm++2m", "dpmpp_2m": "dpm++2m",
+            "dpm++ 2m karras": "dpm++2m_karras", "dpmpp_2m_karras": "dpm++2m_karras", "uni_pc": "unipc"}
+
+
+def scheduler_names() -> list[str]:
+    return list(SCHEDULERS)
+
+
+def make_scheduler(name: str | None, base_scheduler: Any):
+    """A fresh scheduler of the named kind (None: the base's own kind), configured like the base's."""
+    import diffusers
+
+    config: Mapping[str, Any] = base_scheduler.config
+    if name is None:
+        return type(base_scheduler).from_config(config)
+    key = _ALIASES.get(name.lower().strip(), name.lower().strip())
+    if key not in SCHEDULERS:
+        raise ConfigError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    cls_name, extra = SCHEDULERS[key]
+    return getattr(diffusers, cls_name).from_config(dict(config), **extra)
+
+
+def step_kwargs(scheduler: Any, generator: Any, eta: float) -> dict[str, Any]:
+    """`eta` and `generator` for schedulers whose `step` takes them (as diffusers' pipelines pass them)."""
+    params = set(inspect.signature(scheduler.step).parameters)
+    kwargs: dict[str, Any] = {}
+    if "eta" in params:
+        kwargs["eta"] = eta
+    if "generator" in params:
+        kwargs["generator"] = generator
+    return kwargs
