@@ -1,0 +1,169 @@
+"""ControlNets beside the adapters (issue 16): parity with diffusers' ControlNet pipelines, composition with an
+adapter, loading, checks, and the parameter count the paper's trade-off rests on (DESIGN.md §8)."""
+import numpy as np
+import pytest
+import torch
+from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline, T2IAdapter
+from PIL import Image
+
+from t2iadapter.bases import load_base, tiny_adapter_config
+from t2iadapter.errors import ConfigError
+from t2iadapter.formats import ours_to_diffusers
+from t2iadapter.generation.controlnet import controlnet_from_unet
+from t2iadapter.models import build_adapter
+from t2iadapter.pipeline import AdapterPipeline
+
+PROMPT = "a large red star left of a small blue circle"
+
+
+@pytest.fixture(scope="module")
+def sd_base():
+    return load_base("tiny")
+
+
+@pytest.fixture(scope="module")
+def xl_base():
+    return load_base("tiny-xl")
+
+
+def random_controlnet(base, seed):
+    """A ControlNet initialised from the base UNet (as the paper does), its zero convs given random weights so it acts."""
+    torch.manual_seed(seed)
+    cn = controlnet_from_unet(base.unet, base.vae_scale_factor).eval()
+    with torch.no_grad():
+        zero = list(cn.controlnet_down_blocks) + [cn.controlnet_mid_block, cn.controlnet_cond_embedding.conv_out]
+        for conv in zero:
+            conv.weight.normal_(0, 0.3)
+            conv.bias.normal_(0, 0.1)
+    return cn
+
+
+def condition(size, seed):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), "RGB")
+
+
+def sd_reference(base, cn):
+    return StableDiffusionControlNetPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                                             unet=base.unet, controlnet=cn, scheduler=base.scheduler, safety_checker=None,
+                                             feature_extractor=None, requires_safety_checker=False)
+
+
+def xl_reference(base, cn):
+    return StableDiffusionXLControlNetPipeline(vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2,
+                                               tokenizer=base.tokenizer, tokenizer_2=base.tokenizer_2, unet=base.unet,
+                                               controlnet=cn, scheduler=base.scheduler)
+
+
+def test_sd_controlnet_matches_diffusers(sd_base):
+    cn = random_controlnet(sd_base, 0)
+    cond = condition(64, 0)
+    pipe = AdapterPipeline(sd_base, controlnets={"pose": cn})
+    ref_pipe = sd_reference(sd_base, cn)
+    for scale, (start, end) in ((0.7, (0.0, 1.0)), (1.0, (0.0, 0.5)), (1.2, (0.5, 1.0))):
+        ours = pipe(PROMPT, {"pose": cond}, steps=4, seed=0, size=(64, 64), weights={"pose": scale},
+                    windows={"pose": (start, end)}, output_type="np", progress=False).images[0]
+        ref = ref_pipe(PROMPT, image=cond, num_inference_steps=4, height=64, width=64,
+                       generator=torch.Generator().manual_seed(0), controlnet_conditioning_scale=scale,
+                       control_guidance_start=start, control_guidance_end=end, output_type="np").images[0]
+        assert np.abs(ours - ref).max() <= 1e-4, (scale, start, end)
+    plain = sd_base.diffusers_pipeline()(PROMPT, num_inference_steps=4, height=64, width=64,
+                                         generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    assert np.abs(ours - plain).max() > 1e-2  # the ControlNet really acts
+
+
+def test_sdxl_controlnet_matches_diffusers(xl_base):
+    cn = random_controlnet(xl_base, 1)
+    cond = condition(128, 1)
+    ours = AdapterPipeline(xl_base, controlnets=[cn])(PROMPT, [cond], steps=3, seed=1, size=(128, 128), guidance_scale=5.0,
+                                                      weights=[0.8], output_type="np", progress=False).images[0]
+    ref = xl_reference(xl_base, cn)(PROMPT, image=cond, num_inference_steps=3, height=128, width=128, guidance_scale=5.0,
+                                    generator=torch.Generator().manual_seed(1), controlnet_conditioning_scale=0.8,
+                                    output_type="np").images[0]
+    plain = xl_base.diffusers_pipeline()(PROMPT, num_inference_steps=3, height=128, width=128, guidance_scale=5.0,
+                                         generator=torch.Generator().manual_seed(1), output_type="np").images[0]
+    assert np.abs(ours - ref).max() <= 1e-4
+    assert np.abs(ours - plain).max() > 1e-2
+
+
+def test_adapter_and_controlnet_compose_as_diffusers_unet_with_both_residuals(sd_base):
+    """Reference: diffusers' ControlNet pipeline whose UNet also gets diffusers' T2IAdapter features every step."""
+    torch.manual_seed(3)
+    adapter = build_adapter(tiny_adapter_config(sd_base, 1)).eval()
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.mul_(3.0)
+    cn = random_controlnet(sd_base, 2)
+    sketch, pose = Image.fromarray(np.random.default_rng(4).integers(0, 256, (64, 64), dtype=np.uint8), "L"), condition(64, 5)
+    pipe = AdapterPipeline(sd_base, {"sketch": adapter}, controlnets={"pose": cn})
+    ours = pipe(PROMPT, {"sketch": sketch, "pose": pose}, steps=3, seed=7, size=(64, 64), weights={"sketch": 0.9, "pose": 0.6},
+                output_type="np", progress=False).images[0]
+    only_cn = pipe(PROMPT, {"pose": pose}, steps=3, seed=7, size=(64, 64), weights={"pose": 0.6}, output_type="np",
+                   progress=False).images[0]
+
+    d_adapter = T2IAdapter(in_channels=1, channels=list(adapter.config.channels), num_res_blocks=adapter.config.num_res_blocks,
+                           downscale_factor=adapter.config.downscale_factor, adapter_type="full_adapter").eval()
+    d_adapter.load_state_dict(ours_to_diffusers(adapter.state_dict(), adapter.config))
+    x = torch.from_numpy(np.asarray(sketch, dtype=np.float32) / 255.0)[None, None]
+    with torch.no_grad():
+        features = [f * 0.9 for f in d_adapter(x)]
+    unet = sd_base.unet
+    forward = unet.forward
+
+    def with_adapter(*args, **kwargs):
+        batch = args[0].shape[0]
+        kwargs["down_intrablock_additional_residuals"] = [f.repeat(batch, 1, 1, 1) for f in features]
+        return forward(*args, **kwargs)
+
+    unet.forward = with_adapter
+    try:
+        ref = sd_reference(sd_base, cn)(PROMPT, image=pose, num_inference_steps=3, height=64, width=64,
+                                        generator=torch.Generator().manual_seed(7), controlnet_conditioning_scale=0.6,
+                                        output_type="np").images[0]
+    finally:
+        del unet.forward
+    assert np.abs(ours - ref).max() <= 1e-4
+    assert np.abs(ours - only_cn).max() > 1e-2  # the adapter acts too
+
+
+def test_controlnet_loads_from_folder_and_single_file(sd_base, tmp_path):
+    cn = random_controlnet(sd_base, 5)
+    cn.save_pretrained(tmp_path / "cn")
+    pipe = AdapterPipeline.from_pretrained(sd_base, controlnets={"edge": tmp_path / "cn"})
+    loaded = pipe.controlnets["edge"]
+    assert all(torch.equal(a, b) for a, b in zip(cn.state_dict().values(), loaded.state_dict().values()))
+    assert loaded is not cn and not any(p.requires_grad for p in loaded.parameters())
+    pipe2 = AdapterPipeline(sd_base, controlnets=[str(tmp_path / "cn")])
+    assert list(pipe2.controlnets) == ["cn"]
+
+
+def test_controlnet_checks(sd_base, xl_base, tmp_path):
+    with pytest.raises(ConfigError, match="does not fit"):
+        AdapterPipeline(sd_base, controlnets={"x": random_controlnet(xl_base, 0)})
+    with pytest.raises(ConfigError, match="given twice"):
+        AdapterPipeline(sd_base, {"a": build_adapter(tiny_adapter_config(sd_base, 3))}, controlnets={"a": random_controlnet(sd_base, 0)})
+    from t2iadapter.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="no such file"):
+        AdapterPipeline(sd_base, controlnets={"x": str(tmp_path / "missing")})
+    pipe = AdapterPipeline(sd_base, controlnets={"pose": random_controlnet(sd_base, 0)})
+    pipe.fast = True  # what optimize() sets; fast mode refuses ControlNets with one clear error
+    with pytest.raises(ConfigError, match="fast mode"):
+        pipe(PROMPT, {"pose": condition(64, 0)}, steps=1, size=(64, 64), progress=False)
+
+
+def test_controlnet_parameters_vs_adapter_on_meta_device():
+    """DESIGN.md §8: SD1.5's ControlNet has ~361M parameters, the full adapter ~77M (no memory allocated)."""
+    from diffusers import UNet2DConditionModel
+
+    from t2iadapter.models import FullAdapterConfig
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(cross_attention_dim=768)  # diffusers' defaults are SD1.5's UNet
+        cn = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
+        adapter = build_adapter(FullAdapterConfig(in_channels=1))
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    print(f"ControlNet {count(cn) / 1e6:.1f}M, adapter {count(adapter) / 1e6:.2f}M, UNet {count(unet) / 1e6:.1f}M")
+    assert 355e6 < count(cn) < 365e6
+    assert 76e6 < count(adapter) < 78e6
+    assert 855e6 < count(unet) < 865e6
