@@ -167,3 +167,80 @@ def test_controlnet_parameters_vs_adapter_on_meta_device():
     assert 355e6 < count(cn) < 365e6
     assert 76e6 < count(adapter) < 78e6
     assert 855e6 < count(unet) < 865e6
+
+
+def test_cli_generate_with_controlnet_and_adapter(sd_base, tmp_path, capsys):
+    """`--controlnet NAME=PATH` and `--adapter` pair with `--condition` in command-line order; the PNG equals the API's."""
+    import json
+
+    from t2iadapter.cli import main as cli
+
+    torch.manual_seed(8)
+    adapter = build_adapter(tiny_adapter_config(sd_base, 1))
+    adapter.save_file(tmp_path / "sketch.safetensors")
+    random_controlnet(sd_base, 9).save_pretrained(tmp_path / "pose-cn")
+    condition(64, 1).save(tmp_path / "pose.png")
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (64, 64), dtype=np.uint8), "L").save(tmp_path / "sketch.png")
+    out = tmp_path / "out.png"
+    args = ["generate", "--base", "tiny", "--controlnet", f"pose={tmp_path / 'pose-cn'}", "--condition", str(tmp_path / "pose.png"),
+            "--adapter", str(tmp_path / "sketch.safetensors"), "--condition", str(tmp_path / "sketch.png"),
+            "--controlnet-weight", "0.7", "--controlnet-window", "0:0.5", "--prompt", PROMPT, "--steps", "2", "--seed", "4",
+            "--size", "64x64", "--out", str(out)]
+    assert cli(args) == 0
+    capsys.readouterr()
+    assert cli(["info", str(out), "--json"]) == 0
+    params = json.loads(capsys.readouterr().out)
+    assert params["adapters"] == ["sketch"] and params["controlnets"] == [{"name": "pose", "weight": 0.7, "window": [0.0, 0.5]}]
+    pipe = AdapterPipeline.from_pretrained("tiny", [tmp_path / "sketch.safetensors"], controlnets={"pose": tmp_path / "pose-cn"})
+    ref = pipe(PROMPT, {"sketch": tmp_path / "sketch.png", "pose": tmp_path / "pose.png"}, steps=2, seed=4, size=(64, 64),
+               weights={"pose": 0.7}, windows={"pose": (0, 0.5)}, progress=False).images[0]
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(ref))
+    assert cli(args[:-2] + ["--controlnet-weight", "1", "--out", str(tmp_path / "o2.png")]) == 2
+    assert "2 --controlnet-weight for 1 ControlNets" in capsys.readouterr().err
+    assert cli(["generate", "--base", "tiny", "--controlnet", str(tmp_path / "pose-cn"), "--prompt", "p",
+                "--out", str(tmp_path / "o3.png")]) == 2
+    assert "give one condition per adapter and ControlNet" in capsys.readouterr().err
+
+
+def test_server_takes_controlnet_conditions_weights_and_windows(sd_base, tmp_path):
+    pytest.importorskip("fastapi")
+    import base64
+    import io
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from t2iadapter.pngmeta import CHUNK
+    from t2iadapter.server import Limits, create_app
+
+    torch.manual_seed(0)
+    pipe = AdapterPipeline(sd_base, {"sketch": build_adapter(tiny_adapter_config(sd_base, 1))},
+                           controlnets={"pose": random_controlnet(sd_base, 3)})
+
+    def png(im):
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+
+    req = {"prompt": PROMPT, "steps": 2, "seed": 3, "conditions": {"pose": png(condition(64, 0)), "sketch": png(condition(64, 1).convert("L"))},
+           "controlnets": {"pose": {"weight": 0.5, "window": "0.5:1"}}}
+    with TestClient(create_app(pipe, limits=Limits(max_steps=4, max_side=128))) as client:
+        assert client.get("/v1/models").json()["controlnets"] == ["pose"]
+        r = client.post("/v1/generate", json=req)
+        assert r.status_code == 200, r.text
+        params = json.loads(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]["png"]))).text[CHUNK])
+        assert params["adapters"] == ["sketch"] and params["controlnets"] == [{"name": "pose", "weight": 0.5, "window": [0.5, 1.0]}]
+        assert client.post("/v1/generate", json=dict(req, controlnets={"nope": {"weight": 1}})).status_code == 404
+        assert client.post("/v1/generate", json=dict(req, conditions={"sketch": req["conditions"]["sketch"]})).status_code == 422
+
+
+def test_serve_registers_controlnets(tmp_path):
+    import argparse
+
+    from t2iadapter.commands import serve
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    serve.register(sub)
+    args = sub.choices["serve"].parse_args(["--base", "tiny", "--adapter", "a=x.safetensors", "--controlnet", "pose=cn-folder"])
+    settings, _ = serve.settings_from(args)
+    assert settings.controlnets == {"pose": "cn-folder"} and settings.adapters == {"a": "x.safetensors"}
