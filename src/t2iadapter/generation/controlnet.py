@@ -99,6 +99,14 @@ def check_fast(names: list[str]) -> None:
         raise ConfigError(f"fast mode does not run ControlNets yet ({', '.join(names)}); generate without optimize()/--fast")
 
 
+def residuals(controlnet: ControlNetModel, sample: torch.Tensor, t: Any, context: torch.Tensor, condition: torch.Tensor,
+              scale: float = 1.0, added: dict[str, torch.Tensor] | None = None) -> Residuals:
+    """One ControlNet evaluation (guess mode off): (residual per UNet skip connection, mid-block residual)."""
+    down, mid = controlnet(sample, t, encoder_hidden_states=context, controlnet_cond=condition, conditioning_scale=scale,
+                           added_cond_kwargs=added, return_dict=False)
+    return list(down), mid
+
+
 class ControlNets:
     """The ControlNets of one call: condition images (batched for CFG), weights and windows; `at()` gives the
     summed residuals for one step, or None when none is active."""
@@ -120,8 +128,7 @@ class ControlNets:
         for n in self.names:
             if not self.windows[n].active(step, total):
                 continue
-            d, m = self.modules[n](sample, t, encoder_hidden_states=context, controlnet_cond=self.images[n],
-                                   conditioning_scale=self.weights[n], added_cond_kwargs=added, return_dict=False)
+            d, m = residuals(self.modules[n], sample, t, context, self.images[n], self.weights[n], added)
             if down is None:
                 down, mid = list(d), m
             else:  # diffusers' MultiControlNetModel: residuals sum
@@ -140,4 +147,4 @@ def prepare(modules: Mapping[str, ControlNetModel], uses: Any, on_device: Callab
     return ControlNets(modules, images, {u.name: u.weight for u in uses}, {u.name: u.window for u in uses})
 
 
-__all__ = ["ControlNets", "check_fits", "check_fast", "controlnet_from_unet", "is_controlnet", "load_controlnet", "prepare"]
+__all__ = ["ControlNets", "residuals", "check_fits", "check_fast", "controlnet_from_unet", "is_controlnet", "load_controlnet", "prepare"]

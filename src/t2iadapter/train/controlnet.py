@@ -39,9 +39,9 @@ class TrainableControlNet(nn.Module):
 
     def forward(self, condition: torch.Tensor, sample: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                 added: dict[str, torch.Tensor] | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
-        down, mid = self.controlnet(sample, t, encoder_hidden_states=context, controlnet_cond=condition,
-                                    added_cond_kwargs=added, return_dict=False)
-        return list(down), mid
+        from t2iadapter.generation.controlnet import residuals
+
+        return residuals(self.controlnet, sample, t, context, condition, 1.0, added)
 
     def save_file(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Our single file: safetensors with diffusers' keys and the config JSON in the metadata (atomic)."""
