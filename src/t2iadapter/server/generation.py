@@ -39,7 +39,7 @@ def prepare(req: GenerateRequest, pipe: Any, limits: Limits, uploads: dict[str, 
         if name in raw:
             raise ConfigError(f"condition for {name!r} given twice (in the JSON and as an upload)")
         raw[name] = data
-    controlnets = list(pipe.controlnets)  # issue 16: conditions by name, options in `controlnets`
+    controlnets = list(getattr(pipe, "controlnets", {}))  # issue 16: conditions by name, options in `controlnets`
     for name in list(raw):
         check_name(name, registered + controlnets, "adapter or ControlNet")
     for name in list(req.adapters):
