@@ -147,9 +147,37 @@ def test_controlnet_checks(sd_base, xl_base, tmp_path):
     with pytest.raises(CheckpointError, match="no such file"):
         AdapterPipeline(sd_base, controlnets={"x": str(tmp_path / "missing")})
     pipe = AdapterPipeline(sd_base, controlnets={"pose": random_controlnet(sd_base, 0)})
-    pipe.fast = True  # what optimize() sets; fast mode refuses ControlNets with one clear error
-    with pytest.raises(ConfigError, match="fast mode"):
-        pipe(PROMPT, {"pose": condition(64, 0)}, steps=1, size=(64, 64), progress=False)
+    with pytest.raises(ConfigError, match="unknown adapters"):
+        pipe(PROMPT, {"pose": condition(64, 0)}, weights={"posse": 1.0}, steps=1, size=(64, 64), progress=False)
+
+
+def test_fast_mode_with_controlnet_equals_eager_and_windows_never_recompile():
+    """Fast mode: every ControlNet runs every step (scale 0 outside its window), the compiled UNet keeps one graph."""
+    import torch._dynamo.testing
+
+    base = load_base("tiny")  # optimize() takes the base over: not the shared fixture
+    torch.manual_seed(0)
+    adapter = build_adapter(tiny_adapter_config(base, 1))
+    pipe = AdapterPipeline(base, {"sketch": adapter}, controlnets={"pose": random_controlnet(base, 6)})
+    sketch = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64), dtype=np.uint8), "L")
+    calls = [dict(windows={"pose": (0, 0.5)}, weights={"pose": 0.8}), dict(windows={"pose": (0.34, 1)}, weights={"pose": 1.1})]
+
+    def gen(**kw):
+        return pipe(PROMPT, {"sketch": sketch, "pose": condition(64, 2)}, steps=3, seed=0, size=(64, 64), output_type="np",
+                    progress=False, **kw).images[0]
+
+    eager = [gen(**c) for c in calls]
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+    try:
+        pipe.optimize(dtype=torch.float32, backend=counter)
+        first = gen(**calls[0])
+        graphs = counter.frame_count
+        second = gen(**calls[1])
+        assert counter.frame_count == graphs, "a ControlNet's window or weight recompiled the UNet"
+    finally:
+        torch._dynamo.reset()
+    assert np.abs(first - eager[0]).max() < 1e-4 and np.abs(second - eager[1]).max() < 1e-4
 
 
 def test_controlnet_parameters_vs_adapter_on_meta_device():

@@ -11,7 +11,9 @@ As diffusers' `StableDiffusion(XL)ControlNetPipeline` (guess_mode off): the Cont
 scaled model input and context as the UNet (both CFG branches), SDXL's pooled text and time ids too, and
 its residuals are scaled by `conditioning_scale` (our weight). Several ControlNets sum (MultiControlNet).
 Outside its window (`Window`, the adapters' rule) a ControlNet does not run, which equals diffusers'
-scale 0 (adding zeros). Fast mode does not support ControlNets yet (`check_fast`).
+scale 0 (adding zeros). Fast mode keeps the UNet's inputs static instead: every ControlNet runs every
+step, with scale 0 outside its window, so the compiled UNet always gets the same residual shapes; the
+ControlNets themselves run eagerly in the base's dtype (not compiled).
 """
 from __future__ import annotations
 
@@ -94,11 +96,6 @@ def check_fits(unet: UNet2DConditionModel, controlnet: ControlNetModel, name: st
         raise ConfigError(f"ControlNet {name!r} does not fit this base: " + "; ".join(bad))
 
 
-def check_fast(names: list[str]) -> None:
-    if names:
-        raise ConfigError(f"fast mode does not run ControlNets yet ({', '.join(names)}); generate without optimize()/--fast")
-
-
 def residuals(controlnet: ControlNetModel, sample: torch.Tensor, t: Any, context: torch.Tensor, condition: torch.Tensor,
               scale: float = 1.0, added: dict[str, torch.Tensor] | None = None) -> Residuals:
     """One ControlNet evaluation (guess mode off): (residual per UNet skip connection, mid-block residual)."""
@@ -121,14 +118,17 @@ class ControlNets:
         return bool(self.names)
 
     def at(self, step: int, total: int, sample: torch.Tensor, t: Any, context: torch.Tensor,
-           added: dict[str, torch.Tensor] | None) -> Residuals | None:
-        """Σ over the active ControlNets of (down residuals, mid residual), each scaled by its weight."""
+           added: dict[str, torch.Tensor] | None, *, static: bool = False) -> Residuals | None:
+        """Σ over the active ControlNets of (down residuals, mid residual), each scaled by its weight; `static`
+        (fast mode): every ControlNet runs, scale 0 outside its window, so a step always has residuals."""
         down: list[torch.Tensor] | None = None
         mid: torch.Tensor | None = None
         for n in self.names:
-            if not self.windows[n].active(step, total):
+            active = self.windows[n].active(step, total)
+            if not (active or static):
                 continue
-            d, m = residuals(self.modules[n], sample, t, context, self.images[n], self.weights[n], added)
+            d, m = residuals(self.modules[n], sample, t, context, self.images[n], self.weights[n] if active else 0.0,
+                             added)
             if down is None:
                 down, mid = list(d), m
             else:  # diffusers' MultiControlNetModel: residuals sum
@@ -147,4 +147,4 @@ def prepare(modules: Mapping[str, ControlNetModel], uses: Any, on_device: Callab
     return ControlNets(modules, images, {u.name: u.weight for u in uses}, {u.name: u.window for u in uses})
 
 
-__all__ = ["ControlNets", "residuals", "check_fits", "check_fast", "controlnet_from_unet", "is_controlnet", "load_controlnet", "prepare"]
+__all__ = ["ControlNets", "residuals", "check_fits", "controlnet_from_unet", "is_controlnet", "load_controlnet", "prepare"]

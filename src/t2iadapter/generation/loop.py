@@ -98,7 +98,9 @@ def denoise_fast(d: Denoise) -> torch.Tensor:
                               device=unet.device)
     for i, t in d.timesteps():
         maps, seq = d.composition.at(i, d.steps)
-        noise = unet_hook.unet_forward(unet, d.model_input(latents, t).to(unet.dtype), clock.unet_timestep(i),
-                                       d.prompts.context(seq), zeros if maps is None else maps, added_cond_kwargs=d.added)
+        x, ut, context = d.model_input(latents, t).to(unet.dtype), clock.unet_timestep(i), d.prompts.context(seq)
+        control = d.controlnets.at(i, d.steps, x, ut, context, d.added, static=True) if d.controlnets else None  # issue 16
+        noise = unet_hook.unet_forward(unet, x, ut, context, zeros if maps is None else maps, added_cond_kwargs=d.added,
+                                       control=control)
         latents = d.step(i, t, noise.to(torch.float32, copy=True), latents, kwargs)
     return latents

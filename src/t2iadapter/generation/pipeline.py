@@ -286,8 +286,6 @@ class AdapterPipeline:
         for use in req.controlnets:
             if use.name not in self.controlnets:
                 raise ConditionError(f"no ControlNet named {use.name!r} is loaded; loaded: {list(self.controlnets)}")
-        if self.fast:
-            controlnet.check_fast([u.name for u in req.controlnets])
         if req.compose != "fuser":
             return {}
         if self.fuser is None:
