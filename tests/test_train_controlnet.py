@@ -96,3 +96,21 @@ def test_controlnet_config_checks(tmp_path):
     with pytest.raises(ConfigError, match="trains alone"):
         load_config(None, ["adapters=[{kind: controlnet, condition: sketch}, {kind: full, condition: depth}]",
                            "fuser={}"])
+
+
+def test_sdxl_controlnet_step_with_gradient_checkpointing():
+    """An SDXL ControlNet gets the pooled text and time ids too; recomputing activations changes no gradient."""
+    from t2iadapter.train.data import make_loader
+
+    base = load_base("tiny-xl")
+    grads = []
+    for checkpointing in (False, True):
+        cfg = config("unused", "base=tiny-xl", "recipe.batch_size=1", "checkpoint.every=0",
+                     f"recipe.gradient_checkpointing={checkpointing}")
+        trainer = Trainer(cfg, base=base)
+        batch = next(iter(make_loader(trainer.stream, 1, 0, 1, 0, 0)))
+        trainer.micro_loss(batch).backward()
+        grads.append([p.grad.clone() for p in trainer.params])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    assert any(g.abs().sum() > 0 for g in grads[1])

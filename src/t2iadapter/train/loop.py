@@ -283,6 +283,9 @@ class Trainer:
             base.unet.to(memory_format=torch.channels_last)
         if recipe.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
+            for module in adapters.values():  # issue 16: a ControlNet recomputes its activations too
+                if module.kind == "controlnet":
+                    module.controlnet.enable_gradient_checkpointing()
         self._compile_unverified = False
         if recipe.compile:
             try:
