@@ -103,7 +103,8 @@ def test_lower_layers_never_import_higher_ones(layer):
 
 
 DIFFUSERS_INTERNALS = ("down_intrablock_additional_residuals", "attention_processor", "set_attn_processor",
-                       "fuse_qkv_projections", "down_blocks", "downsamplers", "encoder_hidden_states", "latent_dist")
+                       "fuse_qkv_projections", "down_blocks", "downsamplers", "encoder_hidden_states", "latent_dist",
+                       "down_block_additional_residuals", "mid_block_additional_residual")
 ALLOWED = ("t2iadapter.unet_hook", "t2iadapter.generation")
 
 

@@ -115,11 +115,19 @@ def unet_forward(
     features: Sequence[torch.Tensor] | None = None,
     added_cond_kwargs: dict[str, torch.Tensor] | None = None,
     timestep_cond: torch.Tensor | None = None,
+    control: tuple[Sequence[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """One UNet evaluation with adapter features added to the encoder; returns the model output."""
+    """One UNet evaluation with adapter features added to the encoder; returns the model output.
+
+    `control`: ControlNet residuals (one per skip connection, one for the mid block); diffusers adds them to
+    the skips after the encoder ran (with the adapter features inside it) and to the mid block's output.
+    """
     kwargs = {}
     if features is not None:
         kwargs["down_intrablock_additional_residuals"] = list(features)  # fresh list: the UNet pops from it
+    if control is not None:
+        kwargs["down_block_additional_residuals"] = tuple(control[0])
+        kwargs["mid_block_additional_residual"] = control[1]
     return unet(
         sample,
         timestep,

@@ -35,19 +35,37 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fast", action="store_true", help="fast mode on GPU: half precision, channels-last, torch.compile")
 
 
+class _Paired(argparse._AppendAction):
+    """`--adapter`/`--controlnet`, also noting their order on the command line: the k-th `--condition` belongs
+    to the k-th of them (issue 16)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
+        super().__call__(parser, namespace, values, option_string)
+        namespace.paired = list(getattr(namespace, "paired", None) or []) + [self.dest]
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "generate",
         help="generate an image with adapters",
-        description="Generate with a base model and T2I-Adapters. Give --adapter/--condition in pairs; --weight and "
-        "--window either once per adapter (in order, spatial adapters then the style adapter) or not at all.",
+        description="Generate with a base model, T2I-Adapters and ControlNets. Give one --condition per --adapter or "
+        "--controlnet, in their command-line order; --weight and --window either once per adapter (in order, spatial "
+        "adapters then the style adapter) or not at all, --controlnet-weight and --controlnet-window likewise per "
+        "ControlNet.",
     )
     p.add_argument("--base", required=True, help="base model: diffusers folder, .safetensors/.ckpt, hub id, or demo/tiny/tiny-xl")
     p.add_argument("--config-dir", default=None, help="diffusers configs for an offline single-file base")
-    p.add_argument("--adapter", action="append", default=[], help="adapter file/folder/demo name/hub id (repeatable)")
-    p.add_argument("--condition", action="append", default=[], help="condition image, one per --adapter (repeatable)")
+    p.add_argument("--adapter", action=_Paired, default=[], help="adapter file/folder/demo name/hub id (repeatable)")
+    p.add_argument("--controlnet", action=_Paired, default=[], metavar="[NAME=]PATH",
+                   help="diffusers ControlNet: folder, single file or hub id; runs every step (repeatable)")
+    p.add_argument("--condition", action="append", default=[],
+                   help="condition image, one per --adapter/--controlnet in their order (repeatable)")
     p.add_argument("--weight", action="append", type=float, default=[], help="adapter weight (repeatable, default 1)")
     p.add_argument("--window", action="append", default=[], help="START:END fraction of steps an adapter acts (default 0:1)")
+    p.add_argument("--controlnet-weight", action="append", type=float, default=[],
+                   help="ControlNet conditioning scale (repeatable: one per --controlnet, default 1)")
+    p.add_argument("--controlnet-window", action="append", default=[],
+                   help="START:END fraction of steps a ControlNet runs (repeatable: one per --controlnet, default 0:1)")
     p.add_argument("--fuser", default=None, help="CoAdapter fuser checkpoint: compose the adapters through it")
     p.add_argument("--fuser-windows", choices=FUSER_WINDOW_MODES, default=defaults()["fuser_windows"],
                    help="with --fuser and --window: 'once' fuses every condition once and gates each by its window "
@@ -58,7 +76,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_generation_arguments(p)
     p.add_argument("--out", required=True, help="output PNG file")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, paired=[])
 
 
 def output_paths(out: str, n: int, force: bool) -> list[Path]:
@@ -76,9 +94,28 @@ def output_paths(out: str, n: int, force: bool) -> list[Path]:
     return paths
 
 
+def _controlnet_uses(args: argparse.Namespace, names: list[str], conditions: list[str]) -> tuple:
+    """The request's ControlNet uses from --controlnet, their --condition and --controlnet-weight/-window (issue 16)."""
+    from t2iadapter.generation.request import ControlNetUse, Window
+
+    for flag, values in (("--controlnet-weight", args.controlnet_weight), ("--controlnet-window", args.controlnet_window)):
+        if values and len(values) != len(names):
+            raise ConfigError(f"got {len(values)} {flag} for {len(names)} ControlNets; give one per --controlnet or none")
+    return tuple(ControlNetUse(name, cond, **({"weight": args.controlnet_weight[i]} if args.controlnet_weight else {}),
+                               **({"window": Window.parse(args.controlnet_window[i])} if args.controlnet_window else {}))
+                 for i, (name, cond) in enumerate(zip(names, conditions)))
+
+
 def run(args: argparse.Namespace) -> int:
-    if len(args.adapter) != len(args.condition):
-        raise ConfigError(f"got {len(args.adapter)} --adapter and {len(args.condition)} --condition; give one condition per adapter")
+    paired = list(args.paired)
+    if len(paired) != len(args.condition):
+        raise ConfigError(f"got {len(args.adapter)} --adapter, {len(args.controlnet)} --controlnet and "
+                          f"{len(args.condition)} --condition; give one condition per adapter and ControlNet")
+    adapter_conditions = [c for kind, c in zip(paired, args.condition) if kind == "adapter"]
+    controlnet_conditions = [c for kind, c in zip(paired, args.condition) if kind == "controlnet"]
+    from t2iadapter.commands import parse_adapters
+
+    controlnets = parse_adapters(args.controlnet, "--controlnet")
     if bool(args.style_adapter) != bool(args.style_image):
         raise ConfigError("--style-adapter and --style-image go together")
     n_adapters = len(args.adapter) + (1 if args.style_adapter else 0)
@@ -96,9 +133,9 @@ def run(args: argparse.Namespace) -> int:
 
     device, dtype = resolve_device(args.device, args.dtype)
     adapters = list(args.adapter) + ([args.style_adapter] if args.style_adapter else [])
-    conditions = list(args.condition) + ([args.style_image] if args.style_image else [])
+    conditions = adapter_conditions + ([args.style_image] if args.style_image else [])
     pipe = AdapterPipeline.from_pretrained(args.base, adapters, fuser=args.fuser, style_encoder=args.style_encoder,
-                                           device=device, dtype=dtype, config_dir=args.config_dir)
+                                           device=device, dtype=dtype, config_dir=args.config_dir, controlnets=controlnets)
     if args.fast:
         pipe.optimize()
     uses = tuple(AdapterUse(name, cond, **({"weight": args.weight[i]} if args.weight else {}),  # else the request's
@@ -107,10 +144,13 @@ def run(args: argparse.Namespace) -> int:
     request = GenerationRequest(args.prompt, uses, negative_prompt=args.negative_prompt, steps=args.steps,
                                 guidance_scale=args.guidance, size=args.size, seed=args.seed, scheduler=args.scheduler,
                                 num_images=args.num_images, compose="fuser" if args.fuser else "sum",
-                                fuser_windows=args.fuser_windows)
+                                fuser_windows=args.fuser_windows,
+                                controlnets=_controlnet_uses(args, list(pipe.controlnets), controlnet_conditions))
     result = pipe.generate(request, progress=True)
-    params = dict(result.parameters, adapter_sources=adapters, conditions=list(args.condition), fuser=args.fuser,
-                  style_image=args.style_image)
+    params = dict(result.parameters, adapter_sources=adapters, conditions=adapter_conditions, fuser=args.fuser,
+                  style_image=args.style_image,
+                  **({"controlnet_sources": list(controlnets.values()), "controlnet_conditions": controlnet_conditions}
+                     if controlnets else {}))
     for image, path in zip(result.images, paths):
         save_png(image, path, params)
         print(f"wrote {path} ({image.width}x{image.height}, seed {params['seed']})")

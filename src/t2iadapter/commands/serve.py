@@ -22,6 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", default="demo", help="base model: demo (default), tiny, a diffusers folder, a single file or a hub id")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                    help="register an adapter under NAME (file, folder, demo/NAME or hub id); repeatable")
+    p.add_argument("--controlnet", action="append", default=[], metavar="NAME=PATH",
+                   help="register a diffusers ControlNet under NAME (folder, single file or hub id); repeatable")
     p.add_argument("--fuser", default=None, help="CoAdapter fuser checkpoint (enables compose=fuser)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
@@ -65,7 +67,8 @@ def settings_from(args: argparse.Namespace):
     limits = Limits(max_upload_mb=args.max_upload_mb, max_steps=args.max_steps, max_side=args.max_side,
                     max_images=args.max_images, max_work=args.max_work, max_input_side=args.max_input_side,
                     queue_size=args.queue_size, timeout=args.timeout)
-    settings = ServerSettings(base=args.base, adapters=adapters, fuser=fuser, device=args.device, dtype=args.dtype)
+    settings = ServerSettings(base=args.base, adapters=adapters, fuser=fuser, device=args.device, dtype=args.dtype,
+                              controlnets=parse_adapters(getattr(args, "controlnet", []), "--controlnet"))
     return settings, limits
 
 

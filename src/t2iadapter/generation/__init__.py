@@ -4,6 +4,7 @@ request      GenerationRequest / AdapterUse / Window: the one set of defaults an
 pipeline     AdapterPipeline: load, move, optimize, generate(request)
 conditions   condition inputs → adapter input tensors (and fast mode's byte path)
 composition  weighted sum, CoAdapter fuser, step windows (shared with the trainer)
+controlnet   ControlNets beside the adapters: loading, checks, per-step residuals (issue 16)
 text         prompt conditioning for classifier-free guidance
 loop         the denoising loop: denoise_eager, denoise_fast
 schedulers   schedulers by name
@@ -14,9 +15,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from t2iadapter.generation.request import AdapterUse, GenerationRequest, Window, defaults
+from t2iadapter.generation.request import AdapterUse, ControlNetUse, GenerationRequest, Window, defaults
 
-__all__ = ["AdapterPipeline", "AdapterUse", "GenerationRequest", "GenerationResult", "Window", "defaults"]
+__all__ = ["AdapterPipeline", "AdapterUse", "ControlNetUse", "GenerationRequest", "GenerationResult", "Window", "defaults"]
 
 if TYPE_CHECKING:
     from t2iadapter.generation.pipeline import AdapterPipeline, GenerationResult

@@ -36,6 +36,7 @@ class Denoise:
     eta: float = 0.0
     callback: Callback | None = None
     progress: bool = True
+    controlnets: Any = None  # ControlNets (issue 16): generation.controlnet.ControlNets, run every step
 
     def start(self, timestep_device: Any, dtype: torch.dtype) -> torch.Tensor:
         """Set the timesteps and draw the initial latents (as diffusers: CPU generator, scaled by init_noise_sigma)."""
@@ -73,8 +74,9 @@ def denoise_eager(d: Denoise) -> torch.Tensor:
     kwargs = step_kwargs(d.scheduler, d.generator, d.eta)
     for i, t in d.timesteps():
         maps, seq = d.composition.at(i, d.steps)
-        noise = unet_hook.unet_forward(unet, d.model_input(latents, t), t, d.prompts.context(seq), maps,
-                                       added_cond_kwargs=d.added)
+        x, context = d.model_input(latents, t), d.prompts.context(seq)
+        control = d.controlnets.at(i, d.steps, x, t, context, d.added) if d.controlnets else None  # issue 16
+        noise = unet_hook.unet_forward(unet, x, t, context, maps, added_cond_kwargs=d.added, control=control)
         latents = d.step(i, t, noise, latents, kwargs)
     return latents
 
@@ -96,7 +98,9 @@ def denoise_fast(d: Denoise) -> torch.Tensor:
                               device=unet.device)
     for i, t in d.timesteps():
         maps, seq = d.composition.at(i, d.steps)
-        noise = unet_hook.unet_forward(unet, d.model_input(latents, t).to(unet.dtype), clock.unet_timestep(i),
-                                       d.prompts.context(seq), zeros if maps is None else maps, added_cond_kwargs=d.added)
+        x, ut, context = d.model_input(latents, t).to(unet.dtype), clock.unet_timestep(i), d.prompts.context(seq)
+        control = d.controlnets.at(i, d.steps, x, ut, context, d.added, static=True) if d.controlnets else None  # issue 16
+        noise = unet_hook.unet_forward(unet, x, ut, context, zeros if maps is None else maps, added_cond_kwargs=d.added,
+                                       control=control)
         latents = d.step(i, t, noise.to(torch.float32, copy=True), latents, kwargs)
     return latents

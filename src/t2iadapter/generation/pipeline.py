@@ -29,9 +29,9 @@ from t2iadapter import unet_hook
 from t2iadapter.bases import BaseModel, load_base
 from t2iadapter.errors import ConditionError, ConfigError
 from t2iadapter.formats import load_adapter
-from t2iadapter.generation import conditions, fast, latents, loop, schedulers, text
+from t2iadapter.generation import conditions, controlnet, fast, latents, loop, schedulers, text
 from t2iadapter.generation.composition import Composition
-from t2iadapter.generation.request import AdapterUse, GenerationRequest, Window
+from t2iadapter.generation.request import AdapterUse, ControlNetUse, GenerationRequest, Window
 from t2iadapter.models import TASKS, AdapterModule
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,7 @@ class AdapterPipeline:
         style_encoder: str | os.PathLike | Callable | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        controlnets: Sequence[Any] | Mapping[str, Any] = (),
     ) -> None:
         self.base = base
         items = adapters.items() if isinstance(adapters, Mapping) else [(None, a) for a in adapters]
@@ -113,12 +114,13 @@ class AdapterPipeline:
         self.fuser = _own(fuser).requires_grad_(False).eval() if fuser is not None else None
         if self.fuser is not None and self.fuser.kind != "fuser":
             raise ConfigError(f"fuser= must be a CoAdapter fuser checkpoint, got a {self.fuser.kind} adapter")
+        self.controlnets = self._load_controlnets(controlnets)
         self._style_encoder_source = style_encoder
         self._style_encoder: Callable | None = style_encoder if callable(style_encoder) else None
         self.fast = False
         self.to(device=device, dtype=dtype)
         for module in self.modules_to_move():  # adapters run in the base's dtype (checkpoints may be fp16)
-            module.to(device=self.device, dtype=self.dtype)
+            torch.nn.Module.to(module, device=self.device, dtype=self.dtype)
 
     # ------------------------------------------------------------------ load, move, optimize
 
@@ -133,20 +135,36 @@ class AdapterPipeline:
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
         config_dir: str | os.PathLike | None = None,
+        controlnets: Sequence[Any] | Mapping[str, Any] = (),
     ) -> "AdapterPipeline":
-        """Load a base (folder, single file, hub id or preset) and adapters (paths, names or modules)."""
+        """Load a base (folder, single file, hub id or preset), adapters (paths, names or modules) and ControlNets
+        (diffusers folders, single files, hub ids or `ControlNetModel`s)."""
         if not isinstance(base, BaseModel):
             base = load_base(base, config_dir=config_dir)
-        return cls(base, adapters, fuser=fuser, style_encoder=style_encoder, device=device, dtype=dtype)
+        return cls(base, adapters, fuser=fuser, style_encoder=style_encoder, device=device, dtype=dtype,
+                   controlnets=controlnets)
+
+    def _load_controlnets(self, sources: Sequence[Any] | Mapping[str, Any]) -> dict[str, torch.nn.Module]:
+        """ControlNets (issue 16) by name; names are shared with the adapters, so they must differ from them."""
+        items = sources.items() if isinstance(sources, Mapping) else [(None, c) for c in sources]
+        out: dict[str, torch.nn.Module] = {}
+        for i, (name, source) in enumerate(items):
+            name = name or (f"controlnet{i}" if isinstance(source, torch.nn.Module) else _adapter_name(source, i))
+            if name in out or name in self.adapters:
+                raise ConfigError(f"the name {name!r} is given twice (adapters and ControlNets share names)")
+            module = controlnet.load_controlnet(source)
+            controlnet.check_fits(self.base.unet, module, name)
+            out[name] = module.requires_grad_(False).eval()
+        return out
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "AdapterPipeline":
         self.base.to(device=device, dtype=dtype)
-        for module in self.modules_to_move():
-            module.to(device=device, dtype=dtype)
+        for module in self.modules_to_move():  # nn.Module's own `to` (diffusers' ModelMixin.to warns on every dtype)
+            torch.nn.Module.to(module, device=device, dtype=dtype)
         return self
 
     def modules_to_move(self) -> list[torch.nn.Module]:
-        return list(self.adapters.values()) + ([self.fuser] if self.fuser is not None else [])
+        return list(self.adapters.values()) + ([self.fuser] if self.fuser is not None else []) + list(self.controlnets.values())
 
     def optimize(self, *, compile: bool = True, dtype: torch.dtype | None = None, mode: str = "reduce-overhead",
                  backend: Any = "inductor", fuse_qkv: bool = True, compile_vae: bool = True,
@@ -204,9 +222,10 @@ class AdapterPipeline:
         if value is None:
             return {n: default for n in names}
         if isinstance(value, Mapping):
-            unknown = set(value) - set(self.adapters)
+            unknown = set(value) - set(self.adapters) - set(self.controlnets)
             if unknown:
-                raise ConfigError(f"{what} names unknown adapters {sorted(unknown)}; loaded: {list(self.adapters)}")
+                raise ConfigError(f"{what} names unknown adapters {sorted(unknown)}; loaded: "
+                                  f"{list(self.adapters) + list(self.controlnets)}")
             return {n: value.get(n, default) for n in names}
         if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
             return {n: value for n in names}
@@ -216,8 +235,10 @@ class AdapterPipeline:
 
     def request(self, prompt: str | Sequence[str], conditions: Any = None, *, weights: Any = None, windows: Any = None,
                 style_image: ConditionInput | None = None, **options: Any) -> GenerationRequest:
-        """The `GenerationRequest` of a keyword call: conditions by list (one per spatial adapter) or by name."""
-        names = self.spatial_names
+        """The `GenerationRequest` of a keyword call: conditions by list (one per spatial adapter, then one per
+        ControlNet) or by name; weights and windows likewise (a ControlNet's weight is diffusers'
+        `controlnet_conditioning_scale`)."""
+        names = self.spatial_names + list(self.controlnets)
         if conditions is None:
             conditions = {}
         if isinstance(conditions, Mapping):
@@ -229,8 +250,8 @@ class AdapterPipeline:
             if isinstance(conditions, (str, os.PathLike, Image.Image, np.ndarray, torch.Tensor)):
                 conditions = [conditions]
             if len(conditions) != len(names):
-                raise ConditionError(f"got {len(conditions)} condition images for {len(names)} spatial adapters "
-                                     f"({', '.join(names) or 'none'})")
+                raise ConditionError(f"got {len(conditions)} condition images for {len(names)} spatial adapters and "
+                                     f"ControlNets ({', '.join(names) or 'none'})")
             cond_of = dict(zip(names, conditions))
         if style_image is not None:
             if not self.style_names:
@@ -239,7 +260,11 @@ class AdapterPipeline:
         used = list(cond_of)
         weight_of = self._align(weights, used, "weights", 1.0)
         window_of = self._align(windows, used, "windows", None)
-        uses = tuple(AdapterUse(n, cond_of[n], weight_of[n], Window.parse(window_of[n])) for n in used)
+        uses = tuple(AdapterUse(n, cond_of[n], weight_of[n], Window.parse(window_of[n])) for n in used
+                     if n not in self.controlnets)
+        if any(n in self.controlnets for n in used):
+            options["controlnets"] = tuple(ControlNetUse(n, cond_of[n], weight_of[n], Window.parse(window_of[n]))
+                                           for n in used if n in self.controlnets)
         return GenerationRequest(prompt if isinstance(prompt, str) else tuple(prompt), uses, **options)
 
     @torch.no_grad()
@@ -258,6 +283,9 @@ class AdapterPipeline:
         for use in req.adapters:
             if use.name not in self.adapters:
                 raise ConditionError(f"no adapter named {use.name!r} is loaded; loaded: {list(self.adapters)}")
+        for use in req.controlnets:
+            if use.name not in self.controlnets:
+                raise ConditionError(f"no ControlNet named {use.name!r} is loaded; loaded: {list(self.controlnets)}")
         if req.compose != "fuser":
             return {}
         if self.fuser is None:
@@ -335,10 +363,18 @@ class AdapterPipeline:
         run = loop.Denoise(self.base, schedulers.make_scheduler(req.scheduler, self.base.scheduler),
                            (batch, self.base.unet.config.in_channels, canvas[1] // f, canvas[0] // f), generator, prompts,
                            composition, req.steps, req.guidance_scale, prompts.added(self.base, canvas, self.device),
-                           req.eta, callback, progress)
+                           req.eta, callback, progress, self._controlnets(req, (w, h), canvas, batch, cfg))
         final = loop.denoise_fast(run) if self.fast else loop.denoise_eager(run)
         images = self.decode(final)[:, :, :h, :w]
         return GenerationResult(self._output(images, output_type), self._parameters(req, seed, (w, h)))
+
+    def _controlnets(self, req: GenerationRequest, size: tuple[int, int], canvas: tuple[int, int], batch: int,
+                     cfg: bool) -> controlnet.ControlNets:
+        """The call's ControlNets with their condition images resized as the adapters' (issue 16)."""
+        def on_device(cond: Any, channels: int) -> torch.Tensor:
+            return conditions.condition_on_device(cond, channels, size, canvas, self.device, self.dtype)
+
+        return controlnet.prepare(self.controlnets, req.controlnets, on_device, batch, cfg)
 
     def _parameters(self, req: GenerationRequest, seed: int | None, size: tuple[int, int]) -> dict[str, Any]:
         return {
@@ -355,6 +391,8 @@ class AdapterPipeline:
             "windows": [[u.window.start, u.window.end] for u in req.adapters],
             "compose": req.compose,
             "num_images": req.num_images,
+            **({"controlnets": [{"name": u.name, "weight": u.weight, "window": [u.window.start, u.window.end]}
+                                for u in req.controlnets]} if req.controlnets else {}),
         }
 
     @staticmethod

@@ -85,6 +85,12 @@ class AdapterUse:
 
 
 @dataclass(frozen=True)
+class ControlNetUse(AdapterUse):
+    """One loaded ControlNet taking part in a call: its name, condition image, weight (diffusers'
+    `controlnet_conditioning_scale`) and window (the adapters' step rule; outside it the ControlNet does not run)."""
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """Everything one generation takes; the defaults here are the only ones (API, CLI, server, web page)."""
 
@@ -100,6 +106,8 @@ class GenerationRequest:
     compose: str = "sum"  # "sum" (Σ w·F, paper §3.4) or "fuser" (CoAdapter)
     fuser_windows: str = "once"  # with compose="fuser": see FUSER_WINDOW_MODES
     eta: float = 0.0  # DDIM eta (schedulers that take it)
+    # --- ControlNets (issue 16) ---
+    controlnets: tuple[ControlNetUse, ...] = ()  # run every step on both CFG branches; residuals add to the adapters'
 
     def __post_init__(self) -> None:
         prompt = self.prompt if isinstance(self.prompt, str) else tuple(self.prompt)
@@ -130,12 +138,22 @@ class GenerationRequest:
             if not (lo <= w <= hi and lo <= h <= hi):
                 raise ConfigError(f"size {w}x{h} is out of range ({lo}..{hi} pixels a side)")
             object.__setattr__(self, "size", (w, h))
+        self._check_controlnets()
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
 
     @property
     def prompts(self) -> tuple[str, ...]:
         return (self.prompt,) if isinstance(self.prompt, str) else self.prompt
+
+    def _check_controlnets(self) -> None:  # ControlNets (issue 16)
+        object.__setattr__(self, "controlnets", tuple(self.controlnets))
+        names = [u.name for u in self.controlnets]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"a ControlNet is used twice: {names}")
+        both = set(names) & {u.name for u in self.adapters}
+        if both:
+            raise ConfigError(f"{sorted(both)} named both as an adapter and as a ControlNet")
 
 
 def use_defaults() -> dict[str, Any]:
@@ -145,7 +163,7 @@ def use_defaults() -> dict[str, Any]:
 
 def defaults() -> dict[str, Any]:
     """Field → default of every `GenerationRequest` field that has one (what the server tells the web page)."""
-    return {f.name: f.default for f in fields(GenerationRequest) if f.name not in ("prompt", "adapters")}
+    return {f.name: f.default for f in fields(GenerationRequest) if f.name not in ("prompt", "adapters", "controlnets")}
 
 
-__all__ = ["AdapterUse", "GenerationRequest", "Window", "defaults", "use_defaults", "COMPOSE_MODES", "FUSER_WINDOW_MODES"]
+__all__ = ["AdapterUse", "ControlNetUse", "GenerationRequest", "Window", "defaults", "use_defaults", "COMPOSE_MODES", "FUSER_WINDOW_MODES"]

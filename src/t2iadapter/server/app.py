@@ -116,6 +116,7 @@ def create_app(
                     for n, m in pipe.adapters.items()]
         return ModelsResponse(
             base=label, adapters=adapters, fuser=pipe.fuser is not None,
+            controlnets=list(getattr(pipe, "controlnets", {})),  # issue 16
             extractors=[describe(n) for n in pool.names], schedulers=scheduler_names(),
             default_size=pipe.default_size, size_multiple=pipe.size_multiple, limits=asdict(limits), defaults=defaults(),
         )

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from t2iadapter.errors import ConfigError
-from t2iadapter.generation.request import AdapterUse, GenerationRequest, Window, use_defaults
+from t2iadapter.generation.request import AdapterUse, ControlNetUse, GenerationRequest, Window, use_defaults
 from t2iadapter.server.images import b64_bytes, b64_png, open_bounded
 from t2iadapter.server.limits import Limits
 from t2iadapter.server.schemas import GenerateRequest, GenerateResponse, ImageOut
@@ -39,9 +39,14 @@ def prepare(req: GenerateRequest, pipe: Any, limits: Limits, uploads: dict[str, 
         if name in raw:
             raise ConfigError(f"condition for {name!r} given twice (in the JSON and as an upload)")
         raw[name] = data
-    for name in list(raw) + list(req.adapters):
+    controlnets = list(getattr(pipe, "controlnets", {}))  # issue 16: conditions by name, options in `controlnets`
+    for name in list(raw):
+        check_name(name, registered + controlnets, "adapter or ControlNet")
+    for name in list(req.adapters):
         check_name(name, registered, "adapter")
-    missing = sorted(set(req.adapters) - set(raw))
+    for name in list(req.controlnets):
+        check_name(name, controlnets, "ControlNet")
+    missing = sorted((set(req.adapters) | set(req.controlnets)) - set(raw))
     if missing:
         raise ConfigError(f"adapters {missing} have options but no condition image")
     images = {name: open_bounded(data, f"condition for {name!r}", limits.max_input_side) for name, data in raw.items()}
@@ -56,7 +61,19 @@ def prepare(req: GenerateRequest, pipe: Any, limits: Limits, uploads: dict[str, 
                                Window.parse(opts.window) if opts else use["window"]))
     return GenerationRequest(req.prompt, tuple(uses), negative_prompt=req.negative_prompt, steps=req.steps,
                              guidance_scale=req.guidance_scale, size=(w, h), seed=req.seed, scheduler=req.scheduler,
-                             num_images=req.num_images, compose=req.compose, fuser_windows=req.fuser_windows)
+                             num_images=req.num_images, compose=req.compose, fuser_windows=req.fuser_windows,
+                             controlnets=_controlnet_uses(req, controlnets, images))
+
+
+def _controlnet_uses(req: GenerateRequest, controlnets: list[str], images: dict[str, Any]) -> tuple[ControlNetUse, ...]:
+    """The request's ControlNets (issue 16), in registration order, with their options or the defaults."""
+    use = use_defaults()
+    uses = []
+    for name in [n for n in controlnets if n in images]:
+        opts = req.controlnets.get(name)
+        uses.append(ControlNetUse(name, images[name], opts.weight if opts else use["weight"],
+                                  Window.parse(opts.window) if opts else use["window"]))
+    return tuple(uses)
 
 
 def make_work(request: GenerationRequest, pipe: Any, base_label: str,

@@ -56,10 +56,12 @@ class ServerSettings:
     fuser: str | None = None  # CoAdapter fuser checkpoint: enables compose="fuser"
     device: str | None = None  # default: cuda if available
     dtype: str | None = None  # fp32/fp16/bf16; default fp16 on GPU, fp32 on CPU
+    controlnets: dict[str, str] = field(default_factory=dict)  # registered name → diffusers ControlNet (issue 16)
 
     def load_pipeline(self):
         """The AdapterPipeline these settings describe (loads weights; seconds to minutes)."""
         from t2iadapter.generation.pipeline import AdapterPipeline, resolve_device
 
         device, dtype = resolve_device(self.device, self.dtype)
-        return AdapterPipeline.from_pretrained(self.base, dict(self.adapters), fuser=self.fuser, device=device, dtype=dtype)
+        return AdapterPipeline.from_pretrained(self.base, dict(self.adapters), fuser=self.fuser, device=device, dtype=dtype,
+                                               controlnets=dict(self.controlnets))

@@ -42,6 +42,9 @@ class GenerateRequest(BaseModel):
         DEFAULTS["fuser_windows"], description="with compose=fuser: 'once' (fuse all conditions once, gate by window; "
         "the original CoAdapter) or 'active' (fuse the adapters active at each step)")
     num_images: int = Field(DEFAULTS["num_images"], ge=1)
+    # --- ControlNets (issue 16): their conditions go in `conditions` under the registered ControlNet's name ---
+    controlnets: dict[str, AdapterOptions] = Field(
+        default_factory=dict, description="ControlNet name → weight (controlnet_conditioning_scale) and window")
 
 
 class ImageOut(BaseModel):
@@ -101,6 +104,7 @@ class ModelsResponse(BaseModel):
     base: str
     adapters: list[AdapterInfo]
     fuser: bool
+    controlnets: list[str] = Field(default_factory=list, description="registered ControlNets (conditions by these names)")
     extractors: list[ExtractorInfo]
     schedulers: list[str]
     default_size: tuple[int, int]

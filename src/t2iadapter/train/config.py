@@ -15,7 +15,7 @@ from typing import Any
 
 from t2iadapter.errors import ConfigError
 
-ADAPTER_KINDS = ("full", "light", "full_xl", "style")
+ADAPTER_KINDS = ("full", "light", "full_xl", "style", "controlnet")
 DATA_KINDS = ("world", "folder", "datasets", "webdataset")
 TIMESTEP_SAMPLERS = ("cubic", "uniform", "cosine")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -26,7 +26,8 @@ PRECISIONS = ("no", "fp16", "bf16")
 class AdapterSpec:
     """One adapter to train: a fresh one of `kind`, or one loaded from `init_from`."""
 
-    kind: str = "full"  # full (SD1/SD2), full_xl (SDXL), light (colour), style (CLIP-vision tokens, paper §3.3)
+    kind: str = "full"  # full (SD1/SD2), full_xl (SDXL), light (colour), style (CLIP-vision tokens, paper §3.3),
+    # or controlnet (a ControlNet initialised from the base UNet, issue 16; init_from: any ControlNet diffusers reads)
     condition: str = "sketch"  # condition name: the data key/column/folder and the CoAdapter task name
     in_channels: int = 1  # raw condition channels: 1 (sketch, canny), 3 (depth, seg, pose, colour)
     channels: tuple[int, ...] | None = None  # feature channels; None: what the base UNet takes
@@ -191,6 +192,8 @@ class TrainConfig:
         names = [a.condition for a in self.adapters]
         if len(set(names)) != len(names):
             raise ConfigError(f"each adapter needs its own condition name, got {names}")
+        if any(a.kind == "controlnet" for a in self.adapters) and (len(self.adapters) > 1 or self.fuser is not None):
+            raise ConfigError("a ControlNet (kind: controlnet) trains alone: one adapter spec, no fuser")
         if len(self.adapters) > 1 and self.fuser is None:
             raise ConfigError("several adapters are trained jointly through a CoAdapter fuser: add `fuser: {}`")
         if self.validation.prompts and len(self.validation.prompts) != len(self.validation.conditions):

@@ -79,10 +79,12 @@ class AdapterSet(nn.Module):
         self.adapters = nn.ModuleDict(adapters)
         self.fuser = fuser
 
-    def forward(self, conditions: dict[str, torch.Tensor], keep: list[str] | None = None):
+    def forward(self, conditions: dict[str, torch.Tensor], keep: list[str] | None = None, unet_inputs: tuple = ()):
         names = list(self.adapters) if keep is None else keep
         if self.fuser is None:
             (name,) = names
+            if self.adapters[name].kind == "controlnet":  # issue 16: (down, mid) residuals from the UNet's inputs
+                return self.adapters[name](conditions[name], *unet_inputs), None
             out = self.adapters[name](conditions[name])
             return (None, out) if self.adapters[name].kind == "style" else (out, None)
         from t2iadapter.generation.composition import fuse
@@ -140,6 +142,11 @@ def build_adapters(config: TrainConfig, unet, vae_scale_factor: int) -> tuple[di
     torch.manual_seed(config.recipe.seed)
     adapters: dict[str, nn.Module] = {}
     for spec in config.adapters:
+        if spec.kind == "controlnet":  # issue 16
+            from t2iadapter.train import controlnet
+
+            adapters[spec.condition] = controlnet.build(spec, unet, vae_scale_factor)
+            continue
         if spec.init_from:
             module = load_adapter(spec.init_from).float()
             if module.kind != spec.kind:
@@ -176,8 +183,19 @@ def module_files(adapters: dict[str, nn.Module], fuser: nn.Module | None) -> dic
     """File stem → module: `adapter` for one adapter; `adapter-<condition>` each + `fuser` for a CoAdapter."""
     if fuser is None:
         (module,) = adapters.values()
-        return {"adapter": module}
+        return {"controlnet" if module.kind == "controlnet" else "adapter": module}
     return {**{f"adapter-{name}": m for name, m in adapters.items()}, "fuser": fuser}
+
+
+def _load_trained(file: Path, kind: str) -> nn.Module:
+    """A module file of a checkpoint: our adapter format, or (issue 16) our ControlNet file."""
+    if kind == "controlnet":
+        from t2iadapter.train.controlnet import load_file
+
+        return load_file(file)
+    from t2iadapter.formats import load_adapter
+
+    return load_adapter(file)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,6 +283,9 @@ class Trainer:
             base.unet.to(memory_format=torch.channels_last)
         if recipe.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
+            for module in adapters.values():  # issue 16: a ControlNet recomputes its activations too
+                if module.kind == "controlnet":
+                    module.controlnet.enable_gradient_checkpointing()
         self._compile_unverified = False
         if recipe.compile:
             try:
@@ -370,14 +391,14 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def _unet_call(self, noisy, t, context, maps, added):
+    def _unet_call(self, noisy, t, context, maps, added, control=None):
         """The frozen UNet through the adapter hook; a compiled UNet that fails on first use falls back to eager."""
         from t2iadapter.unet_hook import unet_forward
 
         if not self._compile_unverified:
-            return unet_forward(self._unet, noisy, t, context, features=maps, added_cond_kwargs=added)
+            return unet_forward(self._unet, noisy, t, context, features=maps, added_cond_kwargs=added, control=control)
         try:
-            out = unet_forward(self._unet, noisy, t, context, features=maps, added_cond_kwargs=added)
+            out = unet_forward(self._unet, noisy, t, context, features=maps, added_cond_kwargs=added, control=control)
             self._compile_unverified = False  # compiled and ran: nothing left to check
             return out
         except Exception as exc:  # a compiler/toolchain problem must not stop training: eager is always correct
@@ -385,7 +406,7 @@ class Trainer:
                         str(exc).splitlines()[0] if str(exc) else "")
             self._unet = self.base.unet
             self._compile_unverified = False
-            return unet_forward(self._unet, noisy, t, context, features=maps, added_cond_kwargs=added)
+            return unet_forward(self._unet, noisy, t, context, features=maps, added_cond_kwargs=added, control=control)
 
     def micro_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """The loss of one micro-batch: noise the latents, run adapter(s) + frozen UNet, MSE to the target."""
@@ -421,9 +442,14 @@ class Trainer:
         from t2iadapter.unet_hook import extend_context
 
         with self._autocast():
-            maps, tokens = self.ddp_model(conds, keep)
-            context = extend_context(context.to(unet_dtype), tokens, unconditional=False)
-            pred = self._unet_call(noisy, t, context, maps, added)
+            if self.names and self.model.adapters[self.names[0]].kind == "controlnet":  # issue 16: every step
+                context = context.to(unet_dtype)
+                control, _ = self.ddp_model(conds, keep, (noisy, t, context, added))
+                pred = self._unet_call(noisy, t, context, None, added, control=control)
+            else:
+                maps, tokens = self.ddp_model(conds, keep)
+                context = extend_context(context.to(unet_dtype), tokens, unconditional=False)
+                pred = self._unet_call(noisy, t, context, maps, added)
         loss = F.mse_loss(pred.float(), target.float())
         if keep is not None and not keep:
             loss = loss + self.model.anchor()
@@ -500,15 +526,13 @@ class Trainer:
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore weights, optimiser, LR schedule, EMA, step and this process's RNG from checkpoint `path`."""
-        from t2iadapter.formats import load_adapter
-
         state, rng = ckpt.load(path, self.accelerator.process_index)
         modules = module_files(dict(self.model.adapters), self.model.fuser)
         for stem, module in modules.items():
             file = path / f"{stem}.safetensors"
             if not file.is_file():
                 raise CheckpointError(f"{path} has no {file.name}; it was written for another adapter setup")
-            loaded = load_adapter(file)
+            loaded = _load_trained(file, module.kind)
             if loaded.config != module.config:
                 raise CheckpointError(f"{file} holds a different {module.kind} config than this run's")
             with torch.no_grad():
@@ -581,7 +605,7 @@ class Trainer:
         for stem, module in self.export_modules().items():
             module = module.to("cpu")
             out.append(module.save_file(self.output_dir / f"{stem}.safetensors", overwrite=True))
-            if module.kind in DIFFUSERS_TYPES:
+            if module.kind in DIFFUSERS_TYPES or module.kind == "controlnet":
                 try:
                     out.append(module.save_pretrained(self.output_dir / f"{stem}-diffusers", overwrite=True))
                 except ConfigError as exc:  # e.g. a light adapter whose channels diffusers cannot express

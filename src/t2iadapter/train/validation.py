@@ -54,8 +54,10 @@ def render_grid(trainer, path: Path) -> Path:
     fuser = modules.pop("fuser", None)
     names = [a.condition for a in config.adapters]
     adapters = dict(zip(names, modules.values()))  # condition name → module: the fuser's task names
-    pipe = AdapterPipeline(trainer.base, adapters=adapters, fuser=fuser)
-    spatial = [n for n in names if adapters[n].kind != "style"]
+    controlnets = {n: m.controlnet for n, m in adapters.items() if m.kind == "controlnet"}  # issue 16
+    adapters = {n: m for n, m in adapters.items() if n not in controlnets}
+    pipe = AdapterPipeline(trainer.base, adapters=adapters, fuser=fuser, controlnets=controlnets)
+    spatial = [n for n in names if n in controlnets or adapters[n].kind != "style"]
     compose = "fuser" if fuser is not None else "sum"
     rows = []
     for prompt, conds in validation_items(config, res):
