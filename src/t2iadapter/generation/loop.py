@@ -36,10 +36,15 @@ class Denoise:
     eta: float = 0.0
     callback: Callback | None = None
     progress: bool = True
+    source: Any = None  # img2img.Source: start from an image (and mask); None: text-to-image
+    run_timesteps: Any = None  # the timesteps run (set by start(); img2img runs the schedule's tail)
 
     def start(self, timestep_device: Any, dtype: torch.dtype) -> torch.Tensor:
         """Set the timesteps and draw the initial latents (as diffusers: CPU generator, scaled by init_noise_sigma)."""
-        self.scheduler.set_timesteps(self.steps, device=timestep_device)
+        self.scheduler.set_timesteps(self.source.schedule_steps if self.source else self.steps, device=timestep_device)
+        self.run_timesteps = self.scheduler.timesteps
+        if self.source is not None:
+            return self.source.start(self, dtype)
         g = self.generator
         noise = torch.randn(self.shape, generator=g, device=g.device, dtype=dtype).to(self.base.unet.device)
         return noise * self.scheduler.init_noise_sigma
@@ -47,7 +52,7 @@ class Denoise:
     def timesteps(self):
         from tqdm.auto import tqdm
 
-        return enumerate(tqdm(self.scheduler.timesteps, desc="denoising", disable=not self.progress, leave=False))
+        return enumerate(tqdm(self.run_timesteps, desc="denoising", disable=not self.progress, leave=False))
 
     def guide(self, noise: torch.Tensor) -> torch.Tensor:
         if not self.prompts.cfg:
@@ -57,10 +62,13 @@ class Denoise:
 
     def model_input(self, latents: torch.Tensor, t: Any) -> torch.Tensor:
         x = torch.cat([latents] * 2) if self.prompts.cfg else latents
-        return self.scheduler.scale_model_input(x, t)
+        x = self.scheduler.scale_model_input(x, t)
+        return x if self.source is None else self.source.unet_input(x)
 
     def step(self, i: int, t: Any, noise: torch.Tensor, latents: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         latents = self.scheduler.step(self.guide(noise), t, latents, **kwargs).prev_sample
+        if self.source is not None:
+            latents = self.source.blend(i, latents, self.scheduler, self.run_timesteps)
         if self.callback is not None:
             self.callback(i, t, latents)
         return latents
@@ -89,7 +97,7 @@ def denoise_fast(d: Denoise) -> torch.Tensor:
     unet = d.base.unet
     latents = d.start("cpu", torch.float32)  # half-precision randn is a rounded float32 draw: same noise
     kwargs = step_kwargs(d.scheduler, d.generator, d.eta)
-    clock = LoopClock(d.scheduler.timesteps, latents.device)
+    clock = LoopClock(d.run_timesteps, latents.device)
     spatial = d.composition.spatial
     zeros = unet_hook.zero_features(unet, d.composition.of(spatial)[0]) if spatial else \
         unet_hook.no_features(unet, d.shape[0] * (2 if d.prompts.cfg else 1), d.shape[2:], dtype=unet.dtype,

@@ -29,7 +29,7 @@ from t2iadapter import unet_hook
 from t2iadapter.bases import BaseModel, load_base
 from t2iadapter.errors import ConditionError, ConfigError
 from t2iadapter.formats import load_adapter
-from t2iadapter.generation import conditions, fast, latents, loop, schedulers, text
+from t2iadapter.generation import conditions, fast, img2img, latents, loop, schedulers, text
 from t2iadapter.generation.composition import Composition
 from t2iadapter.generation.request import AdapterUse, GenerationRequest, Window
 from t2iadapter.models import TASKS, AdapterModule
@@ -298,8 +298,12 @@ class AdapterPipeline:
         return self._style_encoder(item)
 
     def _sizes(self, req: GenerationRequest) -> tuple[tuple[int, int], tuple[int, int]]:
-        """(output size, canvas): the canvas rounds up to `size_multiple`; images are cropped back."""
-        w, h = req.size or self.default_size
+        """(output size, canvas): the canvas rounds up to `size_multiple`; images are cropped back.
+
+        The output size is the request's, else the init image's (rounded down to the VAE's factor), else the base's.
+        """
+        w, h = req.size or (img2img.image_size(req.init_image, self.base.vae_scale_factor)
+                            if req.init_image is not None else self.default_size)
         m = self.size_multiple
         return (w, h), (math.ceil(w / m) * m, math.ceil(h / m) * m)
 
@@ -309,6 +313,7 @@ class AdapterPipeline:
         """Run one `GenerationRequest`."""
         tasks = self._check(req)
         (w, h), canvas = self._sizes(req)
+        source = self._source(req, (w, h), canvas)
         seed = req.seed
         if seed is None and generator is None:
             seed = random.randrange(2**32)
@@ -333,14 +338,30 @@ class AdapterPipeline:
 
         f = self.base.vae_scale_factor
         run = loop.Denoise(self.base, schedulers.make_scheduler(req.scheduler, self.base.scheduler),
-                           (batch, self.base.unet.config.in_channels, canvas[1] // f, canvas[0] // f), generator, prompts,
-                           composition, req.steps, req.guidance_scale, prompts.added(self.base, canvas, self.device),
-                           req.eta, callback, progress)
+                           (batch, self.base.vae.config.latent_channels, canvas[1] // f, canvas[0] // f), generator,
+                           prompts, composition, req.run_steps, req.guidance_scale,
+                           prompts.added(self.base, canvas, self.device), req.eta, callback, progress, source=source)
         final = loop.denoise_fast(run) if self.fast else loop.denoise_eager(run)
-        images = self.decode(final)[:, :, :h, :w]
+        images = self.decode(final)
+        if source is not None and req.paste_back:
+            images = source.paste(images)
+        images = images[:, :, :h, :w]
         return GenerationResult(self._output(images, output_type), self._parameters(req, seed, (w, h)))
 
+    def _source(self, req: GenerationRequest, size: tuple[int, int], canvas: tuple[int, int]) -> img2img.Source | None:
+        """The image (and mask) to start from; an inpainting UNet without a mask is refused."""
+        channels = self.base.unet.config.in_channels
+        if req.init_image is None:
+            if channels == img2img.INPAINT_UNET_CHANNELS:
+                raise ConfigError("this base has an inpainting UNet (9 input channels); give init_image and "
+                                  "mask_image (white = repaint)")
+            return None
+        return img2img.prepare(req.init_image, req.mask_image, req.denoise_strength, req.steps, size, canvas,
+                               self.base.vae_scale_factor, channels)
+
     def _parameters(self, req: GenerationRequest, seed: int | None, size: tuple[int, int]) -> dict[str, Any]:
+        source = {} if req.init_image is None else {"strength": req.denoise_strength, "inpaint": req.mask_image is not None,
+                                                     "paste_back": req.paste_back}
         return {
             "prompt": req.prompt if isinstance(req.prompt, str) else (list(req.prompt) if len(req.prompt) > 1 else req.prompt[0]),
             "negative_prompt": req.negative_prompt if not isinstance(req.negative_prompt, tuple) else list(req.negative_prompt),
@@ -355,6 +376,7 @@ class AdapterPipeline:
             "windows": [[u.window.start, u.window.end] for u in req.adapters],
             "compose": req.compose,
             "num_images": req.num_images,
+            **source,
         }
 
     @staticmethod
