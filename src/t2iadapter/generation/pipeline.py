@@ -29,7 +29,7 @@ from t2iadapter import unet_hook
 from t2iadapter.bases import BaseModel, load_base
 from t2iadapter.errors import ConditionError, ConfigError
 from t2iadapter.formats import load_adapter
-from t2iadapter.generation import conditions, fast, img2img, latents, loop, schedulers, text
+from t2iadapter.generation import conditions, fast, img2img, latents, lora, loop, schedulers, text
 from t2iadapter.generation.composition import Composition
 from t2iadapter.generation.request import AdapterUse, GenerationRequest, Window
 from t2iadapter.models import TASKS, AdapterModule
@@ -116,6 +116,7 @@ class AdapterPipeline:
         self._style_encoder_source = style_encoder
         self._style_encoder: Callable | None = style_encoder if callable(style_encoder) else None
         self.fast = False
+        self.loras = lora.Loras(base)
         self.to(device=device, dtype=dtype)
         for module in self.modules_to_move():  # adapters run in the base's dtype (checkpoints may be fp16)
             module.to(device=self.device, dtype=self.dtype)
@@ -161,12 +162,26 @@ class AdapterPipeline:
         """
         target = dtype or fast.default_dtype(self.device)
         self.to(dtype=target)
+        self.loras.fuse()  # LoRA layers merged into the weights before fusing q/k/v and compiling
         settings = fast.FastSettings(dtype=target, compile=compile, mode=mode, backend=backend, fuse_qkv=fuse_qkv,
                                      compile_vae=compile_vae, compile_adapters=compile_adapters)
         fast.optimize_base(self.base, settings)
         fast.optimize_adapters(self.adapters, settings)
         self.fast = True
         return self
+
+    def load_lora(self, source: str | os.PathLike | dict, *, scale: float = 1.0, name: str | None = None,
+                  **kwargs: Any) -> str:
+        """Load a LoRA into the base (diffusers/peft or kohya format; file, folder, hub id) through diffusers' loaders.
+
+        Several LoRAs act together, each at its own scale; returns its name (default: the file's stem).
+        Load them before `optimize()`: fast mode fuses them into the weights. Needs peft.
+        """
+        return self.loras.load(source, scale=scale, name=name, **kwargs)
+
+    def unload_lora(self, name: str) -> None:
+        """Remove one loaded LoRA (the others keep their scales)."""
+        self.loras.unload(name)
 
     @property
     def device(self) -> torch.device:
@@ -376,6 +391,7 @@ class AdapterPipeline:
             "windows": [[u.window.start, u.window.end] for u in req.adapters],
             "compose": req.compose,
             "num_images": req.num_images,
+            **({"loras": dict(self.loras.scales)} if self.loras.scales else {}),
             **source,
         }
 
