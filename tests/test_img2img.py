@@ -194,3 +194,16 @@ def test_bad_image_combinations(sd_base):
     for options in ({}, {"init_image": photo(64, 0)}):
         with pytest.raises(ConfigError, match="inpainting UNet"):
             inpaint("a", steps=2, progress=False, **options)
+
+
+def test_fast_mode_loop_gives_the_eager_images(sd_base):
+    """denoise_fast (host timesteps, static UNet inputs) runs img2img and inpainting as denoise_eager does."""
+    base = load_base("tiny")
+    image, mask = photo(64, 5), mask_of(64)
+    want = [ours(base, 64, init_image=image, strength=0.5), ours(base, 64, init_image=image, mask_image=mask, strength=0.75)]
+    fast = AdapterPipeline(load_base("tiny")).optimize(compile=False, dtype=torch.float32)
+    got = [fast(PROMPT, steps=4, seed=3, output_type="np", progress=False, init_image=image, strength=0.5).images[0],
+           fast(PROMPT, steps=4, seed=3, output_type="np", progress=False, init_image=image, mask_image=mask,
+                strength=0.75).images[0]]
+    for a, b in zip(got, want):
+        assert np.abs(a - b).max() <= 1e-4
