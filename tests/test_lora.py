@@ -98,3 +98,28 @@ def test_parse_lora():
     assert parse_lora("x.safetensors:0.5") == ("x.safetensors", 0.5)
     assert parse_lora("latent-consistency/lcm-lora-sdv1-5") == ("latent-consistency/lcm-lora-sdv1-5", 1.0)
     assert parse_lora("C:/loras/x.safetensors") == ("C:/loras/x.safetensors", 1.0)
+
+
+def test_kohya_lora_loads_through_diffusers(loras, tmp_path):
+    """The same UNet LoRA written with kohya's key names (lora_unet_..., lora_down/lora_up, alpha) gives the same image
+    as the diffusers file: diffusers' own conversion reads it (the renaming here is the test's, not the library's)."""
+    from safetensors.torch import load_file, save_file
+
+    a, _ = loras
+    unet_only = {k: v for k, v in load_file(a).items() if k.startswith("unet.")}
+    kohya = {}
+    for key, value in unet_only.items():
+        path, _, kind = key[len("unet."):].rpartition(".lora.")
+        name = "lora_unet_" + path.replace(".", "_")
+        kohya[f"{name}.lora_{kind.split('.')[0]}.weight"] = value
+        kohya[f"{name}.alpha"] = torch.tensor(float(value.shape[0] if kind.startswith("down") else value.shape[1]))
+    save_file(unet_only, tmp_path / "diffusers.safetensors")
+    save_file(kohya, tmp_path / "kohya.safetensors")
+    images = []
+    for name in ("diffusers", "kohya"):
+        pipe = AdapterPipeline(load_base("tiny"))
+        pipe.load_lora(tmp_path / f"{name}.safetensors", scale=0.8)
+        images.append(ours(pipe))
+    plain = ours(AdapterPipeline(load_base("tiny")))
+    assert np.abs(images[0] - images[1]).max() <= 1e-5
+    assert np.abs(images[0] - plain).max() > 1e-3

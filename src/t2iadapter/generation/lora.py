@@ -108,11 +108,16 @@ class Loras:
             pass  # nothing of it was loaded
 
     def _check_fits(self, state_dict: dict, what: Any) -> None:
-        """Each module a LoRA names exists in the base with the input width of its down/A matrix."""
+        """The modules a LoRA names exist in the base with the input width of its down/A matrix.
+
+        One width that differs, or most of its modules missing, means another base family; a few missing
+        modules are left to diffusers (it skips them with a warning, as for any pipeline).
+        """
         modules = {"unet": dict(self.base.unet.named_modules()),
                    "text_encoder": dict(self.base.text_encoder.named_modules())}
         if self.base.text_encoder_2 is not None:
             modules["text_encoder_2"] = dict(self.base.text_encoder_2.named_modules())
+        named, missing = 0, []
         for key, tensor in state_dict.items():
             if not any(part in key for part in (".lora_A.", ".lora.down.", ".lora_down.", ".lora_linear_layer.down.")):
                 continue
@@ -124,7 +129,14 @@ class Loras:
                 continue
             path = rest.split(".lora", 1)[0]
             module = modules[prefix].get(path)
+            named += 1
+            if module is None:
+                missing.append(f"{prefix}.{path}")
+                continue
             width = getattr(module, "in_features", getattr(module, "in_channels", None))
-            if module is None or (width is not None and tensor.ndim >= 2 and tensor.shape[1] != width):
+            if width is not None and tensor.ndim >= 2 and tensor.shape[1] != width:
                 raise ConfigError(f"LoRA {what} does not fit this base ({_family(self.base)}): {prefix}.{path} "
-                                  f"{'is missing' if module is None else f'takes {width} inputs, the LoRA {tensor.shape[1]}'}")
+                                  f"takes {width} inputs, the LoRA {tensor.shape[1]}")
+        if missing and 2 * len(missing) > named:
+            raise ConfigError(f"LoRA {what} does not fit this base ({_family(self.base)}): {len(missing)} of its "
+                              f"{named} modules are missing here, e.g. {missing[0]}")
