@@ -99,6 +99,8 @@ def test_offline_and_not_cached_is_one_clear_line_at_once(tmp_path, args):
     code, seconds = proc.stdout.split()
     # (transformers' notices on importing diffusers' pipelines without torchvision are issue 14.14's, not the hub's)
     err = [line for line in proc.stderr.strip().splitlines() if not line.startswith("[transformers]")]
-    assert code == "2" and float(seconds) < 5.0, proc.stderr[-2000:]
+    # Before: 23 retry warnings over 29 s. Now one line and no retries; the bound only catches a return of the
+    # retry loop (a busy 2-core CI machine has taken 9 s here for the generate case's lazy imports).
+    assert code == "2" and float(seconds) < 25.0, proc.stderr[-2000:]
     assert len(err) == 1 and "not in the local Hugging Face hub cache while HF_HUB_OFFLINE is set" in err[0], err
     assert not (tmp_path / "o.png").exists()
