@@ -74,6 +74,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--style-image", default=None, help="style reference image")
     p.add_argument("--style-encoder", default=None, help="CLIP ViT-L/14 vision model folder or hub id for --style-image")
     add_generation_arguments(p)
+    # --- img2img / inpainting / LoRAs (issue 15) ---
+    p.add_argument("--init-image", default=None, help="img2img: the image to start from (output size: its own unless --size)")
+    p.add_argument("--strength", type=float, default=defaults()["strength"],
+                   help="with --init-image: noise level to start from, in (0, 1] (default 0.8; 1.0 with --mask)")
+    p.add_argument("--mask", default=None, help="inpainting: mask of --init-image's size, white = repaint")
+    p.add_argument("--paste-back", action="store_true", help="with --mask: put the kept pixels of --init-image back exactly")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="LoRA file, folder or hub id, with an optional scale (default 1); repeatable")
     p.add_argument("--out", required=True, help="output PNG file")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.set_defaults(func=run, paired=[])
@@ -125,6 +133,12 @@ def run(args: argparse.Namespace) -> int:
     for cond in args.condition + ([args.style_image] if args.style_image else []):
         if not Path(cond).is_file():
             raise ConfigError(f"condition image {cond} does not exist")
+    for flag, image in (("--init-image", args.init_image), ("--mask", args.mask)):
+        if image is not None and not Path(image).is_file():
+            raise ConfigError(f"{flag} {image} does not exist")
+    from t2iadapter.generation.lora import parse_lora
+
+    loras = [parse_lora(text) for text in args.lora]
     paths = output_paths(args.out, args.num_images, args.force)
 
     from t2iadapter.generation.pipeline import AdapterPipeline, resolve_device
@@ -136,21 +150,26 @@ def run(args: argparse.Namespace) -> int:
     conditions = adapter_conditions + ([args.style_image] if args.style_image else [])
     pipe = AdapterPipeline.from_pretrained(args.base, adapters, fuser=args.fuser, style_encoder=args.style_encoder,
                                            device=device, dtype=dtype, config_dir=args.config_dir, controlnets=controlnets)
+    for source, scale in loras:
+        pipe.load_lora(source, scale=scale)
     if args.fast:
-        pipe.optimize()
+        pipe.optimize()  # after the LoRAs: fast mode fuses them into the weights
     uses = tuple(AdapterUse(name, cond, **({"weight": args.weight[i]} if args.weight else {}),  # else the request's
                             **({"window": Window.parse(args.window[i])} if args.window else {}))
                  for i, (name, cond) in enumerate(zip(pipe.adapters, conditions)))
     request = GenerationRequest(args.prompt, uses, negative_prompt=args.negative_prompt, steps=args.steps,
                                 guidance_scale=args.guidance, size=args.size, seed=args.seed, scheduler=args.scheduler,
                                 num_images=args.num_images, compose="fuser" if args.fuser else "sum",
-                                fuser_windows=args.fuser_windows,
+                                fuser_windows=args.fuser_windows, init_image=args.init_image, strength=args.strength,
+                                mask_image=args.mask, paste_back=args.paste_back,
                                 controlnets=_controlnet_uses(args, list(pipe.controlnets), controlnet_conditions))
     result = pipe.generate(request, progress=True)
     params = dict(result.parameters, adapter_sources=adapters, conditions=adapter_conditions, fuser=args.fuser,
                   style_image=args.style_image,
                   **({"controlnet_sources": list(controlnets.values()), "controlnet_conditions": controlnet_conditions}
-                     if controlnets else {}))
+                     if controlnets else {}),
+                  **({"init_image": args.init_image} if args.init_image else {}),
+                  **({"mask_image": args.mask} if args.mask else {}), **({"loras_from": args.lora} if args.lora else {}))
     for image, path in zip(result.images, paths):
         save_png(image, path, params)
         print(f"wrote {path} ({image.width}x{image.height}, seed {params['seed']})")

@@ -57,3 +57,20 @@ def decode(vae: Any, latents: torch.Tensor, *, upcast: bool = False) -> torch.Te
         if upcast:
             vae.to(torch.float16)
     return (image / 2 + 0.5).clamp(0, 1)
+
+
+def encode(vae: Any, pixels: torch.Tensor, generator: torch.Generator, *, upcast: bool = False) -> torch.Tensor:
+    """Images in [-1, 1] → normalised latents, one draw from the posterior (diffusers' img2img/inpaint `retrieve_latents`).
+
+    The draw uses `generator` as diffusers does (same order, same numbers); `upcast` encodes an fp16 VAE in
+    fp32 (SDXL's `force_upcast`).
+    """
+    upcast = upcast and vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        raw = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample(generator)
+    finally:
+        if upcast:
+            vae.to(torch.float16)
+    return to_scaled(vae.config, raw)

@@ -29,7 +29,7 @@ from t2iadapter import unet_hook
 from t2iadapter.bases import BaseModel, load_base
 from t2iadapter.errors import ConditionError, ConfigError
 from t2iadapter.formats import load_adapter
-from t2iadapter.generation import conditions, controlnet, fast, latents, loop, schedulers, text
+from t2iadapter.generation import conditions, controlnet, fast, img2img, latents, lora, loop, schedulers, text
 from t2iadapter.generation.composition import Composition
 from t2iadapter.generation.request import AdapterUse, ControlNetUse, GenerationRequest, Window
 from t2iadapter.models import TASKS, AdapterModule
@@ -118,6 +118,7 @@ class AdapterPipeline:
         self._style_encoder_source = style_encoder
         self._style_encoder: Callable | None = style_encoder if callable(style_encoder) else None
         self.fast = False
+        self.loras = lora.Loras(base)
         self.to(device=device, dtype=dtype)
         for module in self.modules_to_move():  # adapters run in the base's dtype (checkpoints may be fp16)
             torch.nn.Module.to(module, device=self.device, dtype=self.dtype)
@@ -179,12 +180,26 @@ class AdapterPipeline:
         """
         target = dtype or fast.default_dtype(self.device)
         self.to(dtype=target)
+        self.loras.fuse()  # LoRA layers merged into the weights before fusing q/k/v and compiling
         settings = fast.FastSettings(dtype=target, compile=compile, mode=mode, backend=backend, fuse_qkv=fuse_qkv,
                                      compile_vae=compile_vae, compile_adapters=compile_adapters)
         fast.optimize_base(self.base, settings)
         fast.optimize_adapters(self.adapters, settings)
         self.fast = True
         return self
+
+    def load_lora(self, source: str | os.PathLike | dict, *, scale: float = 1.0, name: str | None = None,
+                  **kwargs: Any) -> str:
+        """Load a LoRA into the base (diffusers/peft or kohya format; file, folder, hub id) through diffusers' loaders.
+
+        Several LoRAs act together, each at its own scale; returns its name (default: the file's stem).
+        Load them before `optimize()`: fast mode fuses them into the weights. Needs peft.
+        """
+        return self.loras.load(source, scale=scale, name=name, **kwargs)
+
+    def unload_lora(self, name: str) -> None:
+        """Remove one loaded LoRA (the others keep their scales)."""
+        self.loras.unload(name)
 
     @property
     def device(self) -> torch.device:
@@ -326,8 +341,12 @@ class AdapterPipeline:
         return self._style_encoder(item)
 
     def _sizes(self, req: GenerationRequest) -> tuple[tuple[int, int], tuple[int, int]]:
-        """(output size, canvas): the canvas rounds up to `size_multiple`; images are cropped back."""
-        w, h = req.size or self.default_size
+        """(output size, canvas): the canvas rounds up to `size_multiple`; images are cropped back.
+
+        The output size is the request's, else the init image's (rounded down to the VAE's factor), else the base's.
+        """
+        w, h = req.size or (img2img.image_size(req.init_image, self.base.vae_scale_factor)
+                            if req.init_image is not None else self.default_size)
         m = self.size_multiple
         return (w, h), (math.ceil(w / m) * m, math.ceil(h / m) * m)
 
@@ -337,6 +356,7 @@ class AdapterPipeline:
         """Run one `GenerationRequest`."""
         tasks = self._check(req)
         (w, h), canvas = self._sizes(req)
+        source = self._source(req, (w, h), canvas)
         seed = req.seed
         if seed is None and generator is None:
             seed = random.randrange(2**32)
@@ -361,11 +381,15 @@ class AdapterPipeline:
 
         f = self.base.vae_scale_factor
         run = loop.Denoise(self.base, schedulers.make_scheduler(req.scheduler, self.base.scheduler),
-                           (batch, self.base.unet.config.in_channels, canvas[1] // f, canvas[0] // f), generator, prompts,
-                           composition, req.steps, req.guidance_scale, prompts.added(self.base, canvas, self.device),
-                           req.eta, callback, progress, self._controlnets(req, (w, h), canvas, batch, cfg))
+                           (batch, self.base.vae.config.latent_channels, canvas[1] // f, canvas[0] // f), generator,
+                           prompts, composition, req.run_steps, req.guidance_scale,
+                           prompts.added(self.base, canvas, self.device), req.eta, callback, progress,
+                           controlnets=self._controlnets(req, (w, h), canvas, batch, cfg), source=source)
         final = loop.denoise_fast(run) if self.fast else loop.denoise_eager(run)
-        images = self.decode(final)[:, :, :h, :w]
+        images = self.decode(final)
+        if source is not None and req.paste_back:
+            images = source.paste(images)
+        images = images[:, :, :h, :w]
         return GenerationResult(self._output(images, output_type), self._parameters(req, seed, (w, h)))
 
     def _controlnets(self, req: GenerationRequest, size: tuple[int, int], canvas: tuple[int, int], batch: int,
@@ -376,7 +400,20 @@ class AdapterPipeline:
 
         return controlnet.prepare(self.controlnets, req.controlnets, on_device, batch, cfg)
 
+    def _source(self, req: GenerationRequest, size: tuple[int, int], canvas: tuple[int, int]) -> img2img.Source | None:
+        """The image (and mask) to start from; an inpainting UNet without a mask is refused."""
+        channels = self.base.unet.config.in_channels
+        if req.init_image is None:
+            if channels == img2img.INPAINT_UNET_CHANNELS:
+                raise ConfigError("this base has an inpainting UNet (9 input channels); give init_image and "
+                                  "mask_image (white = repaint)")
+            return None
+        return img2img.prepare(req.init_image, req.mask_image, req.denoise_strength, req.steps, size, canvas,
+                               self.base.vae_scale_factor, channels)
+
     def _parameters(self, req: GenerationRequest, seed: int | None, size: tuple[int, int]) -> dict[str, Any]:
+        source = {} if req.init_image is None else {"strength": req.denoise_strength, "inpaint": req.mask_image is not None,
+                                                     "paste_back": req.paste_back}
         return {
             "prompt": req.prompt if isinstance(req.prompt, str) else (list(req.prompt) if len(req.prompt) > 1 else req.prompt[0]),
             "negative_prompt": req.negative_prompt if not isinstance(req.negative_prompt, tuple) else list(req.negative_prompt),
@@ -393,6 +430,8 @@ class AdapterPipeline:
             "num_images": req.num_images,
             **({"controlnets": [{"name": u.name, "weight": u.weight, "window": [u.window.start, u.window.end]}
                                 for u in req.controlnets]} if req.controlnets else {}),
+            **({"loras": dict(self.loras.scales)} if self.loras.scales else {}),
+            **source,
         }
 
     @staticmethod

@@ -16,6 +16,8 @@ COMPOSE_MODES = ("sum", "fuser")
 # features per step) or "active" (fuse again over the adapters active at each step).
 FUSER_WINDOW_MODES = ("once", "active")
 MAX_STEPS = 1000
+# strength=None means: 0.8 for img2img, 1.0 for inpainting (diffusers' StableDiffusionImg2Img/InpaintPipeline defaults)
+STRENGTH_DEFAULTS = {"img2img": 0.8, "inpaint": 1.0}
 SIDE_RANGE = (8, 8192)  # pixels a side any pipeline accepts (servers may lower the top)
 
 
@@ -106,6 +108,11 @@ class GenerationRequest:
     compose: str = "sum"  # "sum" (Σ w·F, paper §3.4) or "fuser" (CoAdapter)
     fuser_windows: str = "once"  # with compose="fuser": see FUSER_WINDOW_MODES
     eta: float = 0.0  # DDIM eta (schedulers that take it)
+    # --- img2img / inpainting (issue 15) ---
+    init_image: Any = None  # image to start from (path, PIL, array, tensor); None: text-to-image
+    strength: float | None = None  # noise level to start from, in (0, 1] (diffusers' img2img); None: STRENGTH_DEFAULTS
+    mask_image: Any = None  # inpainting (needs init_image, same size): white = repaint, black = keep
+    paste_back: bool = False  # inpainting: paste the kept pixels of init_image back exactly after decoding
     # --- ControlNets (issue 16) ---
     controlnets: tuple[ControlNetUse, ...] = ()  # run every step on both CFG branches; residuals add to the adapters'
 
@@ -141,6 +148,39 @@ class GenerationRequest:
         self._check_controlnets()
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        self._check_source()
+
+    def _check_source(self) -> None:
+        """img2img / inpainting options: strength in (0, 1] and at least one step; a mask needs an image."""
+        if self.init_image is None:
+            for name in ("strength", "mask_image"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"{name} needs init_image (the image to start from)")
+            if self.paste_back:
+                raise ConfigError("paste_back needs init_image and mask_image (inpainting)")
+            return
+        if self.paste_back and self.mask_image is None:
+            raise ConfigError("paste_back needs mask_image (inpainting)")
+        s = self.strength
+        if s is not None and (isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 < s <= 1.0):
+            raise ConfigError(f"strength must be in (0, 1] (the noise level to start from), got {s!r}")
+        if int(self.steps * self.denoise_strength) < 1:
+            raise ConfigError(f"strength {self.denoise_strength} of {self.steps} steps runs no step; "
+                              f"raise strength or steps (int(steps·strength) must be >= 1)")
+
+    @property
+    def denoise_strength(self) -> float:
+        """The strength this request runs with (its own, or the default for img2img / inpainting)."""
+        if self.strength is not None:
+            return float(self.strength)
+        return STRENGTH_DEFAULTS["inpaint" if self.mask_image is not None else "img2img"]
+
+    @property
+    def run_steps(self) -> int:
+        """Denoising steps actually run: all of them for text-to-image, int(steps·strength) from an image (diffusers)."""
+        if self.init_image is None:
+            return self.steps
+        return min(int(self.steps * self.denoise_strength), self.steps)
 
     @property
     def prompts(self) -> tuple[str, ...]:
@@ -166,4 +206,5 @@ def defaults() -> dict[str, Any]:
     return {f.name: f.default for f in fields(GenerationRequest) if f.name not in ("prompt", "adapters", "controlnets")}
 
 
-__all__ = ["AdapterUse", "ControlNetUse", "GenerationRequest", "Window", "defaults", "use_defaults", "COMPOSE_MODES", "FUSER_WINDOW_MODES"]
+__all__ = ["AdapterUse", "ControlNetUse", "GenerationRequest", "Window", "defaults", "use_defaults", "COMPOSE_MODES",
+           "FUSER_WINDOW_MODES", "STRENGTH_DEFAULTS"]

@@ -19,6 +19,10 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "lms": ("LMSDiscreteScheduler", {}),
     "heun": ("HeunDiscreteScheduler", {}),
     "ddpm": ("DDPMScheduler", {}),
+    # few-step distilled sampling (LCM / LCM-LoRA, TCD-LoRA): 2-8 steps, guidance_scale <= 1 (no CFG branch);
+    # for "tcd" the request's `eta` is TCD's gamma (0: deterministic; TCD's authors suggest 0.3)
+    "lcm": ("LCMScheduler", {}),
+    "tcd": ("TCDScheduler", {}),
 }
 _ALIASES = {"euler a": "euler_a", "euler_ancestral": "euler_a", "dpm++ 2m": "dpm++2m", "dpmpp_2m": "dpm++2m",
             "dpm++ 2m karras": "dpm++2m_karras", "dpmpp_2m_karras": "dpm++2m_karras", "uni_pc": "unipc"}

@@ -27,7 +27,12 @@ def prepare(req: GenerateRequest, pipe: Any, limits: Limits, uploads: dict[str, 
         raise ConfigError(f"steps={req.steps} is above this server's limit of {limits.max_steps}")
     if req.num_images > limits.max_images:
         raise ConfigError(f"num_images={req.num_images} is above this server's limit of {limits.max_images}")
-    w, h = req.width or pipe.default_size[0], req.height or pipe.default_size[1]
+    source = source_images(req, limits)
+    default = pipe.default_size
+    if "init_image" in source:  # img2img: the image's own size (rounded down to the VAE's factor), as the pipeline
+        f = pipe.base.vae_scale_factor
+        default = tuple(max(v - v % f, f) for v in source["init_image"].size)
+    w, h = req.width or default[0], req.height or default[1]
     if w > limits.max_side or h > limits.max_side:
         raise ConfigError(f"size {w}x{h} is above this server's limit of {limits.max_side} pixels a side")
     limits.check_work(w, h, req.steps, req.num_images)
@@ -62,6 +67,7 @@ def prepare(req: GenerateRequest, pipe: Any, limits: Limits, uploads: dict[str, 
     return GenerationRequest(req.prompt, tuple(uses), negative_prompt=req.negative_prompt, steps=req.steps,
                              guidance_scale=req.guidance_scale, size=(w, h), seed=req.seed, scheduler=req.scheduler,
                              num_images=req.num_images, compose=req.compose, fuser_windows=req.fuser_windows,
+                             strength=req.strength, paste_back=req.paste_back, **source,
                              controlnets=_controlnet_uses(req, controlnets, images))
 
 
@@ -74,6 +80,16 @@ def _controlnet_uses(req: GenerateRequest, controlnets: list[str], images: dict[
         uses.append(ControlNetUse(name, images[name], opts.weight if opts else use["weight"],
                                   Window.parse(opts.window) if opts else use["window"]))
     return tuple(uses)
+
+
+def source_images(req: GenerateRequest, limits: Limits) -> dict[str, Any]:
+    """img2img / inpainting: the base64 init and mask images, decoded within the server's input bounds."""
+    out = {}
+    for name in ("init_image", "mask_image"):
+        text = getattr(req, name)
+        if text is not None:
+            out[name] = open_bounded(b64_bytes(text, name), name, limits.max_input_side)
+    return out
 
 
 def make_work(request: GenerationRequest, pipe: Any, base_label: str,

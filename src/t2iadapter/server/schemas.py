@@ -42,6 +42,12 @@ class GenerateRequest(BaseModel):
         DEFAULTS["fuser_windows"], description="with compose=fuser: 'once' (fuse all conditions once, gate by window; "
         "the original CoAdapter) or 'active' (fuse the adapters active at each step)")
     num_images: int = Field(DEFAULTS["num_images"], ge=1)
+    # --- img2img / inpainting (issue 15) ---
+    init_image: str | None = Field(None, description="img2img: base64 image to start from (default size: its own)")
+    strength: float | None = Field(DEFAULTS["strength"], gt=0.0, le=1.0,
+                                   description="with init_image: noise level to start from; default 0.8, 1.0 with a mask")
+    mask_image: str | None = Field(None, description="inpainting: base64 mask of init_image's size, white = repaint")
+    paste_back: bool = Field(DEFAULTS["paste_back"], description="inpainting: put the kept pixels back exactly")
     # --- ControlNets (issue 16): their conditions go in `conditions` under the registered ControlNet's name ---
     controlnets: dict[str, AdapterOptions] = Field(
         default_factory=dict, description="ControlNet name → weight (controlnet_conditioning_scale) and window")

@@ -156,6 +156,7 @@ function request() {
     adapters: {},
   };
   if ($("seed").value !== "") req.seed = Number($("seed").value);
+  sourceFields(req);
   const drawn = canvasBase64();
   let shown = null;
   for (const [name, a] of Object.entries(state.adapters)) {
@@ -169,6 +170,28 @@ function request() {
   }
   return { req, shown: shown || drawn };
 }
+
+// img2img / inpainting (issue 15): an uploaded start image, optional mask, strength and paste-back.
+const source = { init_image: null, mask_image: null };
+
+function sourceFields(req) {
+  if (!source.init_image) return;
+  req.init_image = source.init_image;
+  if ($("strength").value !== "") req.strength = Number($("strength").value);
+  if (source.mask_image) {
+    req.mask_image = source.mask_image;
+    req.paste_back = $("paste-back").checked;
+  }
+  if (!$("width").dataset.touched) req.width = req.height = null;  // the start image's own size
+}
+
+for (const [id, key] of [["init-image", "init_image"], ["mask-image", "mask_image"]]) {
+  $(id).addEventListener("change", async (ev) => {
+    const file = ev.target.files[0];
+    source[key] = file ? await new Promise((resolve) => { const r = new FileReader(); r.onload = () => resolve(r.result); r.readAsDataURL(file); }) : null;
+  });
+}
+for (const id of ["width", "height"]) $(id).addEventListener("input", () => { $("width").dataset.touched = "1"; });
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 

@@ -1,0 +1,54 @@
+"""Few-step sampling (issue 15): LCM and TCD by name equal diffusers' adapter pipeline; guidance <= 1 runs one branch."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from t2iadapter.bases import load_base
+from t2iadapter.pipeline import AdapterPipeline
+from test_pipeline_parity import PROMPT, as_diffusers, condition, random_adapter, sd_reference
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def sd_base():
+    return load_base("tiny")
+
+
+@pytest.mark.parametrize("name,cls", [("lcm", "LCMScheduler"), ("tcd", "TCDScheduler")])
+def test_few_step_schedulers_match_diffusers_and_skip_the_unconditional_branch(sd_base, name, cls):
+    import diffusers
+
+    module = random_adapter(sd_base, 1, 9)
+    cond = condition(64, "L", 9)
+    batches = []
+    hook = sd_base.unet.register_forward_pre_hook(lambda _m, args: batches.append(args[0].shape[0]))
+    try:
+        ours = AdapterPipeline(sd_base, [module])(PROMPT, [cond], steps=4, seed=2, size=(64, 64), guidance_scale=1.0,
+                                                  scheduler=name, output_type="np", progress=False).images[0]
+    finally:
+        hook.remove()
+    assert batches == [1] * 4  # guidance 1: no unconditional branch, one UNet call per step
+    ref_pipe = sd_reference(sd_base, as_diffusers(module))
+    ref_pipe.scheduler = getattr(diffusers, cls).from_config(sd_base.scheduler.config)
+    ref = ref_pipe(PROMPT, image=cond, num_inference_steps=4, height=64, width=64, guidance_scale=1.0,
+                   generator=torch.Generator().manual_seed(2), output_type="np").images[0]
+    assert np.abs(ours - ref).max() <= 1e-4
+
+
+def test_fewstep_benchmark_smoke(tmp_path):
+    path = ROOT / "benchmarks" / "bench_fewstep.py"
+    spec = importlib.util.spec_from_file_location("bench_fewstep", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_fewstep"] = bench
+    spec.loader.exec_module(bench)
+    bench.main(["--smoke", "--only", "tiny", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "bench_fewstep.json").read_text())["rows"]["tiny"]
+    assert set(rows) == {"diffusers", "ours-eager", "ours-fast"}
+    assert rows["ours-eager"]["max_px_diff"] < 0.5 and rows["ours-fast"]["max_px_diff"] < 0.5
+    assert "| tiny | ours-fast |" in (tmp_path / "bench_fewstep.md").read_text()
