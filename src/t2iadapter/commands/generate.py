@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from t2iadapter.commands import DEMO_BASE, add_threads_argument, parse_adapters
 from t2iadapter.errors import ConfigError
 from t2iadapter.generation.request import FUSER_WINDOW_MODES, defaults
 
@@ -33,6 +34,7 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default: fp16 on GPU, fp32 on CPU")
     p.add_argument("--fast", action="store_true", help="fast mode on GPU: half precision, channels-last, torch.compile")
+    add_threads_argument(p)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -42,9 +44,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Generate with a base model and T2I-Adapters. Give --adapter/--condition in pairs; --weight and "
         "--window either once per adapter (in order, spatial adapters then the style adapter) or not at all.",
     )
-    p.add_argument("--base", required=True, help="base model: diffusers folder, .safetensors/.ckpt, hub id, or demo/tiny/tiny-xl")
+    p.add_argument("--base", default=DEMO_BASE,
+                   help="base model: demo (default), tiny, tiny-xl, a diffusers folder, .safetensors/.ckpt or a hub id")
     p.add_argument("--config-dir", default=None, help="diffusers configs for an offline single-file base")
-    p.add_argument("--adapter", action="append", default=[], help="adapter file/folder/demo name/hub id (repeatable)")
+    p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
+                   help="adapter file, folder, demo/NAME or hub id, optionally named NAME= (repeatable)")
     p.add_argument("--condition", action="append", default=[], help="condition image, one per --adapter (repeatable)")
     p.add_argument("--weight", action="append", type=float, default=[], help="adapter weight (repeatable, default 1)")
     p.add_argument("--window", action="append", default=[], help="START:END fraction of steps an adapter acts (default 0:1)")
@@ -90,24 +94,36 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"condition image {cond} does not exist")
     paths = output_paths(args.out, args.num_images, args.force)
 
+    import dataclasses
+
     from t2iadapter.generation.pipeline import AdapterPipeline, resolve_device
     from t2iadapter.generation.request import AdapterUse, GenerationRequest, Window
     from t2iadapter.pngmeta import save_png
 
+    # the request's own checks (seed, guidance, size, ...) run before anything loads
+    request = GenerationRequest(args.prompt, (), negative_prompt=args.negative_prompt, steps=args.steps,
+                                guidance_scale=args.guidance, size=args.size, seed=args.seed, scheduler=args.scheduler,
+                                num_images=args.num_images, compose="fuser" if args.fuser else "sum",
+                                fuser_windows=args.fuser_windows)
+    windows = [Window.parse(w) for w in args.window]
+    named = parse_adapters(args.adapter)
+    if args.style_adapter:
+        named = {**named, **parse_adapters([args.style_adapter])}
+        if len(named) != len(args.adapter) + 1:
+            raise ConfigError(f"--style-adapter {args.style_adapter}: its name is already used by an --adapter")
     device, dtype = resolve_device(args.device, args.dtype)
-    adapters = list(args.adapter) + ([args.style_adapter] if args.style_adapter else [])
+    if args.fast and device == "cpu":
+        print("--fast on the CPU: compiling the model first takes about a minute and a half", flush=True)
+    adapters = list(named.values())
     conditions = list(args.condition) + ([args.style_image] if args.style_image else [])
-    pipe = AdapterPipeline.from_pretrained(args.base, adapters, fuser=args.fuser, style_encoder=args.style_encoder,
+    pipe = AdapterPipeline.from_pretrained(args.base, named, fuser=args.fuser, style_encoder=args.style_encoder,
                                            device=device, dtype=dtype, config_dir=args.config_dir)
     if args.fast:
         pipe.optimize()
     uses = tuple(AdapterUse(name, cond, **({"weight": args.weight[i]} if args.weight else {}),  # else the request's
-                            **({"window": Window.parse(args.window[i])} if args.window else {}))
+                            **({"window": windows[i]} if windows else {}))
                  for i, (name, cond) in enumerate(zip(pipe.adapters, conditions)))
-    request = GenerationRequest(args.prompt, uses, negative_prompt=args.negative_prompt, steps=args.steps,
-                                guidance_scale=args.guidance, size=args.size, seed=args.seed, scheduler=args.scheduler,
-                                num_images=args.num_images, compose="fuser" if args.fuser else "sum",
-                                fuser_windows=args.fuser_windows)
+    request = dataclasses.replace(request, adapters=uses)
     result = pipe.generate(request, progress=True)
     params = dict(result.parameters, adapter_sources=adapters, conditions=list(args.condition), fuser=args.fuser,
                   style_image=args.style_image)

@@ -36,12 +36,16 @@ class Denoise:
     eta: float = 0.0
     callback: Callback | None = None
     progress: bool = True
+    latents: torch.Tensor | None = None  # the caller's initial noise (diffusers' `latents=`), scaled like drawn noise
 
     def start(self, timestep_device: Any, dtype: torch.dtype) -> torch.Tensor:
         """Set the timesteps and draw the initial latents (as diffusers: CPU generator, scaled by init_noise_sigma)."""
         self.scheduler.set_timesteps(self.steps, device=timestep_device)
         g = self.generator
-        noise = torch.randn(self.shape, generator=g, device=g.device, dtype=dtype).to(self.base.unet.device)
+        if self.latents is not None:
+            noise = self.latents.to(self.base.unet.device, dtype)
+        else:
+            noise = torch.randn(self.shape, generator=g, device=g.device, dtype=dtype).to(self.base.unet.device)
         return noise * self.scheduler.init_noise_sigma
 
     def timesteps(self):
