@@ -108,8 +108,15 @@ def load_base(
     device: str | torch.device | None = None,
     config_dir: str | os.PathLike | None = None,
 ) -> BaseModel:
-    """Load a base: preset name, diffusers folder, single file (.safetensors/.ckpt) or hub id."""
+    """Load a base: preset name, diffusers folder, single file (.safetensors/.ckpt) or hub id.
+
+    `HF_HUB_DISABLE_PROGRESS_BARS=1` (the CLI sets it) also hides diffusers' "Loading pipeline components" bar.
+    """
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").lower() in ("1", "true", "yes", "on"):
+        diffusers_logging.disable_progress_bar()
 
     text = str(source)
     if text in PRESETS:
