@@ -209,3 +209,16 @@ def test_sdxl_prompt_2_and_original_size_match_diffusers(xl_base):
                  negative_prompt_2="dark", num_inference_steps=3, height=128, width=128, generator=gen(1), **common).images[0]
     plain = pipe(PROMPT, cond, steps=3, seed=1, size=128, negative_prompt="blurry", progress=False, **common).images[0]
     assert np.abs(ours - theirs).max() <= 1e-4 and np.abs(ours - plain).max() > 1e-4
+
+
+def test_unknown_words_of_a_word_list_base_are_one_warning(sd, caplog):
+    """Issue 14 item 15: the demo and tiny bases know a word list; other words are noise, and we say so once."""
+    pipe, _ = sd
+    with caplog.at_level("WARNING", logger="t2iadapter.generation.pipeline"):
+        pipe("a red zebra on a skateboard", condition(64, "L", 0), steps=1, size=64, progress=False)
+    warned = [r.getMessage() for r in caplog.records if "does not know" in r.getMessage()]
+    assert len(warned) == 1 and "zebra" in warned[0] and "skateboard" in warned[0] and " red" not in warned[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="t2iadapter.generation.pipeline"):
+        pipe(PROMPT, condition(64, "L", 0), steps=1, size=64, progress=False)
+    assert not [r for r in caplog.records if "does not know" in r.getMessage()]
