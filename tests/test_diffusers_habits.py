@@ -222,3 +222,28 @@ def test_unknown_words_of_a_word_list_base_are_one_warning(sd, caplog):
     with caplog.at_level("WARNING", logger="t2iadapter.generation.pipeline"):
         pipe(PROMPT, condition(64, "L", 0), steps=1, size=64, progress=False)
     assert not [r for r in caplog.records if "does not know" in r.getMessage()]
+
+
+def test_model_cpu_offload_moves_each_model_only_while_it_runs(sd_base, monkeypatch):
+    """Issue 14 item 13: one stage's models on the execution device at a time, all on the CPU between calls."""
+    ad = random_adapter(sd_base, 1, 8)
+    cond = condition(64, "L", 0)
+    want = AdapterPipeline(sd_base, [ad])(PROMPT, cond, seed=1, **FAST).images[0]
+    pipe = AdapterPipeline(sd_base, [ad]).enable_model_cpu_offload("cpu")  # the schedule, observed on a CPU
+    names = {id(m): n for n, m in [*pipe.base.modules.items(), *pipe.adapters.items()]}
+    moves: list[tuple[str, str]] = []
+    real_to = torch.nn.Module.to
+
+    def spy(self, *args, **kwargs):
+        if id(self) in names:
+            moves.append((names[id(self)], str(args[0] if args else kwargs.get("device"))))
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", spy)
+    got = pipe(PROMPT, cond, seed=1, **FAST).images[0]
+    monkeypatch.undo()
+    assert np.abs(got - want).max() <= 1e-6
+    assert moves == [("full0", "cpu")] * 2 + [("text_encoder", "cpu")] * 2 + [("unet", "cpu")] * 2 + [("vae", "cpu")] * 2
+    assert pipe.device == torch.device("cpu")
+    with pytest.raises(ConfigError, match="offload"):
+        AdapterPipeline(load_base("tiny"), [ad]).optimize(compile=False).enable_model_cpu_offload("cpu")

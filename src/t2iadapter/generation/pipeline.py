@@ -10,6 +10,7 @@ state, never the caller's); the base is taken over (`to()`/`optimize()` move and
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -168,6 +169,7 @@ class AdapterPipeline:
         self._style_encoder_source = style_encoder
         self._style_encoder: Callable | None = style_encoder if callable(style_encoder) else None
         self.fast = False
+        self._offload: torch.device | None = None  # enable_model_cpu_offload(): the device models run on
         self.to(device=device, dtype=dtype)
         for module in self.modules_to_move():  # adapters run in the base's dtype (checkpoints may be fp16)
             module.to(device=self.device, dtype=self.dtype)
@@ -200,6 +202,8 @@ class AdapterPipeline:
                 device = arg
             elif arg is not None:
                 raise ConfigError(f"to() takes a device and/or a torch dtype, not {type(arg).__name__}")
+        if device is not None:
+            self._offload = None  # an explicit device ends model CPU offload
         self.base.to(device=device, dtype=dtype)
         for module in self.modules_to_move():
             module.to(device=device, dtype=dtype)
@@ -228,9 +232,41 @@ class AdapterPipeline:
         self.fast = True
         return self
 
+    def enable_model_cpu_offload(self, device: str | torch.device = "cuda") -> "AdapterPipeline":
+        """diffusers' model CPU offload: every model waits on the CPU and moves to `device` only while it runs.
+
+        One stage at a time (text encoders, adapters, UNet, VAE), so the GPU holds one model: the UNet's
+        memory, not the whole pipeline's, at the price of a transfer per stage. `to(device)` ends it.
+        """
+        if self.fast:
+            raise ConfigError("model CPU offload and optimize() (compiled, on-device models) do not go together")
+        self._offload = torch.device(device)
+        self.base.to(device="cpu")
+        for module in self.modules_to_move():
+            module.to(device="cpu")
+        return self
+
+    @contextlib.contextmanager
+    def _running(self, *modules: torch.nn.Module | None):
+        """With CPU offload: `modules` on the execution device for the block, back on the CPU after it."""
+        if self._offload is None:
+            yield
+            return
+        moving = [m for m in modules if m is not None]
+        for m in moving:
+            m.to(self._offload)
+        try:
+            yield
+        finally:
+            for m in moving:
+                m.to("cpu")
+            if self._offload.type == "cuda":
+                torch.cuda.empty_cache()
+
     @property
     def device(self) -> torch.device:
-        return self.base.unet.device
+        """Where the models run (with CPU offload: the execution device, not where they wait)."""
+        return self._offload if self._offload is not None else self.base.unet.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -469,26 +505,31 @@ class AdapterPipeline:
                 maps = [m.contiguous(memory_format=torch.channels_last) for m in maps]
             return maps
 
-        composition = Composition(self._features(req, (w, h), canvas), {u.name: u.weight for u in req.adapters},
-                                  {u.name: u.window for u in req.adapters}, fuser=self.fuser if tasks else None,
-                                  tasks=tasks, fuser_windows=req.fuser_windows, finish=finish)
+        with self._running(*[self.adapters[u.name] for u in req.adapters], self.fuser):  # the fuser may run here
+            composition = Composition(self._features(req, (w, h), canvas), {u.name: u.weight for u in req.adapters},
+                                      {u.name: u.window for u in req.adapters}, fuser=self.fuser if tasks else None,
+                                      tasks=tasks, fuser_windows=req.fuser_windows, finish=finish)
         plain = req.clip_skip is None and req.prompt_2 is None and req.negative_prompt_2 is None and prompt_embeds is None
-        if self.fast and plain:
-            prompts = text.encode_prompts_batched(self.base, req.prompts, req.negative_prompt, req.num_images, cfg)
-        else:
-            prompts = text.encode_prompts(self.base, req.prompts, req.negative_prompt, req.num_images, cfg,
-                                          clip_skip=req.clip_skip, prompts_2=_as_tuple(req.prompt_2, len(req.prompts)),
-                                          negative_2=req.negative_prompt_2, given=prompt_embeds)
+        with self._running(self.base.text_encoder, self.base.text_encoder_2):
+            if self.fast and plain:
+                prompts = text.encode_prompts_batched(self.base, req.prompts, req.negative_prompt, req.num_images, cfg)
+            else:
+                prompts = text.encode_prompts(self.base, req.prompts, req.negative_prompt, req.num_images, cfg,
+                                              clip_skip=req.clip_skip,
+                                              prompts_2=_as_tuple(req.prompt_2, len(req.prompts)),
+                                              negative_2=req.negative_prompt_2, given=prompt_embeds)
 
         run = loop.Denoise(self.base, schedulers.make_scheduler(req.scheduler, self.base.scheduler), shape, generator,
                            prompts, composition, req.steps, req.guidance_scale,
                            prompts.added(self.base, canvas, self.device, req.original_size), req.eta, callback, progress,
                            latents=latents)
-        final = loop.denoise_fast(run) if self.fast else loop.denoise_eager(run)
+        with self._running(self.base.unet, self.fuser):  # fuser_windows="active" re-fuses per step
+            final = loop.denoise_fast(run) if self.fast else loop.denoise_eager(run)
         params = self._parameters(req, seed, (w, h))
         if output_type == "latent":
             return GenerationResult(list(final), params)
-        images = self.decode(final)[:, :, :h, :w]
+        with self._running(self.base.vae):
+            images = self.decode(final)[:, :, :h, :w]
         return GenerationResult(self._output(images, output_type), params)
 
     def _warn_unknown_words(self, req: GenerationRequest) -> None:
