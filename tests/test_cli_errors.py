@@ -64,6 +64,7 @@ CASES: dict[str, tuple[Callable[[dict[str, Path]], list[str]], str]] = {
     "generate --threads 0": (lambda f: ["generate", "--prompt", "x", "--threads", "0", "--out", str(f["folder"] / "o.png")], "--threads"),
     "generate --window backwards": (lambda f: ["generate", "--prompt", "x", "--adapter", "demo/sketch", "--condition", str(f["image"]), "--window", "0.9:0.1", "--out", str(f["folder"] / "o.png")], "window"),
     "generate --adapter bad name": (lambda f: ["generate", "--prompt", "x", "--adapter", "a b=demo/sketch", "--condition", str(f["image"]), "--out", str(f["folder"] / "o.png")], "NAME=PATH"),
+    "generate --weight nan": (lambda f: ["generate", "--prompt", "x", "--adapter", "demo/sketch", "--condition", str(f["image"]), "--weight", "nan", "--out", str(f["folder"] / "o.png")], "finite"),
     "eval --device bogus": (lambda f: ["eval", "--device", "bogus"], "bogus"),
     "serve --device bogus": (lambda f: ["serve", "--device", "bogus", "--port", "1"], "bogus"),
 }  # fmt: skip

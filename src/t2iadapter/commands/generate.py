@@ -106,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
                                 num_images=args.num_images, compose="fuser" if args.fuser else "sum",
                                 fuser_windows=args.fuser_windows)
     windows = [Window.parse(w) for w in args.window]
+    for w in args.weight:  # AdapterUse's check (a finite number), before anything loads
+        AdapterUse("--weight", None, w)
     named = parse_adapters(args.adapter)
     if args.style_adapter:
         named = {**named, **parse_adapters([args.style_adapter])}
