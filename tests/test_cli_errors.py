@@ -53,6 +53,20 @@ CASES: dict[str, tuple[Callable[[dict[str, Path]], list[str]], str]] = {
     "train over an earlier run": (lambda f: ["train", "--config", TINY, "--output-dir", str(f["run"])], "--resume"),
     "generate --out a folder": (lambda f: ["generate", "--base", "tiny", "--prompt", "x", "--out", str(f["folder"])], "folder"),
     "generate --out a file's child": (lambda f: ["generate", "--base", "tiny", "--prompt", "x", "--out", str(f["plain"] / "x.png")], "does not exist"),
+    # issue 14, items 7 and 9: checked before anything loads, by the request's (and the device parser's) own checks
+    "generate --seed beyond 64 bits": (lambda f: ["generate", "--prompt", "x", "--seed", str(2**64), "--out", str(f["folder"] / "o.png")], "seed"),
+    "generate --seed -1": (lambda f: ["generate", "--prompt", "x", "--seed", "-1", "--out", str(f["folder"] / "o.png")], "seed"),
+    "generate --guidance nan": (lambda f: ["generate", "--prompt", "x", "--guidance", "nan", "--out", str(f["folder"] / "o.png")], "guidance"),
+    "generate --guidance -5": (lambda f: ["generate", "--prompt", "x", "--guidance", "-5", "--out", str(f["folder"] / "o.png")], "guidance"),
+    "generate --size 0x0": (lambda f: ["generate", "--prompt", "x", "--size", "0x0", "--out", str(f["folder"] / "o.png")], "size"),
+    "generate --device bogus": (lambda f: ["generate", "--prompt", "x", "--device", "bogus", "--out", str(f["folder"] / "o.png")], "bogus"),
+    "generate --device cuda without CUDA": (lambda f: ["generate", "--prompt", "x", "--device", "cuda:7", "--out", str(f["folder"] / "o.png")], "cuda"),
+    "generate --threads 0": (lambda f: ["generate", "--prompt", "x", "--threads", "0", "--out", str(f["folder"] / "o.png")], "--threads"),
+    "generate --window backwards": (lambda f: ["generate", "--prompt", "x", "--adapter", "demo/sketch", "--condition", str(f["image"]), "--window", "0.9:0.1", "--out", str(f["folder"] / "o.png")], "window"),
+    "generate --adapter bad name": (lambda f: ["generate", "--prompt", "x", "--adapter", "a b=demo/sketch", "--condition", str(f["image"]), "--out", str(f["folder"] / "o.png")], "NAME=PATH"),
+    "generate --weight nan": (lambda f: ["generate", "--prompt", "x", "--adapter", "demo/sketch", "--condition", str(f["image"]), "--weight", "nan", "--out", str(f["folder"] / "o.png")], "finite"),
+    "eval --device bogus": (lambda f: ["eval", "--device", "bogus"], "bogus"),
+    "serve --device bogus": (lambda f: ["serve", "--device", "bogus", "--port", "1"], "bogus"),
 }  # fmt: skip
 
 

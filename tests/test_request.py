@@ -194,3 +194,22 @@ def test_fuser_window_modes_in_the_pipeline(base):
     assert np.abs(gen(shared, "once") - gen(shared, "active")).max() < 1e-5
     split = ["0:1", "0:0.5"]
     assert np.abs(gen(split, "once") - gen(split, "active")).max() > 1e-4
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(guidance_scale=float("nan")), "guidance_scale"), (dict(guidance_scale=-5.0), "guidance_scale"),
+    (dict(guidance_scale=float("inf")), "guidance_scale"), (dict(seed=-1), "seed"), (dict(seed=2**64), "seed"),
+    (dict(seed=1.5), "seed"), (dict(eta=float("nan")), "eta"), (dict(clip_skip=-1), "clip_skip"),
+    (dict(size="big"), "size"), (dict(original_size=(0, 5)), "original_size"),
+    (dict(prompt_2=("a", "b")), "prompt_2"), (dict(scheduler=3), "scheduler"),
+])
+def test_one_validation_for_api_cli_and_server(bad, match):
+    """Issue 14 item 9: accepted but wrong before (NaN/negative guidance, seed -1); the server's bounds are these."""
+    with pytest.raises(ConfigError, match=match):
+        GenerationRequest("p", **bad)
+    assert GenerationRequest("p", seed=2**64 - 1, size=64).size == (64, 64)
+    from t2iadapter.generation.request import GUIDANCE_RANGE, SEED_RANGE
+    from t2iadapter.server.schemas import GenerateRequest
+
+    assert {m.ge for m in GenerateRequest.model_fields["guidance_scale"].metadata if hasattr(m, "ge")} == {GUIDANCE_RANGE[0]}
+    assert {m.lt for m in GenerateRequest.model_fields["seed"].metadata if hasattr(m, "lt")} == {SEED_RANGE[1]}

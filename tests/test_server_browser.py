@@ -7,6 +7,8 @@ import time
 import pytest
 import torch
 
+from t2iadapter.demo.world import VOCABULARY
+
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = [
     pytest.mark.browser,
@@ -52,6 +54,15 @@ def server_url():
     torch.set_num_threads(threads)
 
 
+BROKEN = """() => [...document.images].filter((i) => getComputedStyle(i).visibility !== 'hidden'
+    && i.offsetParent !== null && (!i.getAttribute('src') || (i.complete && i.naturalWidth === 0))).map((i) => i.id || i.alt)"""
+
+
+def broken_images(page) -> list[str]:
+    """Visible <img> elements with no picture (no src, or one that failed): the browser's broken-image icons."""
+    return page.evaluate(BROKEN)
+
+
 def test_draw_extract_generate_in_chromium(server_url):
     from playwright.sync_api import expect, sync_playwright
 
@@ -62,7 +73,14 @@ def test_draw_extract_generate_in_chromium(server_url):
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.goto(server_url + "/")
-            expect(page.locator("#adapter-sketch")).to_be_checked(timeout=15_000)
+            expect(page.locator("#adapter-sketch")).not_to_be_checked(timeout=15_000)  # none pre-checked (issue 14)
+            assert page.locator("#adapters input.use:checked").count() == 0
+            assert broken_images(page) == []  # no broken-image placeholders before anything is generated
+            prompt = page.locator("#prompt").input_value()
+            assert prompt and set(prompt.split()) <= set(VOCABULARY), prompt  # the demo's own words
+            expect(page.locator("#compose")).to_have_value("sum")
+            assert page.locator("#compose option[value=fuser]").is_disabled()  # this server has no fuser
+            page.check("#adapter-sketch")
             expect(page.locator("#steps")).to_have_value("4")  # clamped to the server's max_steps
             page.fill("#steps", "2")
             page.fill("#seed", "3")
@@ -91,6 +109,7 @@ def test_draw_extract_generate_in_chromium(server_url):
             expect(entry).to_have_count(1)
             assert entry.locator("a").get_attribute("download") == "t2iadapter-3-0.png"
             assert page.locator("#sent-condition").get_attribute("src").startswith("data:image/png;base64,")
+            assert broken_images(page) == []
             assert not errors, errors
         finally:
             browser.close()

@@ -311,3 +311,13 @@ def test_client_gone_mid_upload_logs_one_line(pipe, caplog):
             assert "Traceback" not in caplog.text
             assert len(records) == 1 and records[0].levelno in (logging.INFO, logging.WARNING)
         assert httpx.get(url + "/health").status_code == 200
+
+
+@pytest.mark.parametrize("field, value", [("guidance_scale", -5), ("guidance_scale", 1e9), ("seed", -1),
+                                          ("seed", 2**64), ("steps", 0)])
+def test_the_requests_own_bounds_get_422_at_once(client, field, value):
+    """Issue 14 item 9: the server takes the bounds of GenerationRequest (the CLI and the API share them)."""
+    t = time.monotonic()
+    r = client.post("/v1/generate", json=gen_body(**{field: value}))
+    assert r.status_code == 422 and field in r.text, r.text
+    assert time.monotonic() - t < 1.0

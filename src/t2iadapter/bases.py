@@ -108,8 +108,15 @@ def load_base(
     device: str | torch.device | None = None,
     config_dir: str | os.PathLike | None = None,
 ) -> BaseModel:
-    """Load a base: preset name, diffusers folder, single file (.safetensors/.ckpt) or hub id."""
+    """Load a base: preset name, diffusers folder, single file (.safetensors/.ckpt) or hub id.
+
+    `HF_HUB_DISABLE_PROGRESS_BARS=1` (the CLI sets it) also hides diffusers' "Loading pipeline components" bar.
+    """
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").lower() in ("1", "true", "yes", "on"):
+        diffusers_logging.disable_progress_bar()
 
     text = str(source)
     if text in PRESETS:
@@ -270,8 +277,12 @@ def _tokens(tokenizer, prompts: list[str], device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_text(base: BaseModel, prompts: list[str], *, zeros: bool = False) -> TextContext:
-    """CLIP text context for `prompts` (SDXL: penultimate hidden states of both encoders, concatenated)."""
+def encode_text(base: BaseModel, prompts: list[str], *, zeros: bool = False, clip_skip: int | None = None,
+                prompts_2: list[str] | None = None) -> TextContext:
+    """CLIP text context for `prompts` (SDXL: penultimate hidden states of both encoders, concatenated).
+
+    `clip_skip` and SDXL's `prompts_2` (the second encoder's prompts) as diffusers' `encode_prompt` takes them.
+    """
     device = base.text_encoder.device
     if not base.is_sdxl:
         enc = base.text_encoder
@@ -279,14 +290,19 @@ def encode_text(base: BaseModel, prompts: list[str], *, zeros: bool = False) -> 
         if getattr(enc.config, "use_attention_mask", False):
             mask = base.tokenizer(prompts, padding="max_length", max_length=base.tokenizer.model_max_length,
                                   truncation=True, return_tensors="pt").attention_mask.to(device)
-        ctx = enc(_tokens(base.tokenizer, prompts, device), attention_mask=mask)[0]
+        if clip_skip is None:
+            ctx = enc(_tokens(base.tokenizer, prompts, device), attention_mask=mask)[0]
+        else:  # diffusers: hidden state -(clip_skip + 1) through the final layer norm
+            out = enc(_tokens(base.tokenizer, prompts, device), attention_mask=mask, output_hidden_states=True)
+            ctx = getattr(enc, "text_model", enc).final_layer_norm(out[-1][-(clip_skip + 1)])  # transformers 4 | 5
         return TextContext(torch.zeros_like(ctx) if zeros else ctx)
     contexts, pooled = [], None
-    for tok, enc in ((base.tokenizer, base.text_encoder), (base.tokenizer_2, base.text_encoder_2)):
-        out = enc(_tokens(tok, prompts, device), output_hidden_states=True)
+    second = prompts_2 if prompts_2 is not None else prompts
+    for tok, enc, texts in ((base.tokenizer, base.text_encoder, prompts), (base.tokenizer_2, base.text_encoder_2, second)):
+        out = enc(_tokens(tok, texts, device), output_hidden_states=True)
         if pooled is None and out[0].ndim == 2:
             pooled = out[0]
-        contexts.append(out.hidden_states[-2])
+        contexts.append(out.hidden_states[-2] if clip_skip is None else out.hidden_states[-(clip_skip + 2)])
     ctx = torch.cat(contexts, dim=-1)
     if zeros:  # SDXL's force_zeros_for_empty_prompt
         return TextContext(torch.zeros_like(ctx), torch.zeros_like(pooled))

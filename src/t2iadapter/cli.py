@@ -14,7 +14,7 @@ import pkgutil
 import sys
 
 from t2iadapter import commands
-from t2iadapter.errors import T2IAdapterError
+from t2iadapter.errors import ConfigError, T2IAdapterError
 
 
 class Parser(argparse.ArgumentParser):
@@ -58,6 +58,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        threads = getattr(args, "threads", None)
+        if threads is not None:
+            if threads < 1:
+                raise ConfigError(f"--threads must be at least 1, got {threads}")
+            import torch
+
+            torch.set_num_threads(threads)
         return int(args.func(args) or 0)
     except T2IAdapterError as exc:
         print(f"error: {exc}", file=sys.stderr)

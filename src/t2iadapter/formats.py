@@ -376,6 +376,23 @@ def resolve(source: str | os.PathLike) -> Path:
     raise CheckpointError(f"{text}: no such file or folder")
 
 
+def _is_diffusers_adapter(obj: Any) -> bool:
+    return type(obj).__name__ == "T2IAdapter" and hasattr(obj, "config") and hasattr(obj, "state_dict")
+
+
+def from_diffusers_module(adapter: Any) -> AdapterModule:
+    """Our module from a loaded diffusers `T2IAdapter` (its config and weights through the diffusers-folder path).
+
+    A `MultiAdapter` is refused: pass its adapters one by one (each gets its own weight and window here).
+    """
+    try:
+        config = config_from_diffusers(dict(adapter.config))
+    except ConfigError as exc:
+        raise CheckpointError(f"diffusers T2IAdapter: {exc}") from None
+    sd = {k: v.detach().cpu() for k, v in adapter.state_dict().items()}
+    return adapter_from_state_dict(sd, config, source="diffusers T2IAdapter")
+
+
 def load_adapter(
     source: str | os.PathLike | AdapterModule,
     *,
@@ -385,6 +402,14 @@ def load_adapter(
     """Load any adapter checkpoint (format detected), returning a module that carries its config and kind."""
     if isinstance(source, AdapterModule):
         module = copy.deepcopy(source) if dtype is not None or device is not None else source  # never move the caller's
+    elif _is_diffusers_adapter(source):
+        module = from_diffusers_module(source)
+    elif type(source).__name__ == "MultiAdapter":
+        raise CheckpointError("a diffusers MultiAdapter: pass its adapters one by one (pipe.adapter.adapters), each "
+                              "then takes its own weight and window")
+    elif isinstance(source, torch.nn.Module) or not isinstance(source, (str, os.PathLike)):
+        raise CheckpointError(f"an adapter is a path, demo/NAME, hub id, an AdapterModule or a diffusers T2IAdapter, "
+                              f"not {type(source).__name__}")
     else:
         path = resolve(source)
         module = _load_folder(path) if path.is_dir() else _load_file(path)

@@ -4,12 +4,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from t2iadapter.commands import add_threads_argument
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the embedded demo: a grid of controlled generations and a controllability table")
     p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
-    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--steps", type=int, default=25, help="denoising steps per image (default 25)")
     p.add_argument("--scenes", type=int, default=4, help="built-in scenes to show (default 4)")
+    add_threads_argument(p)
     p.set_defaults(func=run)
 
 

@@ -5,6 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
+from t2iadapter.commands import DEMO_BASE, add_threads_argument
 from t2iadapter.errors import ConfigError
 
 
@@ -17,16 +18,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         "structure IoU, edge F1 (2 px, against the true outlines), spurious foreground, colour accuracy and "
         "palette error.",
     )
-    p.add_argument("--base", default="demo", help="base model (default: the embedded demo)")
-    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
-                   help="adapter per condition (sketch, seg, depth, pose, color); default: the shipped demo adapters")
+    p.add_argument("--base", default=DEMO_BASE, help="base model (default: the embedded demo)")
+    p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
+                   help="adapter per condition, named sketch, seg, depth, pose or color (NAME=PATH, or a PATH whose "
+                   "file name is the condition); default: the shipped demo adapters")
     p.add_argument("--fuser", default=None, help="CoAdapter fuser (default: the shipped demo fuser)")
     p.add_argument("--scenes", type=int, default=20, help="held-out scenes (default 20)")
     p.add_argument("--first-seed", type=int, default=None, help="first evaluation seed (default: world.EVAL_SEEDS)")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--steps", type=int, default=25, help="denoising steps per image (default 25)")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5.0)")
     p.add_argument("--only", action="append", default=[], help="evaluate only settings with this name (repeatable)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
+    add_threads_argument(p)
     p.add_argument("--out", default=None, help="also write the markdown table here")
     p.add_argument("--json", default=None, help="also write the results as JSON here")
     p.add_argument("--force", action="store_true", help="overwrite --out / --json files that exist")

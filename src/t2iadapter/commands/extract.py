@@ -7,6 +7,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
+from t2iadapter.commands import add_threads_argument
 from t2iadapter.errors import ConfigError, T2IAdapterError
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-progress", action="store_true", help="batch mode: no progress bar")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists (batch mode never overwrites)")
+    add_threads_argument(p)
     options = p.add_argument_group("extractor options", "each applies to the extractors named in its help")
     for option, users in sorted(_option_flags().items()):
         options.add_argument(f"--{option.replace('_', '-')}", dest=f"opt_{option}", metavar="V", help=", ".join(users))

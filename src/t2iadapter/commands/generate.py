@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from t2iadapter.commands import DEMO_BASE, add_threads_argument, parse_adapters
 from t2iadapter.errors import ConfigError
 from t2iadapter.generation.request import FUSER_WINDOW_MODES, defaults
 
@@ -33,6 +34,7 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default: fp16 on GPU, fp32 on CPU")
     p.add_argument("--fast", action="store_true", help="fast mode on GPU: half precision, channels-last, torch.compile")
+    add_threads_argument(p)
 
 
 class _Paired(argparse._AppendAction):
@@ -53,9 +55,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "adapters then the style adapter) or not at all, --controlnet-weight and --controlnet-window likewise per "
         "ControlNet.",
     )
-    p.add_argument("--base", required=True, help="base model: diffusers folder, .safetensors/.ckpt, hub id, or demo/tiny/tiny-xl")
+    p.add_argument("--base", default=DEMO_BASE,
+                   help="base model: demo (default), tiny, tiny-xl, a diffusers folder, .safetensors/.ckpt or a hub id")
     p.add_argument("--config-dir", default=None, help="diffusers configs for an offline single-file base")
-    p.add_argument("--adapter", action=_Paired, default=[], help="adapter file/folder/demo name/hub id (repeatable)")
+    p.add_argument("--adapter", action=_Paired, default=[], metavar="[NAME=]PATH",
+                   help="adapter file, folder, demo/NAME or hub id, optionally named NAME= (repeatable)")
     p.add_argument("--controlnet", action=_Paired, default=[], metavar="[NAME=]PATH",
                    help="diffusers ControlNet: folder, single file or hub id; runs every step (repeatable)")
     p.add_argument("--condition", action="append", default=[],
@@ -121,8 +125,6 @@ def run(args: argparse.Namespace) -> int:
                           f"{len(args.condition)} --condition; give one condition per adapter and ControlNet")
     adapter_conditions = [c for kind, c in zip(paired, args.condition) if kind == "adapter"]
     controlnet_conditions = [c for kind, c in zip(paired, args.condition) if kind == "controlnet"]
-    from t2iadapter.commands import parse_adapters
-
     controlnets = parse_adapters(args.controlnet, "--controlnet")
     if bool(args.style_adapter) != bool(args.style_image):
         raise ConfigError("--style-adapter and --style-image go together")
@@ -141,28 +143,42 @@ def run(args: argparse.Namespace) -> int:
     loras = [parse_lora(text) for text in args.lora]
     paths = output_paths(args.out, args.num_images, args.force)
 
+    import dataclasses
+
     from t2iadapter.generation.pipeline import AdapterPipeline, resolve_device
     from t2iadapter.generation.request import AdapterUse, GenerationRequest, Window
     from t2iadapter.pngmeta import save_png
 
+    # the request's own checks (seed, guidance, size, strength, ...) run before anything loads
+    request = GenerationRequest(args.prompt, (), negative_prompt=args.negative_prompt, steps=args.steps,
+                                guidance_scale=args.guidance, size=args.size, seed=args.seed, scheduler=args.scheduler,
+                                num_images=args.num_images, compose="fuser" if args.fuser else "sum",
+                                fuser_windows=args.fuser_windows, init_image=args.init_image, strength=args.strength,
+                                mask_image=args.mask, paste_back=args.paste_back)
+    windows = [Window.parse(w) for w in args.window]
+    for w in args.weight:  # AdapterUse's check (a finite number), before anything loads
+        AdapterUse("--weight", None, w)
+    named = parse_adapters(args.adapter)
+    if args.style_adapter:
+        named = {**named, **parse_adapters([args.style_adapter])}
+        if len(named) != len(args.adapter) + 1:
+            raise ConfigError(f"--style-adapter {args.style_adapter}: its name is already used by an --adapter")
     device, dtype = resolve_device(args.device, args.dtype)
-    adapters = list(args.adapter) + ([args.style_adapter] if args.style_adapter else [])
+    if args.fast and device == "cpu":
+        print("--fast on the CPU: compiling the model first takes about a minute and a half", flush=True)
+    adapters = list(named.values())
     conditions = adapter_conditions + ([args.style_image] if args.style_image else [])
-    pipe = AdapterPipeline.from_pretrained(args.base, adapters, fuser=args.fuser, style_encoder=args.style_encoder,
+    pipe = AdapterPipeline.from_pretrained(args.base, named, fuser=args.fuser, style_encoder=args.style_encoder,
                                            device=device, dtype=dtype, config_dir=args.config_dir, controlnets=controlnets)
     for source, scale in loras:
         pipe.load_lora(source, scale=scale)
     if args.fast:
         pipe.optimize()  # after the LoRAs: fast mode fuses them into the weights
     uses = tuple(AdapterUse(name, cond, **({"weight": args.weight[i]} if args.weight else {}),  # else the request's
-                            **({"window": Window.parse(args.window[i])} if args.window else {}))
+                            **({"window": windows[i]} if windows else {}))
                  for i, (name, cond) in enumerate(zip(pipe.adapters, conditions)))
-    request = GenerationRequest(args.prompt, uses, negative_prompt=args.negative_prompt, steps=args.steps,
-                                guidance_scale=args.guidance, size=args.size, seed=args.seed, scheduler=args.scheduler,
-                                num_images=args.num_images, compose="fuser" if args.fuser else "sum",
-                                fuser_windows=args.fuser_windows, init_image=args.init_image, strength=args.strength,
-                                mask_image=args.mask, paste_back=args.paste_back,
-                                controlnets=_controlnet_uses(args, list(pipe.controlnets), controlnet_conditions))
+    request = dataclasses.replace(request, adapters=uses,
+                                  controlnets=_controlnet_uses(args, list(pipe.controlnets), controlnet_conditions))
     result = pipe.generate(request, progress=True)
     params = dict(result.parameters, adapter_sources=adapters, conditions=adapter_conditions, fuser=args.fuser,
                   style_image=args.style_image,

@@ -5,7 +5,7 @@ import argparse
 import logging
 import os
 
-from t2iadapter.commands import parse_adapters
+from t2iadapter.commands import DEMO_BASE, add_threads_argument, parse_adapters
 from t2iadapter.server.limits import Limits
 
 log = logging.getLogger(__name__)
@@ -19,9 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "/docs) and a web page at / to draw or upload, extract, and generate. Clients refer to adapters by the names "
         "registered here. With --base demo and no --adapter, every shipped demo adapter is registered.",
     )
-    p.add_argument("--base", default="demo", help="base model: demo (default), tiny, a diffusers folder, a single file or a hub id")
-    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
-                   help="register an adapter under NAME (file, folder, demo/NAME or hub id); repeatable")
+    p.add_argument("--base", default=DEMO_BASE, help="base model: demo (default), tiny, a diffusers folder, a single file or a hub id")
+    p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
+                   help="register an adapter (file, folder, demo/NAME or hub id) under NAME, or its file name; repeatable")
     p.add_argument("--controlnet", action="append", default=[], metavar="NAME=PATH",
                    help="register a diffusers ControlNet under NAME (folder, single file or hub id); repeatable")
     p.add_argument("--fuser", default=None, help="CoAdapter fuser checkpoint (enables compose=fuser)")
@@ -45,8 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"seconds per request, queue included (default {d.timeout:g}; then 504)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default: fp16 on GPU, fp32 on CPU")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's; on a busy shared CPU, 1 can be several times faster)")
+    add_threads_argument(p)
     p.set_defaults(func=run)
 
 
@@ -55,6 +54,9 @@ def settings_from(args: argparse.Namespace):
     from t2iadapter import assets
     from t2iadapter.server.limits import ServerSettings
 
+    from t2iadapter.generation.pipeline import resolve_device
+
+    resolve_device(args.device, args.dtype)  # a bad --device is one line now, not a traceback at startup
     adapters = parse_adapters(args.adapter)
     fuser = args.fuser
     if args.base == "demo":
@@ -80,13 +82,10 @@ def run(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not token:
         log.warning("listening on %s without a token: anyone who can reach it can use the model", args.host)
 
-    import torch
     import uvicorn
 
     from t2iadapter.server import create_app
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     app = create_app(settings, limits=limits, token=token)
     names = ", ".join(settings.adapters) or "none"
     print(f"serving {settings.base} with adapters {names} on http://{args.host}:{args.port}/ (API docs at /docs)",

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from t2iadapter.commands import add_threads_argument
 from t2iadapter.errors import ConfigError
 
 
@@ -26,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true",
                    help="start over in an output dir that already holds a run (its checkpoints are overwritten)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    add_threads_argument(p)
     p.set_defaults(func=run)
 
 

@@ -39,6 +39,7 @@ class Denoise:
     controlnets: Any = None  # ControlNets (issue 16): generation.controlnet.ControlNets, run every step
     source: Any = None  # img2img.Source: start from an image (and mask); None: text-to-image
     run_timesteps: Any = None  # the timesteps run (set by start(); img2img runs the schedule's tail)
+    latents: torch.Tensor | None = None  # the caller's initial noise (diffusers' `latents=`), scaled like drawn noise
 
     def start(self, timestep_device: Any, dtype: torch.dtype) -> torch.Tensor:
         """Set the timesteps and draw the initial latents (as diffusers: CPU generator, scaled by init_noise_sigma)."""
@@ -47,7 +48,10 @@ class Denoise:
         if self.source is not None:
             return self.source.start(self, dtype)
         g = self.generator
-        noise = torch.randn(self.shape, generator=g, device=g.device, dtype=dtype).to(self.base.unet.device)
+        if self.latents is not None:
+            noise = self.latents.to(self.base.unet.device, dtype)
+        else:
+            noise = torch.randn(self.shape, generator=g, device=g.device, dtype=dtype).to(self.base.unet.device)
         return noise * self.scheduler.init_noise_sigma
 
     def timesteps(self):

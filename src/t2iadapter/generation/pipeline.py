@@ -10,7 +10,9 @@ state, never the caller's); the base is taken over (`to()`/`optimize()` move and
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import logging
 import math
 import os
@@ -31,7 +33,7 @@ from t2iadapter.errors import ConditionError, ConfigError
 from t2iadapter.formats import load_adapter
 from t2iadapter.generation import conditions, controlnet, fast, img2img, latents, lora, loop, schedulers, text
 from t2iadapter.generation.composition import Composition
-from t2iadapter.generation.request import AdapterUse, ControlNetUse, GenerationRequest, Window
+from t2iadapter.generation.request import OUTPUT_TYPES, AdapterUse, ControlNetUse, GenerationRequest, Window
 from t2iadapter.models import TASKS, AdapterModule
 
 log = logging.getLogger(__name__)
@@ -51,9 +53,9 @@ class GenerationResult:
         return self.images[0]
 
 
-def _adapter_name(source: Any, index: int) -> str:
-    if isinstance(source, AdapterModule):
-        return getattr(source, "name", None) or f"{source.kind}{index}"
+def _adapter_name(source: Any, module: AdapterModule | None, index: int) -> str:
+    if isinstance(source, torch.nn.Module):  # ours or a diffusers T2IAdapter
+        return getattr(source, "name", None) or f"{module.kind}{index}"
     text_ = str(source).rstrip("/")
     return Path(text_).stem if not text_.startswith("demo/") else text_.split("/", 1)[1]
 
@@ -66,14 +68,63 @@ def task_of(name: str) -> str | None:
     return None
 
 
-def resolve_device(device: str | None, dtype: str | None) -> tuple[str, torch.dtype]:
-    """Device and dtype from their names: cuda when available; fp16 on a GPU, fp32 on the CPU (bf16/fp16/fp32)."""
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(device: str | torch.device | None, dtype: str | None) -> tuple[str, torch.dtype]:
+    """Device and dtype from their names: cuda when available; fp16 on a GPU, fp32 on the CPU (bf16/fp16/fp32).
+
+    The one device parser (CLI, server, evaluation): an unknown or absent device is one clear ConfigError.
+    """
+    dev = str(device) if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        parsed = torch.device(dev)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {dev!r}; use cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"device {dev!r}: no CUDA GPU is available here (use --device cpu)")
+        if parsed.index is not None and parsed.index >= count:
+            raise ConfigError(f"device {dev!r}: this machine has {count} CUDA GPU(s), cuda:0..cuda:{count - 1}")
+    elif parsed.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ConfigError(f"device {dev!r}: Apple MPS is not available here (use --device cpu)")
+    elif parsed.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device {dev!r} is not supported; use cpu, cuda, cuda:N or mps")
     names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    key = dtype or ("fp32" if dev == "cpu" else "fp16")
+    key = dtype or ("fp32" if parsed.type == "cpu" else "fp16")
     if key not in names:
         raise ConfigError(f"unknown dtype {key!r}; choose one of {', '.join(names)}")
     return dev, names[key]
+
+
+_REQUEST_FIELDS = tuple(f.name for f in dataclasses.fields(GenerationRequest) if f.name not in ("prompt", "adapters"))
+_DIFFUSERS_NAMES = {"num_inference_steps": "steps", "num_images_per_prompt": "num_images"}
+
+
+def _from_diffusers_names(options: dict[str, Any]) -> dict[str, Any]:
+    """diffusers' keyword names → ours (`num_inference_steps` → steps, `height`/`width` → size, ...)."""
+    out = dict(options)
+    for theirs, ours in _DIFFUSERS_NAMES.items():
+        if theirs in out:
+            if ours in out:
+                raise ConfigError(f"give {ours} or {theirs}, not both")
+            out[ours] = out.pop(theirs)
+    if "height" in out or "width" in out:
+        if out.get("size") is not None:
+            raise ConfigError("give size=(width, height) or height=/width=, not both")
+        h, w = out.pop("height", None), out.pop("width", None)
+        if h is None or w is None:
+            raise ConfigError("give both height= and width= (or size=(width, height))")
+        out["size"] = (w, h)
+    return out
+
+
+def _is_window_pair(what: str, value: Any) -> bool:
+    """`(0.0, 0.5)` as windows: one window (numbers are not windows), for every adapter."""
+    return (what == "windows" and isinstance(value, Sequence) and len(value) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
+
+
+def _as_tuple(value: str | tuple[str, ...] | None, n: int) -> tuple[str, ...] | None:
+    return (value,) * n if isinstance(value, str) else value
 
 
 def _own(source: Any) -> AdapterModule:
@@ -97,11 +148,13 @@ class AdapterPipeline:
         controlnets: Sequence[Any] | Mapping[str, Any] = (),
     ) -> None:
         self.base = base
+        if isinstance(adapters, (str, os.PathLike, torch.nn.Module)):  # one adapter (a string is not a list of them)
+            adapters = [adapters]
         items = adapters.items() if isinstance(adapters, Mapping) else [(None, a) for a in adapters]
         self.adapters: dict[str, AdapterModule] = {}
         for i, (name, source) in enumerate(items):
             module = _own(source)
-            name = name or _adapter_name(source, i)
+            name = name or _adapter_name(source, module, i)
             if name in self.adapters:
                 name = f"{name}-{i}"
             if module.kind == "fuser":
@@ -119,6 +172,7 @@ class AdapterPipeline:
         self._style_encoder: Callable | None = style_encoder if callable(style_encoder) else None
         self.fast = False
         self.loras = lora.Loras(base)
+        self._offload: torch.device | None = None  # enable_model_cpu_offload(): the device models run on
         self.to(device=device, dtype=dtype)
         for module in self.modules_to_move():  # adapters run in the base's dtype (checkpoints may be fp16)
             torch.nn.Module.to(module, device=self.device, dtype=self.dtype)
@@ -150,7 +204,7 @@ class AdapterPipeline:
         items = sources.items() if isinstance(sources, Mapping) else [(None, c) for c in sources]
         out: dict[str, torch.nn.Module] = {}
         for i, (name, source) in enumerate(items):
-            name = name or (f"controlnet{i}" if isinstance(source, torch.nn.Module) else _adapter_name(source, i))
+            name = name or (f"controlnet{i}" if isinstance(source, torch.nn.Module) else _adapter_name(source, None, i))
             if name in out or name in self.adapters:
                 raise ConfigError(f"the name {name!r} is given twice (adapters and ControlNets share names)")
             module = controlnet.load_controlnet(source)
@@ -158,7 +212,17 @@ class AdapterPipeline:
             out[name] = module.requires_grad_(False).eval()
         return out
 
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "AdapterPipeline":
+    def to(self, *args: Any, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "AdapterPipeline":
+        """Move/cast the base and adapters: `to("cuda")`, `to(torch.float16)`, `to("cuda", torch.float16)`, keywords."""
+        for arg in args:
+            if isinstance(arg, torch.dtype):
+                dtype = arg
+            elif isinstance(arg, (str, torch.device)):
+                device = arg
+            elif arg is not None:
+                raise ConfigError(f"to() takes a device and/or a torch dtype, not {type(arg).__name__}")
+        if device is not None:
+            self._offload = None  # an explicit device ends model CPU offload
         self.base.to(device=device, dtype=dtype)
         for module in self.modules_to_move():  # nn.Module's own `to` (diffusers' ModelMixin.to warns on every dtype)
             torch.nn.Module.to(module, device=device, dtype=dtype)
@@ -201,9 +265,41 @@ class AdapterPipeline:
         """Remove one loaded LoRA (the others keep their scales)."""
         self.loras.unload(name)
 
+    def enable_model_cpu_offload(self, device: str | torch.device = "cuda") -> "AdapterPipeline":
+        """diffusers' model CPU offload: every model waits on the CPU and moves to `device` only while it runs.
+
+        One stage at a time (text encoders, adapters, UNet, VAE), so the GPU holds one model: the UNet's
+        memory, not the whole pipeline's, at the price of a transfer per stage. `to(device)` ends it.
+        """
+        if self.fast:
+            raise ConfigError("model CPU offload and optimize() (compiled, on-device models) do not go together")
+        self._offload = torch.device(device)
+        self.base.to(device="cpu")
+        for module in self.modules_to_move():
+            module.to(device="cpu")
+        return self
+
+    @contextlib.contextmanager
+    def _running(self, *modules: torch.nn.Module | None):
+        """With CPU offload: `modules` on the execution device for the block, back on the CPU after it."""
+        if self._offload is None:
+            yield
+            return
+        moving = [m for m in modules if m is not None]
+        for m in moving:
+            m.to(self._offload)
+        try:
+            yield
+        finally:
+            for m in moving:
+                m.to("cpu")
+            if self._offload.type == "cuda":
+                torch.cuda.empty_cache()
+
     @property
     def device(self) -> torch.device:
-        return self.base.unet.device
+        """Where the models run (with CPU offload: the execution device, not where they wait)."""
+        return self._offload if self._offload is not None else self.base.unet.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -242,8 +338,8 @@ class AdapterPipeline:
                 raise ConfigError(f"{what} names unknown adapters {sorted(unknown)}; loaded: "
                                   f"{list(self.adapters) + list(self.controlnets)}")
             return {n: value.get(n, default) for n in names}
-        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-            return {n: value for n in names}
+        if isinstance(value, (str, bytes, Window)) or not isinstance(value, Sequence) or _is_window_pair(what, value):
+            return {n: value for n in names}  # one value for every adapter (a window pair is one window)
         if len(value) != len(names):
             raise ConfigError(f"got {len(value)} {what} for {len(names)} adapters ({', '.join(names) or 'none'})")
         return dict(zip(names, value))
@@ -252,7 +348,24 @@ class AdapterPipeline:
                 style_image: ConditionInput | None = None, **options: Any) -> GenerationRequest:
         """The `GenerationRequest` of a keyword call: conditions by list (one per spatial adapter, then one per
         ControlNet) or by name; weights and windows likewise (a ControlNet's weight is diffusers'
-        `controlnet_conditioning_scale`)."""
+        `controlnet_conditioning_scale`).
+
+        diffusers' names are understood too (`image`, `height`/`width`, `num_inference_steps`,
+        `num_images_per_prompt`, `adapter_conditioning_scale`); one condition list for one adapter with one
+        image per prompt is a batch of per-prompt conditions, as diffusers' `image=[...]`.
+        """
+        options = _from_diffusers_names(options)
+        if "image" in options:
+            if conditions is not None:
+                raise ConfigError("give the condition images once: as `conditions` or as diffusers' `image`, not both")
+            conditions = options.pop("image")
+        if weights is None and "adapter_conditioning_scale" in options:
+            weights = options.pop("adapter_conditioning_scale")
+        unknown = set(options) - set(_REQUEST_FIELDS)
+        if unknown:
+            raise ConfigError(f"unknown option(s) {', '.join(sorted(unknown))}; options are {', '.join(_REQUEST_FIELDS)} "
+                              "and generator, latents, prompt_embeds, negative_prompt_embeds, output_type, callback")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         names = self.spatial_names + list(self.controlnets)
         if conditions is None:
             conditions = {}
@@ -264,6 +377,13 @@ class AdapterPipeline:
         else:
             if isinstance(conditions, (str, os.PathLike, Image.Image, np.ndarray, torch.Tensor)):
                 conditions = [conditions]
+            elif not isinstance(conditions, Sequence):
+                raise ConditionError(f"conditions are an image, a path, a list (one per spatial adapter) or a dict by "
+                                     f"adapter name, not {type(conditions).__name__}")
+            conditions = list(conditions)
+            if len(names) == 1 and len(conditions) == len(prompts) > 1 and not any(
+                    isinstance(c, (list, tuple)) for c in conditions):
+                conditions = [conditions]  # one adapter, one condition per prompt (diffusers' batched `image`)
             if len(conditions) != len(names):
                 raise ConditionError(f"got {len(conditions)} condition images for {len(names)} spatial adapters and "
                                      f"ControlNets ({', '.join(names) or 'none'})")
@@ -275,21 +395,58 @@ class AdapterPipeline:
         used = list(cond_of)
         weight_of = self._align(weights, used, "weights", 1.0)
         window_of = self._align(windows, used, "windows", None)
-        uses = tuple(AdapterUse(n, cond_of[n], weight_of[n], Window.parse(window_of[n])) for n in used
-                     if n not in self.controlnets)
+        uses = tuple(AdapterUse(n, tuple(c) if isinstance(c, list) else c, weight_of[n], Window.parse(window_of[n]))
+                     for n, c in cond_of.items() if n not in self.controlnets)
         if any(n in self.controlnets for n in used):
             options["controlnets"] = tuple(ControlNetUse(n, cond_of[n], weight_of[n], Window.parse(window_of[n]))
                                            for n in used if n in self.controlnets)
         return GenerationRequest(prompt if isinstance(prompt, str) else tuple(prompt), uses, **options)
 
     @torch.no_grad()
-    def __call__(self, prompt: str | Sequence[str], conditions: Any = None, *, weights: Any = None, windows: Any = None,
-                 style_image: ConditionInput | None = None, generator: torch.Generator | None = None,
+    def __call__(self, prompt: str | Sequence[str] | None = None, conditions: Any = None, *, weights: Any = None,
+                 windows: Any = None, style_image: ConditionInput | None = None, generator: Any = None,
                  callback: loop.Callback | None = None, output_type: str = "pil", progress: bool = True,
-                 **options: Any) -> GenerationResult:
-        """Generate images; `options` are `GenerationRequest` fields (steps, guidance_scale, size, seed, ...)."""
+                 latents: torch.Tensor | None = None, prompt_embeds: torch.Tensor | None = None,
+                 negative_prompt_embeds: torch.Tensor | None = None, pooled_prompt_embeds: torch.Tensor | None = None,
+                 negative_pooled_prompt_embeds: torch.Tensor | None = None, **options: Any) -> GenerationResult:
+        """Generate images; `options` are `GenerationRequest` fields (steps, guidance_scale, size, seed, ...).
+
+        As diffusers: `generator` may be a list (one per image), `latents` the initial noise, `prompt_embeds`
+        (and SDXL's `pooled_prompt_embeds`) replace the prompt, `output_type` is pil, np, pt or latent.
+        """
+        given = self._given_embeds(prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+                                   negative_pooled_prompt_embeds)
+        if prompt is None:
+            if given is None:
+                raise ConfigError("give a prompt (or prompt_embeds)")
+            prompt = [""] * given.text.context.shape[0]
+        elif given is not None:
+            raise ConfigError("give either a prompt or prompt_embeds, not both")
         req = self.request(prompt, conditions, weights=weights, windows=windows, style_image=style_image, **options)
-        return self.generate(req, generator=generator, callback=callback, output_type=output_type, progress=progress)
+        return self.generate(req, generator=generator, callback=callback, output_type=output_type, progress=progress,
+                             latents=latents, prompt_embeds=given)
+
+    def _given_embeds(self, text_: Any, negative: Any, pooled: Any, negative_pooled: Any) -> "text.GivenEmbeds | None":
+        """Caller-computed prompt embeddings as `TextContext`s (SDXL needs the pooled ones with them, as diffusers)."""
+        if text_ is None:
+            if negative is not None or pooled is not None:
+                raise ConfigError("negative_prompt_embeds / pooled_prompt_embeds go with prompt_embeds")
+            return None
+        from t2iadapter.bases import TextContext
+
+        def context(x: Any, p: Any, what: str) -> TextContext:
+            if not isinstance(x, torch.Tensor) or x.ndim != 3:
+                raise ConfigError(f"{what} must be a [batch, tokens, width] tensor")
+            if self.base.is_sdxl and p is None:
+                raise ConfigError(f"an SDXL base needs pooled_{what} with {what} (as diffusers)")
+            return TextContext(x.to(self.device, self.dtype), None if p is None else p.to(self.device, self.dtype))
+
+        text_ctx = context(text_, pooled, "prompt_embeds")
+        neg_ctx = None if negative is None else context(negative, negative_pooled, "negative_prompt_embeds")
+        if neg_ctx is not None and neg_ctx.context.shape != text_ctx.context.shape:
+            raise ConfigError(f"negative_prompt_embeds {tuple(neg_ctx.context.shape)} must have prompt_embeds' shape "
+                              f"{tuple(text_ctx.context.shape)}")
+        return text.GivenEmbeds(text_ctx, neg_ctx)
 
     # ------------------------------------------------------------------ generate
 
@@ -324,8 +481,9 @@ class AdapterPipeline:
             if module.kind == "style":
                 out[use.name] = module(self._style_tokens(use.condition).to(self.device, module.dtype)).to(self.dtype)
                 continue
-            x = conditions.condition_on_device(use.condition, module.config.in_channels, size, canvas, self.device,
-                                               module.dtype, as_bytes=self.fast)
+            items = use.condition if isinstance(use.condition, tuple) else (use.condition,)  # one, or one per prompt
+            x = torch.cat([conditions.condition_on_device(c, module.config.in_channels, size, canvas, self.device,
+                                                          module.dtype, as_bytes=self.fast) for c in items])
             out[use.name] = [f.to(self.dtype) for f in module(x)]
         return out
 
@@ -351,46 +509,94 @@ class AdapterPipeline:
         return (w, h), (math.ceil(w / m) * m, math.ceil(h / m) * m)
 
     @torch.no_grad()
-    def generate(self, req: GenerationRequest, *, generator: torch.Generator | None = None,
-                 callback: loop.Callback | None = None, output_type: str = "pil", progress: bool = True) -> GenerationResult:
-        """Run one `GenerationRequest`."""
+    def generate(self, req: GenerationRequest, *, generator: Any = None, callback: loop.Callback | None = None,
+                 output_type: str = "pil", progress: bool = True, latents: torch.Tensor | None = None,
+                 prompt_embeds: "text.GivenEmbeds | None" = None) -> GenerationResult:
+        """Run one `GenerationRequest` (`generator`, `latents`, `prompt_embeds`: see `__call__`)."""
+        if output_type not in OUTPUT_TYPES:
+            raise ConfigError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         tasks = self._check(req)
         (w, h), canvas = self._sizes(req)
-        source = self._source(req, (w, h), canvas)
+        with self._running(self.base.vae if req.init_image is not None else None):  # img2img encodes its image
+            source = self._source(req, (w, h), canvas)
+        batch = len(req.prompts) * req.num_images
+        f = self.base.vae_scale_factor
+        shape = (batch, self.base.vae.config.latent_channels, canvas[1] // f, canvas[0] // f)
         seed = req.seed
         if seed is None and generator is None:
             seed = random.randrange(2**32)
         if generator is None:
             generator = torch.Generator("cpu").manual_seed(int(seed))
-        batch = len(req.prompts) * req.num_images
+        if isinstance(generator, (list, tuple)):
+            if source is not None:
+                raise ConfigError("a list of generators is for text-to-image; give one generator with init_image")
+            if len(generator) != batch:
+                raise ConfigError(f"got {len(generator)} generators for {batch} images; give one, or one per image")
+            if latents is None:  # diffusers: each image's noise from its own generator
+                from diffusers.utils.torch_utils import randn_tensor
+
+                latents = randn_tensor(shape, generator=list(generator), device=torch.device("cpu"), dtype=torch.float32)
+            generator = list(generator)
+        elif not isinstance(generator, torch.Generator):
+            raise ConfigError(f"generator must be a torch.Generator or a list of them, not {type(generator).__name__}")
+        if latents is not None and tuple(latents.shape) != shape:
+            raise ConfigError(f"latents must have shape {shape} (images, channels, height/{f}, width/{f} of the "
+                              f"{canvas[0]}x{canvas[1]} canvas), got {tuple(latents.shape)}")
         cfg = req.guidance_scale > 1.0
+        self._warn_unknown_words(req)
 
         def finish(maps: list[torch.Tensor]) -> list[torch.Tensor]:
-            maps = [m.repeat(batch, 1, 1, 1) for m in maps]
+            # one condition for all prompts: repeat; one per prompt: each prompt's images in a row, as the text
+            maps = [m.repeat(batch, 1, 1, 1) if m.shape[0] == 1 else m.repeat_interleave(req.num_images, dim=0)
+                    for m in maps]
             if cfg:
                 maps = [torch.cat([m] * 2, dim=0) for m in maps]
             if self.fast:  # one layout for every call (the compiled graph's inputs), the UNet's own
                 maps = [m.contiguous(memory_format=torch.channels_last) for m in maps]
             return maps
 
-        composition = Composition(self._features(req, (w, h), canvas), {u.name: u.weight for u in req.adapters},
-                                  {u.name: u.window for u in req.adapters}, fuser=self.fuser if tasks else None,
-                                  tasks=tasks, fuser_windows=req.fuser_windows, finish=finish)
-        encode = text.encode_prompts_batched if self.fast else text.encode_prompts
-        prompts = encode(self.base, req.prompts, req.negative_prompt, req.num_images, cfg)
+        with self._running(*[self.adapters[u.name] for u in req.adapters], self.fuser):  # the fuser may run here
+            composition = Composition(self._features(req, (w, h), canvas), {u.name: u.weight for u in req.adapters},
+                                      {u.name: u.window for u in req.adapters}, fuser=self.fuser if tasks else None,
+                                      tasks=tasks, fuser_windows=req.fuser_windows, finish=finish)
+        plain = req.clip_skip is None and req.prompt_2 is None and req.negative_prompt_2 is None and prompt_embeds is None
+        with self._running(self.base.text_encoder, self.base.text_encoder_2):
+            if self.fast and plain:
+                prompts = text.encode_prompts_batched(self.base, req.prompts, req.negative_prompt, req.num_images, cfg)
+            else:
+                prompts = text.encode_prompts(self.base, req.prompts, req.negative_prompt, req.num_images, cfg,
+                                              clip_skip=req.clip_skip,
+                                              prompts_2=_as_tuple(req.prompt_2, len(req.prompts)),
+                                              negative_2=req.negative_prompt_2, given=prompt_embeds)
 
-        f = self.base.vae_scale_factor
-        run = loop.Denoise(self.base, schedulers.make_scheduler(req.scheduler, self.base.scheduler),
-                           (batch, self.base.vae.config.latent_channels, canvas[1] // f, canvas[0] // f), generator,
+        run = loop.Denoise(self.base, schedulers.make_scheduler(req.scheduler, self.base.scheduler), shape, generator,
                            prompts, composition, req.run_steps, req.guidance_scale,
-                           prompts.added(self.base, canvas, self.device), req.eta, callback, progress,
-                           controlnets=self._controlnets(req, (w, h), canvas, batch, cfg), source=source)
-        final = loop.denoise_fast(run) if self.fast else loop.denoise_eager(run)
-        images = self.decode(final)
+                           prompts.added(self.base, canvas, self.device, req.original_size), req.eta, callback, progress,
+                           controlnets=self._controlnets(req, (w, h), canvas, batch, cfg), source=source, latents=latents)
+        # fuser_windows="active" re-fuses per step; ControlNets run every step
+        with self._running(self.base.unet, self.fuser, *self.controlnets.values()):
+            final = loop.denoise_fast(run) if self.fast else loop.denoise_eager(run)
+        params = self._parameters(req, seed, (w, h))
+        if output_type == "latent":
+            return GenerationResult(list(final), params)
+        with self._running(self.base.vae):
+            images = self.decode(final)
         if source is not None and req.paste_back:
             images = source.paste(images)
         images = images[:, :, :h, :w]
-        return GenerationResult(self._output(images, output_type), self._parameters(req, seed, (w, h)))
+        return GenerationResult(self._output(images, output_type), params)
+
+    def _warn_unknown_words(self, req: GenerationRequest) -> None:
+        """A word-list tokenizer (the demo base) spells unknown words letter by letter: say so.
+
+        Not for the tiny presets: their text encoders are random test models, every word is noise there.
+        """
+        if self.base.source in ("tiny", "tiny-xl"):
+            return
+        unknown = text.unknown_words(self.base, req.prompts)
+        if unknown:
+            log.warning("the base %s does not know the word(s) %s; they act as noise (its words: "
+                        "t2iadapter.demo.world.VOCABULARY)", self.base.source, ", ".join(unknown))
 
     def _controlnets(self, req: GenerationRequest, size: tuple[int, int], canvas: tuple[int, int], batch: int,
                      cfg: bool) -> controlnet.ControlNets:
@@ -421,7 +627,7 @@ class AdapterPipeline:
             "steps": req.steps,
             "guidance_scale": req.guidance_scale,
             "size": list(size),
-            "scheduler": req.scheduler or type(self.base.scheduler).__name__,
+            "scheduler": req.scheduler if isinstance(req.scheduler, str) else type(req.scheduler or self.base.scheduler).__name__,
             "base": self.base.source,
             "adapters": [u.name for u in req.adapters],
             "weights": [u.weight for u in req.adapters],

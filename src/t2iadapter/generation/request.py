@@ -19,6 +19,9 @@ MAX_STEPS = 1000
 # strength=None means: 0.8 for img2img, 1.0 for inpainting (diffusers' StableDiffusionImg2Img/InpaintPipeline defaults)
 STRENGTH_DEFAULTS = {"img2img": 0.8, "inpaint": 1.0}
 SIDE_RANGE = (8, 8192)  # pixels a side any pipeline accepts (servers may lower the top)
+SEED_RANGE = (0, 2**64)  # [lo, hi): what torch.Generator.manual_seed takes without wrapping around
+GUIDANCE_RANGE = (0.0, 100.0)  # classifier-free guidance; diffusers' pipelines use 1..20, >100 only gives noise
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")  # what `AdapterPipeline.__call__/generate` return (diffusers' names)
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,7 @@ class GenerationRequest:
     guidance_scale: float = 7.5  # classifier-free guidance; <= 1 turns CFG off
     size: tuple[int, int] | None = None  # (width, height); None: the base's own size
     seed: int | None = None  # None: a random one, returned in the parameters
-    scheduler: str | None = None  # a name from `scheduler_names()`; None: the base's own
+    scheduler: Any = None  # a name from `scheduler_names()` or a diffusers scheduler (its kind and config); None: the base's
     num_images: int = 1  # per prompt
     compose: str = "sum"  # "sum" (Σ w·F, paper §3.4) or "fuser" (CoAdapter)
     fuser_windows: str = "once"  # with compose="fuser": see FUSER_WINDOW_MODES
@@ -115,6 +118,11 @@ class GenerationRequest:
     paste_back: bool = False  # inpainting: paste the kept pixels of init_image back exactly after decoding
     # --- ControlNets (issue 16) ---
     controlnets: tuple[ControlNetUse, ...] = ()  # run every step on both CFG branches; residuals add to the adapters'
+    # --- diffusers habits (issue 14) ---
+    clip_skip: int | None = None  # skip the last k CLIP layers (diffusers' clip_skip); None/0: the last layer
+    prompt_2: str | tuple[str, ...] | None = None  # SDXL's second text encoder; None: the same prompt
+    negative_prompt_2: str | tuple[str, ...] | None = None  # SDXL's second encoder's negative; None: negative_prompt
+    original_size: tuple[int, int] | None = None  # SDXL micro-conditioning (width, height); None: the output canvas
 
     def __post_init__(self) -> None:
         prompt = self.prompt if isinstance(self.prompt, str) else tuple(self.prompt)
@@ -129,18 +137,31 @@ class GenerationRequest:
         names = [u.name for u in self.adapters]
         if len(set(names)) != len(names):
             raise ConfigError(f"an adapter is used twice: {names}")
+        for use in self.adapters:  # a list of conditions: one per prompt (diffusers' batched `image`)
+            if isinstance(use.condition, (list, tuple)) and len(use.condition) != len(self.prompts):
+                raise ConfigError(f"{use.name!r} got {len(use.condition)} conditions for {len(self.prompts)} prompts; "
+                                  "give one condition, or one per prompt")
+        if not (self.scheduler is None or isinstance(self.scheduler, str)
+                or (hasattr(self.scheduler, "config") and hasattr(self.scheduler, "step"))):
+            raise ConfigError(f"scheduler must be a name or a diffusers scheduler, not {type(self.scheduler).__name__}")
         if not isinstance(self.steps, int) or not 1 <= self.steps <= MAX_STEPS:
             raise ConfigError(f"steps must be between 1 and {MAX_STEPS}, got {self.steps}")
         if not isinstance(self.num_images, int) or self.num_images < 1:
             raise ConfigError(f"num_images must be >= 1, got {self.num_images}")
-        if not math.isfinite(self.guidance_scale):
-            raise ConfigError(f"guidance_scale must be a number, got {self.guidance_scale}")
+        lo, hi = GUIDANCE_RANGE
+        if (isinstance(self.guidance_scale, bool) or not isinstance(self.guidance_scale, (int, float))
+                or not lo <= self.guidance_scale <= hi):  # NaN fails both comparisons
+            raise ConfigError(f"guidance_scale must be a number from {lo:g} to {hi:g}, got {self.guidance_scale!r}")
         if self.compose not in COMPOSE_MODES:
             raise ConfigError(f"compose must be 'sum' or 'fuser', got {self.compose!r}")
         if self.fuser_windows not in FUSER_WINDOW_MODES:
             raise ConfigError(f"fuser_windows must be one of {', '.join(FUSER_WINDOW_MODES)}, got {self.fuser_windows!r}")
         if self.size is not None:
-            w, h = (int(v) for v in self.size)
+            size = (self.size, self.size) if isinstance(self.size, int) and not isinstance(self.size, bool) else self.size
+            try:
+                w, h = (int(v) for v in size)
+            except (TypeError, ValueError):
+                raise ConfigError(f"size must be (width, height) or one side for a square, got {self.size!r}") from None
             lo, hi = SIDE_RANGE
             if not (lo <= w <= hi and lo <= h <= hi):
                 raise ConfigError(f"size {w}x{h} is out of range ({lo}..{hi} pixels a side)")
@@ -148,6 +169,27 @@ class GenerationRequest:
         self._check_controlnets()
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:
+            raise ConfigError(f"seed must be from 0 to 2**64 - 1, got {self.seed}")
+        if isinstance(self.eta, bool) or not isinstance(self.eta, (int, float)) or not 0.0 <= self.eta < math.inf:
+            raise ConfigError(f"eta must be a finite number >= 0, got {self.eta!r}")
+        if self.clip_skip is not None and (isinstance(self.clip_skip, bool) or not isinstance(self.clip_skip, int)
+                                           or self.clip_skip < 0):
+            raise ConfigError(f"clip_skip must be a whole number >= 0, got {self.clip_skip!r}")
+        for name in ("prompt_2", "negative_prompt_2"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                object.__setattr__(self, name, tuple(value))
+                if len(getattr(self, name)) != len(self.prompts):
+                    raise ConfigError(f"got {len(getattr(self, name))} {name} for {len(self.prompts)} prompts")
+        if self.original_size is not None:
+            try:
+                w, h = (int(v) for v in self.original_size)
+            except (TypeError, ValueError):
+                raise ConfigError(f"original_size must be (width, height), got {self.original_size!r}") from None
+            if not (w > 0 and h > 0):
+                raise ConfigError(f"original_size must be positive, got {w}x{h}")
+            object.__setattr__(self, "original_size", (w, h))
         self._check_source()
 
     def _check_source(self) -> None:
@@ -207,4 +249,4 @@ def defaults() -> dict[str, Any]:
 
 
 __all__ = ["AdapterUse", "ControlNetUse", "GenerationRequest", "Window", "defaults", "use_defaults", "COMPOSE_MODES",
-           "FUSER_WINDOW_MODES", "STRENGTH_DEFAULTS"]
+           "FUSER_WINDOW_MODES", "GUIDANCE_RANGE", "OUTPUT_TYPES", "SEED_RANGE", "STRENGTH_DEFAULTS"]

@@ -32,13 +32,19 @@ def scheduler_names() -> list[str]:
     return list(SCHEDULERS)
 
 
-def make_scheduler(name: str | None, base_scheduler: Any):
-    """A fresh scheduler of the named kind (None: the base's own kind), configured like the base's."""
+def make_scheduler(name: Any, base_scheduler: Any):
+    """A fresh scheduler of the named kind (None: the base's own kind), configured like the base's.
+
+    A diffusers scheduler object instead of a name is used as diffusers users pass one: a fresh copy of its
+    own kind and config (the object itself keeps no state from this call).
+    """
     import diffusers
 
     config: Mapping[str, Any] = base_scheduler.config
     if name is None:
         return type(base_scheduler).from_config(config)
+    if not isinstance(name, str):
+        return type(name).from_config(name.config)
     key = _ALIASES.get(name.lower().strip(), name.lower().strip())
     if key not in SCHEDULERS:
         raise ConfigError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")

@@ -31,9 +31,10 @@ class GenerateRequest(BaseModel):
         default_factory=dict, description="adapter name → base64 image (PNG/JPEG/WebP; a data: URL prefix is accepted)"
     )
     adapters: dict[str, AdapterOptions] = Field(default_factory=dict, description="adapter name → weight and window")
-    seed: int | None = Field(None, ge=0, lt=2**32, description="default: random, returned in the parameters")
+    seed: int | None = Field(None, ge=gen.SEED_RANGE[0], lt=gen.SEED_RANGE[1],
+                             description="default: random, returned in the parameters")
     steps: int = Field(DEFAULTS["steps"], ge=1, le=gen.MAX_STEPS)
-    guidance_scale: float = Field(DEFAULTS["guidance_scale"], ge=0.0, le=50.0)
+    guidance_scale: float = Field(DEFAULTS["guidance_scale"], ge=gen.GUIDANCE_RANGE[0], le=gen.GUIDANCE_RANGE[1])
     width: int | None = Field(None, ge=8, description="default: the base model's size")
     height: int | None = Field(None, ge=8)
     scheduler: str | None = Field(DEFAULTS["scheduler"], description="one of GET /v1/models → schedulers; default: the base's")

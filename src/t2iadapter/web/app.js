@@ -128,7 +128,7 @@ function adapterRow(a, index) {
     </div>`;
   div.querySelector("b").textContent = a.name;
   div.querySelector(".kind").textContent = `${a.kind}, ${a.channels || "?"}-ch`;
-  div.querySelector(".use").checked = index === 0;
+  div.querySelector(".use").checked = false;  // the user picks which adapter the drawing goes to
   div.querySelector(".use").id = `adapter-${a.name}`;
   const weight = div.querySelector(".weight");
   weight.addEventListener("input", () => { div.querySelector(".weight-value").textContent = Number(weight.value).toFixed(2); });
@@ -152,6 +152,8 @@ function request() {
     width: Number($("width").value) || null,
     height: Number($("height").value) || null,
     scheduler: $("scheduler").value || null,
+    compose: $("compose").value,
+    fuser_windows: $("fuser-windows").value,
     conditions: {},
     adapters: {},
   };
@@ -267,6 +269,10 @@ async function load() {
     $("steps").max = m.limits.max_steps;
     $("steps").value = Math.min(m.defaults.steps, m.limits.max_steps);  // the server's GenerationRequest defaults
     $("guidance").value = m.defaults.guidance_scale;
+    $("compose").value = m.defaults.compose;
+    $("fuser-windows").value = m.defaults.fuser_windows;
+    $("compose").querySelector("option[value=fuser]").disabled = !m.fuser;  // the server was started with --fuser
+    $("compose").title = m.fuser ? "how the checked adapters combine" : "weighted sum (the server has no fuser)";
     setStatus($("status"), "ready");
   } catch (e) {
     setStatus($("status"), e.message, true);
@@ -288,6 +294,7 @@ $("upload").addEventListener("change", async (ev) => {
 });
 $("restore").addEventListener("click", () => state.source && drawImage(state.source));
 $("extract").addEventListener("click", extract);
+$("compose").addEventListener("change", () => { $("fuser-windows").disabled = $("compose").value !== "fuser"; });
 $("generate").addEventListener("click", generate);
 $("cancel").addEventListener("click", () => state.job && api("DELETE", `/v1/jobs/${state.job}`).catch(() => {}));
 $("token-form").addEventListener("submit", (ev) => {
