@@ -303,10 +303,9 @@ class AdapterPipeline:
         m = self.size_multiple
         return (w, h), (math.ceil(w / m) * m, math.ceil(h / m) * m)
 
-    @torch.no_grad()
-    def generate(self, req: GenerationRequest, *, generator: torch.Generator | None = None,
-                 callback: loop.Callback | None = None, output_type: str = "pil", progress: bool = True) -> GenerationResult:
-        """Run one `GenerationRequest`."""
+    def _denoise(self, req: GenerationRequest, generator: torch.Generator | None, callback: loop.Callback | None,
+                 progress: bool) -> tuple[loop.Denoise, int | None, tuple[int, int]]:
+        """One request's loop inputs (features, prompts, noise generator, fresh scheduler), its seed and output size."""
         tasks = self._check(req)
         (w, h), canvas = self._sizes(req)
         seed = req.seed
@@ -336,9 +335,46 @@ class AdapterPipeline:
                            (batch, self.base.unet.config.in_channels, canvas[1] // f, canvas[0] // f), generator, prompts,
                            composition, req.steps, req.guidance_scale, prompts.added(self.base, canvas, self.device),
                            req.eta, callback, progress)
+        return run, seed, (w, h)
+
+    @torch.no_grad()
+    def generate(self, req: GenerationRequest, *, generator: torch.Generator | None = None,
+                 callback: loop.Callback | None = None, output_type: str = "pil", progress: bool = True) -> GenerationResult:
+        """Run one `GenerationRequest`."""
+        run, seed, (w, h) = self._denoise(req, generator, callback, progress)
         final = loop.denoise_fast(run) if self.fast else loop.denoise_eager(run)
         images = self.decode(final)[:, :, :h, :w]
         return GenerationResult(self._output(images, output_type), self._parameters(req, seed, (w, h)))
+
+    @torch.no_grad()
+    def generate_batch(self, requests: Sequence[GenerationRequest], *, callback: Callable[[int, int], None] | None = None,
+                       output_type: str = "pil", progress: bool = False) -> list[GenerationResult]:
+        """Run requests that share a UNet call (equal `batch_key()`) as one batch: one UNet call per step for all.
+
+        Everything per request stays per request: prompts, conditions and adapter features, weights, windows,
+        seeds (each its own noise generator), scheduler state, VAE decode. Each request's images are bitwise
+        the same whatever it is batched with (CPU: see `loop.MIN_ROWS`); they match `generate(request)` to
+        float rounding (~1e-6), not bitwise, because `generate` keeps diffusers' exact call shapes.
+        `callback(step, total)` runs after each step.
+        """
+        requests = list(requests)
+        if not requests:
+            return []
+        keys = {self.batch_key(r) for r in requests}
+        if len(keys) > 1:
+            raise ConfigError(f"these requests cannot share a UNet call (size, steps, scheduler, guidance, eta, compose "
+                              f"or adapter set differ): {sorted(map(str, keys))}")
+        prepared = [self._denoise(r, None, None, progress and i == 0) for i, r in enumerate(requests)]
+        finals = loop.denoise_batch([run for run, _, _ in prepared], fast=self.fast, callback=callback)
+        results = []
+        for req, (_run, seed, (w, h)), final in zip(requests, prepared, finals):
+            images = self.decode(final)[:, :, :h, :w]
+            results.append(GenerationResult(self._output(images, output_type), self._parameters(req, seed, (w, h))))
+        return results
+
+    def batch_key(self, req: GenerationRequest) -> tuple:
+        """Requests with equal keys can share a UNet call (`generate_batch`): the request's key with its size resolved."""
+        return req.batch_key(size=self._sizes(req)[0])
 
     def _parameters(self, req: GenerationRequest, seed: int | None, size: tuple[int, int]) -> dict[str, Any]:
         return {

@@ -137,6 +137,14 @@ class GenerationRequest:
     def prompts(self) -> tuple[str, ...]:
         return (self.prompt,) if isinstance(self.prompt, str) else self.prompt
 
+    def batch_key(self, size: tuple[int, int] | None = None) -> tuple:
+        """What requests must share to run in one UNet call (`AdapterPipeline.generate_batch`): size, steps,
+        scheduler, guidance, eta, composition and the adapter set. Prompts, conditions, seeds, weights and
+        windows may differ. `size`: the resolved size when `self.size` is None.
+        """
+        return (self.size or size, self.steps, self.scheduler, self.guidance_scale, self.eta, self.compose,
+                self.fuser_windows, tuple(sorted(u.name for u in self.adapters)))
+
 
 def use_defaults() -> dict[str, Any]:
     """Field → default of `AdapterUse` (weight, window)."""
