@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from t2iadapter.commands import _batch_jobs as batch_jobs
 from t2iadapter.errors import ConfigError
 from t2iadapter.generation.request import FUSER_WINDOW_MODES, defaults
 
@@ -21,7 +22,7 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     from t2iadapter.generation.schedulers import scheduler_names
 
     d = defaults()
-    p.add_argument("--prompt", required=True, help="text prompt")
+    p.add_argument("--prompt", default=None, help="text prompt (required, except with --batch)")
     p.add_argument("--negative-prompt", default=d["negative_prompt"], help="negative prompt")
     p.add_argument("--steps", type=int, default=d["steps"], help=f"denoising steps (default {d['steps']})")
     p.add_argument("--guidance", type=float, default=d["guidance_scale"],
@@ -56,7 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--style-image", default=None, help="style reference image")
     p.add_argument("--style-encoder", default=None, help="CLIP ViT-L/14 vision model folder or hub id for --style-image")
     add_generation_arguments(p)
-    p.add_argument("--out", required=True, help="output PNG file")
+    p.add_argument("--out", required=True, help="output PNG file (with --batch: a folder)")
+    batch_jobs.add_arguments(p)
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.set_defaults(func=run)
 
@@ -77,6 +79,10 @@ def output_paths(out: str, n: int, force: bool) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.batch:
+        return batch_jobs.run(args)
+    if not args.prompt:
+        raise ConfigError("--prompt is required (or --batch JOBS.jsonl)")
     if len(args.adapter) != len(args.condition):
         raise ConfigError(f"got {len(args.adapter)} --adapter and {len(args.condition)} --condition; give one condition per adapter")
     if bool(args.style_adapter) != bool(args.style_image):
