@@ -235,3 +235,26 @@ def test_serve_starts_one_warmed_worker_per_device(monkeypatch):
     assert cli(argv) == 0
     assert [(w["name"], w["status"]) for w in seen["health"]["workers"]] == [("cpu", "up"), ("cpu#1", "up")]
     assert seen["gen"] == 200 and seen["limits"]["max_batch"] == 2 and seen["limits"]["batch_wait_ms"] == 5
+
+
+def test_fast_mode_batches_pad_to_few_shapes_and_match_eager():
+    """Fast mode: batched rows pad to powers of two (few compiled shapes); images match eager batching."""
+    import torch._dynamo.testing
+
+    from t2iadapter.generation.loop import fast_rows
+
+    assert [fast_rows(n) for n in (1, 2, 4, 5, 8, 9)] == [4, 4, 4, 8, 8, 16]
+    base = load_base("tiny")
+    torch.manual_seed(0)
+    eager = AdapterPipeline(base, {"sketch": build_adapter(tiny_adapter_config(base, 1))})
+    a, b = req("one", 1, 0.5, "0:0.5"), req("two", 2, 1.5, "0.5:1")
+    want = [r.images[0] for r in eager.generate_batch([a, b], output_type="np")]
+    counter = torch._dynamo.testing.CompileCounter()
+    eager.optimize(dtype=torch.float32, backend=counter, compile_vae=False, compile_adapters=False)
+    alone = eager.generate_batch([a], output_type="np")[0].images[0]  # 2 rows → 4
+    graphs = counter.frame_count
+    got = [r.images[0] for r in eager.generate_batch([a, b], output_type="np")]  # 4 rows: the same shape
+    assert counter.frame_count == graphs, "a batch of two recompiled the UNet"
+    assert np.array_equal(alone, got[0])
+    for x, y in zip(got, want):
+        assert np.abs(x - y).max() < 1e-4

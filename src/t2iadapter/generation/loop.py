@@ -109,6 +109,11 @@ def denoise_fast(d: Denoise) -> torch.Tensor:
 MIN_ROWS = 4
 
 
+def fast_rows(rows: int) -> int:
+    """The padded row count of a fast-mode UNet call: the next power of two (at least MIN_ROWS)."""
+    return max(MIN_ROWS, 1 << (rows - 1).bit_length())
+
+
 def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
     """`t` padded to `n` rows by repeating its last row (the padding's outputs are thrown away)."""
     return t if t.shape[0] >= n else torch.cat([t, t[-1:].expand(n - t.shape[0], *t.shape[1:])])
@@ -119,7 +124,8 @@ def batched_unet(unet: Any, inputs: list[tuple[torch.Tensor, torch.Tensor, list[
     """One UNet call per context length over many requests' (sample, context, features, added) → each one's output.
 
     A request without active features next to one with them adds zeros (a no-op, bitwise). Requests whose
-    context lengths differ (style tokens in or out of their window) go in separate calls.
+    context lengths differ (style tokens in or out of their window) go in separate calls. In fast mode the rows
+    are padded to a power of two, so a compiled UNet meets few batch shapes (`fast_rows`).
     """
     outs: list[torch.Tensor | None] = [None] * len(inputs)
     groups: dict[int, list[int]] = {}
@@ -127,7 +133,7 @@ def batched_unet(unet: Any, inputs: list[tuple[torch.Tensor, torch.Tensor, list[
         groups.setdefault(ctx.shape[1], []).append(k)
     for members in groups.values():
         sizes = [inputs[k][0].shape[0] for k in members]
-        total = max(sum(sizes), MIN_ROWS)
+        total = fast_rows(sum(sizes)) if fast else max(sum(sizes), MIN_ROWS)
         x = _rows(torch.cat([inputs[k][0] for k in members]), total)
         ctx = _rows(torch.cat([inputs[k][1] for k in members]), total)
         like = next((inputs[k][2] for k in members if inputs[k][2] is not None), None)

@@ -264,6 +264,11 @@ class ModelWorker:
                         break
                     self._cond.wait(left)
                     self._take(batch)
+            if self._stopping:  # stop() came while this batch gathered: it never reached _running
+                for job in batch:
+                    self._cancel(job, Stopped("the server is shutting down", timed_out=False))
+                    job.future.cancel()
+                return None
             self._running.update(batch)
             return batch
 
