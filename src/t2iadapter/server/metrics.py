@@ -3,6 +3,7 @@ rejections. Each app has its own registry, so several apps (tests) never share c
 """
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -48,6 +49,7 @@ class Metrics:
                                  ["endpoint", "method"], buckets=LATENCY_BUCKETS, registry=r)
         self.rejected = Counter("t2iadapter_rejected_requests", "requests refused, by reason", ["reason"], registry=r)
         self._recent: list[tuple[float, int]] = []  # (time, images) of jobs finished in the last minute
+        self._lock = threading.Lock()  # workers append, the scrape reads
         if worker is not None:
             self.watch(worker)
 
@@ -68,15 +70,21 @@ class Metrics:
         self.jobs.labels(status).inc()
         if status == "done":
             self.images.inc(job.images)
-            self._recent.append((time.monotonic(), job.images))
+            with self._lock:
+                self._recent.append((time.monotonic(), job.images))
+                self._forget()
 
-    def _rate(self, window: float = 60.0) -> float:
+    def _forget(self, window: float = 60.0) -> None:
         now = time.monotonic()
         self._recent = [(t, n) for t, n in self._recent if now - t <= window]
-        if not self._recent:
-            return 0.0
-        span = max(now - self._recent[0][0], 1.0)
-        return sum(n for _, n in self._recent) / span
+
+    def _rate(self) -> float:
+        now = time.monotonic()
+        with self._lock:
+            self._forget()
+            if not self._recent:
+                return 0.0
+            return sum(n for _, n in self._recent) / max(now - self._recent[0][0], 1.0)
 
     # the middleware's
     def response(self, path: str, method: str, status: int, seconds: float) -> None:
