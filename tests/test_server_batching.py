@@ -157,7 +157,7 @@ def test_a_failing_worker_answers_500_and_keeps_serving(pipe):
         assert c.post("/v1/generate", json=body("after")).status_code == 200
         health = c.get("/health").json()
         assert health["status"] == "ok" and health["workers"][0]["status"] == "up" and health["workers"][0]["failures"] == 2
-        assert scrape(c)[("t2iadapter_rejected_requests_total", (("reason", "worker_error"),))] == 1
+        assert scrape(c)[("t2iadapter_rejected_requests_total", (("reason", "server_error"),))] == 1
 
 
 def test_metrics_move(pipe):

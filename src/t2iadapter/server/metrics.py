@@ -12,7 +12,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 # Why a request was refused, by status (the body says more).
 REASONS = {401: "unauthorized", 403: "cross_origin", 404: "unknown_name", 413: "too_large", 415: "media_type",
-           422: "invalid", 429: "queue_full", 500: "worker_error", 503: "unavailable", 504: "timeout"}
+           422: "invalid", 429: "queue_full", 500: "server_error", 503: "unavailable", 504: "timeout"}
 ENDPOINTS = ("/v1/generate", "/v1/jobs", "/v1/extract", "/v1/models", "/health", "/metrics", "/")
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
