@@ -8,6 +8,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from t2iadapter.commands import add_threads_argument
+from t2iadapter.commands._batch_jobs import Rank
 from t2iadapter.errors import ConfigError, T2IAdapterError
 
 if TYPE_CHECKING:
@@ -70,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     raw = {key[4:]: value for key, value in vars(args).items() if key.startswith("opt_") and value is not None}
+    if "device" in cls.options() and "device" not in raw and Rank.from_env().device(None):  # torchrun: cuda:LOCAL_RANK
+        raw["device"] = Rank.from_env().device(None)
     extractor = extractors.get(args.name, **cls.coerce(raw))
     batch = args.input_dir is not None or args.output_dir is not None
     if batch:
@@ -148,24 +151,27 @@ def run_batch(extractor: Extractor, args: argparse.Namespace) -> int:
     sources = find_inputs(input_dir, extractor.input_suffixes)
     if not sources:
         raise ConfigError(f"no {extractor.input_kind} files ({' '.join(extractor.input_suffixes)}) under {input_dir}")
+    rank = Rank.from_env()  # under torchrun/accelerate launch: this process's share (i % WORLD_SIZE == RANK)
+    sources = rank.shard(sources)
     workers = args.workers if args.workers is not None else (1 if extractor.weights else os.cpu_count() or 1)
     if workers < 1:
         raise ConfigError("--workers must be at least 1")
     extractor.load()  # a missing model is one user error, not one failure per image
     with tqdm(
-        total=len(sources), unit="img", desc=extractor.name, disable=args.no_progress or None, file=sys.stderr
+        total=len(sources), unit="img", desc=extractor.name if rank.world == 1 else f"{extractor.name} {rank}",
+        disable=args.no_progress or None, file=sys.stderr, position=rank.local_rank,
     ) as bar:
         report = extract_all(extractor, input_dir, output_dir, workers=workers, progress=bar.update, inputs=sources)
     print(
         f"{extractor.name}: {report.done} done, {report.skipped} already there, {len(report.failed)} failed "
         f"of {report.total} in {report.seconds:.1f}s ({report.rate:.1f} images/s, {workers} worker"
-        f"{'s' if workers > 1 else ''}) → {output_dir}"
+        f"{'s' if workers > 1 else ''}{f', {rank}' if rank.world > 1 else ''}) → {output_dir}"
     )
     if report.failed:
         print(f"{len(report.failed)} input(s) could not be processed and were skipped:", file=sys.stderr)
         for source, reason in report.failed:
             print(f"  {source}: {reason}", file=sys.stderr)
-    if report.done == 0 and report.skipped == 0:
+    if report.done == 0 and report.skipped == 0 and sources:
         return 1
     return 0
 

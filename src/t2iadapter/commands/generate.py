@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from t2iadapter.commands import DEMO_BASE, add_threads_argument, parse_adapters
+from t2iadapter.commands import _batch_jobs as batch_jobs
 from t2iadapter.errors import ConfigError
 from t2iadapter.generation.request import FUSER_WINDOW_MODES, defaults
 
@@ -22,7 +23,7 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     from t2iadapter.generation.schedulers import scheduler_names
 
     d = defaults()
-    p.add_argument("--prompt", required=True, help="text prompt")
+    p.add_argument("--prompt", default=None, help="text prompt (required, except with --batch)")
     p.add_argument("--negative-prompt", default=d["negative_prompt"], help="negative prompt")
     p.add_argument("--steps", type=int, default=d["steps"], help=f"denoising steps (default {d['steps']})")
     p.add_argument("--guidance", type=float, default=d["guidance_scale"],
@@ -86,7 +87,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--paste-back", action="store_true", help="with --mask: put the kept pixels of --init-image back exactly")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="LoRA file, folder or hub id, with an optional scale (default 1); repeatable")
-    p.add_argument("--out", required=True, help="output PNG file")
+    p.add_argument("--out", required=True, help="output PNG file (with --batch: a folder)")
+    batch_jobs.add_arguments(p)
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.set_defaults(func=run, paired=[])
 
@@ -119,6 +121,10 @@ def _controlnet_uses(args: argparse.Namespace, names: list[str], conditions: lis
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.batch:
+        return batch_jobs.run(args)
+    if not args.prompt:
+        raise ConfigError("--prompt is required (or --batch JOBS.jsonl)")
     paired = list(args.paired)
     if len(paired) != len(args.condition):
         raise ConfigError(f"got {len(args.adapter)} --adapter, {len(args.controlnet)} --controlnet and "

@@ -43,10 +43,32 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"requests waiting behind the running one (default {d.queue_size}; more: 429)")
     p.add_argument("--timeout", type=float, default=d.timeout,
                    help=f"seconds per request, queue included (default {d.timeout:g}; then 504)")
+    p.add_argument("--max-batch", type=int, default=d.max_batch,
+                   help=f"images per batch: compatible queued requests share UNet calls (default {d.max_batch}; 1: off)")
+    p.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms,
+                   help=f"how long a worker waits for company before it runs a lone request (default {d.batch_wait_ms:g})")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
+    p.add_argument("--devices", type=parse_devices, default=(), metavar="DEV,DEV",
+                   help="one model worker per device behind the one queue, e.g. cuda:0,cuda:1 (default: --device)")
+    p.add_argument("--fast", action="store_true", help="fast mode on each worker (half precision, torch.compile)")
+    p.add_argument("--warmup", type=parse_sizes, default=(), metavar="WxH,WxH",
+                   help="sizes each worker runs once at start-up, e.g. 512x512 (with --fast: compiled before serving)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default: fp16 on GPU, fp32 on CPU")
     add_threads_argument(p)
     p.set_defaults(func=run)
+
+
+def parse_devices(text: str) -> tuple[str, ...]:
+    devices = tuple(d.strip() for d in text.split(",") if d.strip())
+    if not devices:
+        raise argparse.ArgumentTypeError(f"--devices {text!r}: name devices, e.g. cuda:0,cuda:1")
+    return devices
+
+
+def parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
+    from t2iadapter.commands.generate import parse_size
+
+    return tuple(parse_size(part) for part in text.split(",") if part.strip())
 
 
 def settings_from(args: argparse.Namespace):
@@ -68,8 +90,10 @@ def settings_from(args: argparse.Namespace):
                 fuser = "demo/fuser"
     limits = Limits(max_upload_mb=args.max_upload_mb, max_steps=args.max_steps, max_side=args.max_side,
                     max_images=args.max_images, max_work=args.max_work, max_input_side=args.max_input_side,
-                    queue_size=args.queue_size, timeout=args.timeout)
+                    queue_size=args.queue_size, timeout=args.timeout, max_batch=args.max_batch,
+                    batch_wait_ms=args.batch_wait_ms)
     settings = ServerSettings(base=args.base, adapters=adapters, fuser=fuser, device=args.device, dtype=args.dtype,
+                              devices=args.devices, fast=args.fast, warmup=args.warmup,
                               controlnets=parse_adapters(getattr(args, "controlnet", []), "--controlnet"))
     return settings, limits
 

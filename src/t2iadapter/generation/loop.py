@@ -121,3 +121,83 @@ def denoise_fast(d: Denoise) -> torch.Tensor:
                                        added_cond_kwargs=d.added, control=control)
         latents = d.step(i, t, noise.to(torch.float32, copy=True), latents, kwargs)
     return latents
+
+
+# CPU BLAS (MKL/oneDNN) computes a matrix product of fewer than 4 rows, and a convolution of one sample, with
+# other kernels than larger ones, which round differently (~1e-7); from 4 rows on, each row's result is the
+# same whatever the row count. The batched UNet call therefore always takes at least this many rows, so a
+# request's image is bitwise the same alone (`generate_batch([r])`) or batched with any others.
+MIN_ROWS = 4
+
+
+def fast_rows(rows: int) -> int:
+    """The padded row count of a fast-mode UNet call: the next power of two (at least MIN_ROWS)."""
+    return max(MIN_ROWS, 1 << (rows - 1).bit_length())
+
+
+def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """`t` padded to `n` rows by repeating its last row (the padding's outputs are thrown away)."""
+    return t if t.shape[0] >= n else torch.cat([t, t[-1:].expand(n - t.shape[0], *t.shape[1:])])
+
+
+def batched_unet(unet: Any, inputs: list[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor] | None, dict | None]],
+                 timestep: Any, *, fast: bool = False) -> list[torch.Tensor]:
+    """One UNet call per context length over many requests' (sample, context, features, added) → each one's output.
+
+    A request without active features next to one with them adds zeros (a no-op, bitwise). Requests whose
+    context lengths differ (style tokens in or out of their window) go in separate calls. In fast mode the rows
+    are padded to a power of two, so a compiled UNet meets few batch shapes (`fast_rows`).
+    """
+    outs: list[torch.Tensor | None] = [None] * len(inputs)
+    groups: dict[int, list[int]] = {}
+    for k, (_x, ctx, _maps, _added) in enumerate(inputs):
+        groups.setdefault(ctx.shape[1], []).append(k)
+    for members in groups.values():
+        sizes = [inputs[k][0].shape[0] for k in members]
+        total = fast_rows(sum(sizes)) if fast else max(sum(sizes), MIN_ROWS)
+        x = _rows(torch.cat([inputs[k][0] for k in members]), total)
+        ctx = _rows(torch.cat([inputs[k][1] for k in members]), total)
+        like = next((inputs[k][2] for k in members if inputs[k][2] is not None), None)
+        if like is None and fast:
+            like = unet_hook.no_features(unet, 1, x.shape[2:], dtype=unet.dtype, device=unet.device)
+        maps = None
+        if like is not None:
+            per = [inputs[k][2] or [torch.zeros((n, *f.shape[1:]), dtype=f.dtype, device=f.device) for f in like]
+                   for k, n in zip(members, sizes)]
+            maps = [_rows(torch.cat(level), total) for level in zip(*per)]
+            if fast:
+                maps = [m.contiguous(memory_format=torch.channels_last) for m in maps]
+        added = inputs[members[0]][3]
+        if added is not None:
+            added = {key: _rows(torch.cat([inputs[k][3][key] for k in members]), total) for key in added}
+        out = unet_hook.unet_forward(unet, x.to(unet.dtype) if fast else x, timestep, ctx, maps, added_cond_kwargs=added)
+        if fast:
+            out = out.to(torch.float32, copy=True)  # out of the CUDA-graph buffer before the next replay
+        for k, part in zip(members, out[: sum(sizes)].split(sizes)):
+            outs[k] = part
+    return outs  # type: ignore[return-value]
+
+
+def denoise_batch(runs: list[Denoise], *, fast: bool = False,
+                  callback: Callable[[int, int], None] | None = None) -> list[torch.Tensor]:
+    """Several requests' loops in lockstep, one UNet call per step (see `batched_unet`); each keeps its own
+    scheduler, generator (noise), prompts, features, weights and windows. `callback(step, total)` after each step.
+    """
+    unet = runs[0].base.unet
+    latents = [d.start("cpu", torch.float32) if fast else d.start(unet.device, d.prompts.text.context.dtype)
+               for d in runs]
+    kwargs = [step_kwargs(d.scheduler, d.generator, d.eta) for d in runs]
+    lead = runs[0]
+    clock = LoopClock(lead.scheduler.timesteps, latents[0].device) if fast else None
+    total = len(lead.scheduler.timesteps)
+    for i, t in lead.timesteps():
+        inputs = []
+        for d, x in zip(runs, latents):
+            maps, seq = d.composition.at(i, d.steps)
+            inputs.append((d.unet_input(d.scaled_input(x, d.scheduler.timesteps[i])), d.prompts.context(seq), maps,
+                           d.added))
+        noise = batched_unet(unet, inputs, clock.unet_timestep(i) if clock else t, fast=fast)
+        latents = [d.step(i, d.scheduler.timesteps[i], n, x, kw) for d, n, x, kw in zip(runs, noise, latents, kwargs)]
+        if callback is not None:
+            callback(i, total)
+    return latents

@@ -515,6 +515,25 @@ class AdapterPipeline:
         """Run one `GenerationRequest` (`generator`, `latents`, `prompt_embeds`: see `__call__`)."""
         if output_type not in OUTPUT_TYPES:
             raise ConfigError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        run, seed, (w, h), source = self._denoise(req, generator, callback, progress, latents, prompt_embeds)
+        # fuser_windows="active" re-fuses per step; ControlNets run every step
+        with self._running(self.base.unet, self.fuser, *self.controlnets.values()):
+            final = loop.denoise_fast(run) if self.fast else loop.denoise_eager(run)
+        params = self._parameters(req, seed, (w, h))
+        if output_type == "latent":
+            return GenerationResult(list(final), params)
+        with self._running(self.base.vae):
+            images = self.decode(final)
+        if source is not None and req.paste_back:
+            images = source.paste(images)
+        images = images[:, :, :h, :w]
+        return GenerationResult(self._output(images, output_type), params)
+
+    def _denoise(self, req: GenerationRequest, generator: Any, callback: loop.Callback | None, progress: bool,
+                 latents: torch.Tensor | None = None, prompt_embeds: "text.GivenEmbeds | None" = None,
+                 ) -> tuple[loop.Denoise, int | None, tuple[int, int], img2img.Source | None]:
+        """One request's loop inputs (features, prompts, noise, fresh scheduler, ControlNets, start image), its seed,
+        output size and start image; `generate` runs it alone, `generate_batch` with others."""
         tasks = self._check(req)
         (w, h), canvas = self._sizes(req)
         with self._running(self.base.vae if req.init_image is not None else None):  # img2img encodes its image
@@ -573,18 +592,7 @@ class AdapterPipeline:
                            prompts, composition, req.run_steps, req.guidance_scale,
                            prompts.added(self.base, canvas, self.device, req.original_size), req.eta, callback, progress,
                            controlnets=self._controlnets(req, (w, h), canvas, batch, cfg), source=source, latents=latents)
-        # fuser_windows="active" re-fuses per step; ControlNets run every step
-        with self._running(self.base.unet, self.fuser, *self.controlnets.values()):
-            final = loop.denoise_fast(run) if self.fast else loop.denoise_eager(run)
-        params = self._parameters(req, seed, (w, h))
-        if output_type == "latent":
-            return GenerationResult(list(final), params)
-        with self._running(self.base.vae):
-            images = self.decode(final)
-        if source is not None and req.paste_back:
-            images = source.paste(images)
-        images = images[:, :, :h, :w]
-        return GenerationResult(self._output(images, output_type), params)
+        return run, seed, (w, h), source
 
     def _warn_unknown_words(self, req: GenerationRequest) -> None:
         """A word-list tokenizer (the demo base) spells unknown words letter by letter: say so.
@@ -616,6 +624,49 @@ class AdapterPipeline:
             return None
         return img2img.prepare(req.init_image, req.mask_image, req.denoise_strength, req.steps, size, canvas,
                                self.base.vae_scale_factor, channels)
+
+    @torch.no_grad()
+    def generate_batch(self, requests: Sequence[GenerationRequest], *, callback: Callable[[int, int], None] | None = None,
+                       output_type: str = "pil", progress: bool = False) -> list[GenerationResult]:
+        """Run requests that share a UNet call (equal `batch_key()`) as one batch: one UNet call per step for all.
+
+        Everything per request stays per request: prompts, conditions and adapter features, weights, windows,
+        seeds (each its own noise generator), scheduler state, VAE decode. Each request's images are bitwise
+        the same whatever it is batched with (CPU: see `loop.MIN_ROWS`); they match `generate(request)` to
+        float rounding (~1e-6), not bitwise, because `generate` keeps diffusers' exact call shapes.
+        `callback(step, total)` runs after each step.
+        """
+        requests = list(requests)
+        if not requests:
+            return []
+        keys = {self.batch_key(r) for r in requests}
+        if keys == {None} and len(requests) == 1:  # a request outside the batched loop runs as `generate` runs it
+            req = requests[0]
+            step = None if callback is None else (lambda i, _t, _latents: callback(i, req.run_steps))
+            return [self.generate(req, callback=step, output_type=output_type, progress=progress)]
+        if None in keys:
+            raise ConfigError("img2img, inpainting, ControlNets, clip_skip and SDXL's prompt_2/original_size run one "
+                              "request at a time (batch_key None); generate them alone")
+        if len(keys) > 1:
+            raise ConfigError(f"these requests cannot share a UNet call (size, steps, scheduler, guidance, eta, compose "
+                              f"or adapter set differ): {sorted(map(str, keys))}")
+        prepared = [self._denoise(r, None, None, progress and i == 0) for i, r in enumerate(requests)]
+        finals = loop.denoise_batch([run for run, _, _, _ in prepared], fast=self.fast, callback=callback)
+        results = []
+        for req, (_run, seed, (w, h), _source), final in zip(requests, prepared, finals):
+            images = self.decode(final)[:, :, :h, :w]
+            results.append(GenerationResult(self._output(images, output_type), self._parameters(req, seed, (w, h))))
+        return results
+
+    def batch_key(self, req: GenerationRequest) -> tuple | None:
+        """Requests with equal keys can share a UNet call (`generate_batch`): the request's key with its size resolved.
+
+        None: the request runs alone — img2img/inpainting, ControlNets, `clip_skip` and SDXL's second prompts or
+        original size are outside the batched loop.
+        """
+        alone = (req.init_image is not None or req.controlnets or req.clip_skip or req.prompt_2 is not None
+                 or req.negative_prompt_2 is not None or req.original_size is not None)
+        return None if alone else req.batch_key(size=self._sizes(req)[0])
 
     def _parameters(self, req: GenerationRequest, seed: int | None, size: tuple[int, int]) -> dict[str, Any]:
         source = {} if req.init_image is None else {"strength": req.denoise_strength, "inpaint": req.mask_image is not None,

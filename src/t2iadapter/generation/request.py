@@ -236,6 +236,13 @@ class GenerationRequest:
         both = set(names) & {u.name for u in self.adapters}
         if both:
             raise ConfigError(f"{sorted(both)} named both as an adapter and as a ControlNet")
+    def batch_key(self, size: tuple[int, int] | None = None) -> tuple:
+        """What requests must share to run in one UNet call (`AdapterPipeline.generate_batch`): size, steps,
+        scheduler, guidance, eta, composition and the adapter set. Prompts, conditions, seeds, weights and
+        windows may differ. `size`: the resolved size when `self.size` is None.
+        """
+        return (self.size or size, self.steps, self.scheduler, self.guidance_scale, self.eta, self.compose,
+                self.fuser_windows, tuple(sorted(u.name for u in self.adapters)))
 
 
 def use_defaults() -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """`t2iadapter serve`: an HTTP API and a web page over one `AdapterPipeline` (FastAPI; the `serve` extra).
 
-`create_app(pipeline_or_settings, limits=..., token=...)` builds the app; the model runs on one
-worker thread behind a bounded queue, so one generation runs at a time per device.
+`create_app(pipeline(s)_or_settings, limits=..., token=...)` builds the app; one model worker thread per
+device behind one bounded queue, each running batches of compatible requests (dynamic batching).
 """
 from t2iadapter.server.app import create_app
 from t2iadapter.server.limits import Limits, ServerSettings

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -19,9 +19,9 @@ from starlette.concurrency import run_in_threadpool
 from t2iadapter.errors import T2IAdapterError
 from t2iadapter.server import openapi
 from t2iadapter.server.extraction import ExtractorPool, describe
-from t2iadapter.server.generation import UnknownName, make_work, prepare
+from t2iadapter.server.generation import UnknownName, batch_key, make_runner, prepare, warm
 from t2iadapter.server.images import b64_bytes, b64_png, open_bounded
-from t2iadapter.server.jobs import Job, ModelWorker, QueueFull, Stopped, WorkerStopped
+from t2iadapter.server.jobs import Job, Lane, ModelWorker, QueueFull, Stopped, WorkerError, WorkerStopped
 from t2iadapter.server.limits import BIG_OUTPUT, Limits, ServerSettings
 from t2iadapter.server.schemas import (
     AdapterInfo, ExtractRequest, ExtractResponse, GenerateRequest, GenerateResponse, Health, JobOut, ModelsResponse,
@@ -41,17 +41,30 @@ def create_app(
     token: str | None = None,
     base_label: str | None = None,
 ) -> FastAPI:
-    """The app for an `AdapterPipeline` (or `ServerSettings`, loaded now); the model worker runs while it serves."""
-    pipe = source.load_pipeline() if isinstance(source, ServerSettings) else source
+    """The app for an `AdapterPipeline`, a list of them (one model worker each, e.g. one per GPU) or `ServerSettings`
+    (loaded now, one pipeline per device); the model workers run while it serves."""
+    from t2iadapter.server.metrics import Metrics, MetricsMiddleware
+
     limits = limits or Limits()
-    label = base_label or (source.base if isinstance(source, ServerSettings) else str(pipe.base.source))
-    worker = ModelWorker(limits.queue_size)
+    settings = source if isinstance(source, ServerSettings) else None
+    named = settings.load_pipelines() if settings else \
+        [(f"worker{i}", p) for i, p in enumerate(source if isinstance(source, (list, tuple)) else [source])]
+    pipe = named[0][1]  # the one that answers /v1/models and checks requests (all workers load the same models)
+    label = base_label or (settings.base if settings else str(pipe.base.source))
+    sizes = list(settings.warmup) if settings else []
+    lanes = [Lane(name, make_runner(p, label), warmup=(lambda p=p: warm(p, sizes, limits.max_batch)) if sizes else None)
+             for name, p in named]
+    metrics = Metrics()
+    worker = ModelWorker(limits.queue_size, lanes, max_batch=limits.max_batch, batch_wait=limits.batch_wait_ms / 1000,
+                         observer=metrics)
+    metrics.watch(worker)
     pool = ExtractorPool(max_waiting=limits.queue_size)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         worker.start()
-        log.info("model worker started (%d adapters, queue %d)", len(pipe.adapters), limits.queue_size)
+        log.info("%d model worker(s) started (%s; %d adapters, queue %d, batches of up to %d)", len(lanes),
+                 ", ".join(n for n, _ in named), len(pipe.adapters), limits.queue_size, limits.max_batch)
         try:
             yield
         finally:
@@ -64,12 +77,13 @@ def create_app(
         summary="T2I-Adapter (arXiv 2302.08453): controlled text-to-image generation with registered adapters",
         lifespan=lifespan,
     )
-    app.state.worker, app.state.pipeline, app.state.limits = worker, pipe, limits
+    app.state.worker, app.state.pipeline, app.state.limits, app.state.metrics = worker, pipe, limits, metrics
 
     app.add_middleware(BodyLimit, max_bytes=limits.max_upload_bytes)
     app.add_middleware(SameOrigin, enabled=not token, public=is_public)
     app.add_middleware(TokenGuard, token=token, public=is_public)  # 401 before anything is read
-    app.add_middleware(QuietDisconnect)  # outermost: a client gone mid-body is one log line
+    app.add_middleware(QuietDisconnect)  # a client gone mid-body is one log line
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: times and counts every answer
 
     # ------------------------------------------------------------- errors → statuses
 
@@ -89,6 +103,10 @@ def create_app(
     async def _stopped(_r: Request, exc: WorkerStopped) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, 503, headers={"Retry-After": "5"})
 
+    @app.exception_handler(WorkerError)
+    async def _failed(_r: Request, exc: WorkerError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, 500)
+
     @app.exception_handler(Stopped)
     async def _timeout(_r: Request, exc: Stopped) -> JSONResponse:
         return JSONResponse({"detail": exc.reason}, 504 if exc.timed_out else 503)
@@ -103,8 +121,16 @@ def create_app(
 
     @app.get("/health", response_model=Health, tags=["server"])
     async def health() -> Health:
-        """Liveness and queue occupancy; needs no token."""
-        return Health(status="ok", **worker.stats())
+        """Liveness, queue occupancy and each model worker's state; needs no token."""
+        workers = worker.workers()
+        status = "ok" if any(w["status"] == "up" for w in workers) else \
+            "starting" if any(w["status"] == "starting" for w in workers) else "down"
+        return Health(status=status, **worker.stats(), workers=workers)
+
+    @app.get("/metrics", tags=["server"], response_class=Response)
+    async def prometheus() -> Response:
+        """Prometheus metrics: queue depth, batch sizes, images, latency per endpoint, refusals by reason; no token."""
+        return Response(metrics.render(), media_type=metrics.content_type)
 
     @app.get("/v1/models", response_model=ModelsResponse, tags=["models"])
     async def models() -> ModelsResponse:
@@ -141,7 +167,8 @@ def create_app(
         req, uploads = await read_generate(request)
         gen = await run_in_threadpool(prepare, req, pipe, limits, uploads)
         big = gen.size[0] * gen.size[1] * req.num_images >= BIG_OUTPUT
-        return worker.submit(make_work(gen, pipe, label, time.monotonic()), limits.timeout, big=big)
+        return worker.submit(gen, limits.timeout, key=batch_key(pipe, gen), images=len(gen.prompts) * gen.num_images,
+                             big=big)
 
     @app.post("/v1/generate", response_model=GenerateResponse, tags=["generate"],
               openapi_extra=openapi.body("GenerateRequest", multipart=openapi.GENERATE_MULTIPART),
@@ -233,8 +260,8 @@ async def read_extract(request: Request) -> tuple[ExtractRequest, bytes]:
 
 
 def is_public(path: str) -> bool:
-    """Paths served without the token: health, and the page and its files (no data; the API they call is guarded)."""
-    return path in ("/health", "/") or path.startswith("/static/")
+    """Paths served without the token: health, metrics (counts only), and the page and its files (no data; the API they call is guarded)."""
+    return path in ("/health", "/metrics", "/") or path.startswith("/static/")
 
 
 def is_multipart(request: Request) -> bool:

@@ -1,4 +1,4 @@
-"""A validated HTTP body → a `GenerationRequest` → the work the model worker runs (one `AdapterPipeline.generate`)."""
+"""A validated HTTP body → a `GenerationRequest` → what the model workers run (`AdapterPipeline.generate_batch`)."""
 from __future__ import annotations
 
 import time
@@ -92,21 +92,45 @@ def source_images(req: GenerateRequest, limits: Limits) -> dict[str, Any]:
     return out
 
 
-def make_work(request: GenerationRequest, pipe: Any, base_label: str,
-              queued_at: float) -> Callable[[Callable[[int, int], None]], GenerateResponse]:
-    """The function the worker thread calls: run the pipeline, report each step, encode PNGs with parameters."""
-    steps = request.steps
+def make_runner(pipe: Any, base_label: str) -> Callable[[list[Any], Callable[[int, int], None]], list[GenerateResponse]]:
+    """What a model worker runs: a batch of jobs (their GenerationRequests) through `pipe.generate_batch`, each
+    result encoded as PNGs with parameters. A pipeline without `generate_batch` runs them one by one."""
 
-    def work(progress: Callable[[int, int], None]) -> GenerateResponse:
+    def run(jobs: list[Any], progress: Callable[[int, int], None]) -> list[GenerateResponse]:
         start = time.monotonic()
-        progress(0, steps)
-        result = pipe.generate(request, callback=lambda step, _t, _latents: progress(step + 1, steps), progress=False)
-        params = dict(result.parameters, base=base_label)
-        images = [
-            ImageOut(png=b64_png(im, dict(params, index=i)), width=im.width, height=im.height)
-            for i, im in enumerate(result.images)
-        ]
-        return GenerateResponse(images=images, parameters=params, seconds=round(time.monotonic() - start, 4),
-                                queued_seconds=round(start - queued_at, 4))
+        requests = [job.payload for job in jobs]
+        if hasattr(pipe, "generate_batch"):
+            results = pipe.generate_batch(requests, callback=lambda step, total: progress(step + 1, total))
+        else:
+            steps = requests[0].steps
+            results = [pipe.generate(r, callback=lambda step, _t, _l: progress(step + 1, steps), progress=False)
+                       for r in requests]
+        seconds = round(time.monotonic() - start, 4)
+        out = []
+        for job, result in zip(jobs, results):
+            params = dict(result.parameters, base=base_label)
+            images = [ImageOut(png=b64_png(im, dict(params, index=i)), width=im.width, height=im.height)
+                      for i, im in enumerate(result.images)]
+            out.append(GenerateResponse(images=images, parameters=params, seconds=seconds,
+                                        queued_seconds=round(start - job.created, 4)))
+        return out
 
-    return work
+    return run
+
+
+def batch_key(pipe: Any, request: GenerationRequest) -> Any:
+    """The request's batch key on this pipeline (None: it runs alone)."""
+    return pipe.batch_key(request) if hasattr(pipe, "batch_key") else None
+
+
+def warm(pipe: Any, sizes: list[tuple[int, int]], max_batch: int) -> None:
+    """Run each size once at every batch the UNet will meet (1, 2, 4, ... up to `max_batch`: fast mode pads
+    batches to powers of two) with every spatial adapter (blank conditions), so fast mode compiles before the
+    first user arrives."""
+    from PIL import Image
+
+    for w, h in sizes:
+        uses = tuple(AdapterUse(n, Image.new("RGB", (w, h))) for n in pipe.spatial_names)
+        request = GenerationRequest("warm-up", uses, steps=2, size=(w, h), seed=0)
+        for n in sorted({1, max_batch} | {2**k for k in range(max_batch.bit_length()) if 2**k <= max_batch}):
+            pipe.generate_batch([request] * n)

@@ -1,7 +1,9 @@
-"""A bounded queue in front of the model and the one worker thread that runs it (one generation at a time).
+"""A bounded queue in front of the model and the worker threads that run it: one per device, each
+taking a batch of compatible jobs at a time (dynamic batching).
 
-Jobs carry their own deadline: the worker drops a job whose deadline passed while it waited and
-stops a running one at the next denoising step, so a timed-out request frees the model.
+Jobs carry their own deadline: a worker drops a job whose deadline passed while it waited and stops
+a running one at the next denoising step, so a timed-out request frees the model. Inside a batch a
+stopped job gets its answer at once; the batch stops when all of its jobs have.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,9 +23,9 @@ from t2iadapter.errors import T2IAdapterError
 
 log = logging.getLogger(__name__)
 
-# The work a job does: called on the worker thread with a `progress(done, total)` callback that
-# raises `Stopped` when the job was cancelled or ran past its deadline.
-Work = Callable[[Callable[[int, int], None]], Any]
+Progress = Callable[[int, int], None]  # progress(done, total); raises `Stopped` when every job of the batch stopped
+# What a worker runs: a batch of jobs (same `key`) → one result per job, in order. Raising fails the batch.
+Runner = Callable[[list["Job"], Progress], list[Any]]
 
 
 class QueueFull(Exception):
@@ -47,13 +49,19 @@ class WorkerStopped(Exception):
     """The worker is not running (the server is starting or shutting down)."""
 
 
+class WorkerError(Exception):
+    """A model worker failed on a job for a reason that is not the client's (→ 500 with this message)."""
+
+
 @dataclass(eq=False)
 class Job:
-    """One queued call of the model, with its progress and outcome."""
+    """One queued request of the model (`payload`, e.g. a GenerationRequest), with its progress and outcome."""
 
-    work: Work
+    payload: Any
     deadline: float  # time.monotonic() after which the job is stopped
     timeout: float
+    key: Hashable | None = None  # jobs with equal keys may run as one batch; None: always alone
+    images: int = 1  # what the job adds to a batch (its count against `max_batch`)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     future: Future = field(default_factory=Future)
     created: float = field(default_factory=time.monotonic)
@@ -63,6 +71,7 @@ class Job:
     total_steps: int = 0
     stop: Stopped | None = None  # set when the job is asked to stop
     big: bool = False  # hand its memory back to the OS when it ends (see `release_memory`)
+    worker: str | None = None  # the worker that ran it
 
     @property
     def status(self) -> str:
@@ -99,17 +108,36 @@ class Job:
             raise self.timeout_error()
 
 
-class ModelWorker:
-    """Runs jobs one at a time on a daemon thread; at most `queue_size` jobs wait behind the running one."""
+@dataclass
+class Lane:
+    """One model worker: a device, the runner that owns its model, and an optional start-up warm-up."""
 
-    def __init__(self, queue_size: int, keep: int = 64) -> None:
+    name: str  # e.g. "cuda:0" (unique: "cpu", "cpu#1" for two on one device)
+    runner: Runner
+    warmup: Callable[[], None] | None = None  # runs on the worker thread before it takes jobs (compiling)
+    status: str = "starting"  # starting, up, failed (warm-up raised), stopped
+    jobs: int = 0  # jobs finished
+    failures: int = 0  # batches that raised (not the client's fault)
+    thread: threading.Thread | None = None
+
+
+class ModelWorker:
+    """Worker threads (one per `Lane`) behind one bounded queue; each takes up to `max_batch` images of jobs with
+    the same key at a time, waiting up to `batch_wait` seconds for company. At most `queue_size` jobs wait.
+    """
+
+    def __init__(self, queue_size: int, lanes: list[Lane] | Runner, *, max_batch: int = 1, batch_wait: float = 0.0,
+                 keep: int = 64, observer: Any = None) -> None:
         self.queue_size = queue_size
+        self.lanes = [Lane("worker", lanes)] if callable(lanes) else list(lanes)
+        self.max_batch, self.batch_wait = max(1, max_batch), max(0.0, batch_wait)
+        self.observer = observer  # metrics: .batch(jobs, images), .finished(job) (see server/metrics.py)
         self._pending: collections.deque[Job] = collections.deque()
         self._jobs: dict[str, Job] = {}  # every job not yet evicted, oldest first
         self._keep = keep  # finished jobs kept for GET /v1/jobs/{id}
         self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._running: Job | None = None
+        self._running: set[Job] = set()
+        self._started = False
         self._stopping = False
         self._durations: collections.deque[float] = collections.deque(maxlen=20)
 
@@ -117,33 +145,43 @@ class ModelWorker:
 
     def start(self) -> None:
         with self._cond:
-            if self._thread is not None:
+            if self._started:
                 return
-            self._stopping = False
-            self._thread = threading.Thread(target=self._loop, name="t2iadapter-model", daemon=True)
-            self._thread.start()
+            self._started, self._stopping = True, False
+            for lane in self.lanes:
+                lane.status = "starting"
+                lane.thread = threading.Thread(target=self._loop, args=(lane,), name=f"t2iadapter-{lane.name}", daemon=True)
+                lane.thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Cancel waiting jobs, stop the running one at its next step, join the thread."""
+        """Cancel waiting jobs, stop the running ones at their next step, join the threads."""
         with self._cond:
             self._stopping = True
-            for job in list(self._pending) + ([self._running] if self._running else []):
+            for job in list(self._pending) + list(self._running):
                 self._cancel(job, Stopped("the server is shutting down", timed_out=False))
             self._cond.notify_all()
-            thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.join(timeout)
+            threads = [lane.thread for lane in self.lanes if lane.thread is not None]
+            self._started = False
+        end = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(0.0, end - time.monotonic()))
+        for lane in self.lanes:
+            lane.status, lane.thread = "stopped", None
 
     # ---------------------------------------------------------------- clients
 
-    def submit(self, work: Work, timeout: float, *, big: bool = False) -> Job:
-        """Queue `work` (`big`: release memory after it); raises QueueFull (→ 429) or WorkerStopped (→ 503)."""
+    def submit(self, payload: Any, timeout: float, *, key: Hashable | None = None, images: int = 1,
+               big: bool = False) -> Job:
+        """Queue `payload` (`key`: batchable with equal keys; `big`: release memory after it); raises QueueFull
+        (→ 429) or WorkerStopped (→ 503)."""
         with self._cond:
-            if self._thread is None or self._stopping:
+            if not self._started or self._stopping:
                 raise WorkerStopped("the model worker is not running")
+            if not any(lane.status in ("starting", "up") for lane in self.lanes):
+                raise WorkerStopped("no model worker is up (see GET /health)")
             if len(self._pending) >= self.queue_size:
                 raise QueueFull(self.retry_after())
-            job = Job(work=work, deadline=time.monotonic() + timeout, timeout=timeout, big=big)
+            job = Job(payload, deadline=time.monotonic() + timeout, timeout=timeout, key=key, images=images, big=big)
             self._pending.append(job)
             self._jobs[job.id] = job
             self._evict()
@@ -179,62 +217,151 @@ class ModelWorker:
 
     def stats(self) -> dict[str, int]:
         with self._cond:
-            return {"waiting": len(self._pending), "running": int(self._running is not None), "capacity": self.queue_size}
+            return {"waiting": len(self._pending), "running": len(self._running), "capacity": self.queue_size}
+
+    def workers(self) -> list[dict[str, Any]]:
+        """Each worker's name, status (starting, up, failed, stopped), finished jobs and failed batches."""
+        return [{"name": lane.name, "status": lane.status, "jobs": lane.jobs, "failures": lane.failures}
+                for lane in self.lanes]
 
     def retry_after(self) -> int:
-        """Seconds until a queue slot is likely free: the mean recent job time (at least 1 s)."""
+        """Seconds until a queue slot is likely free: the mean recent batch time over the workers up (at least 1 s)."""
         mean = sum(self._durations) / len(self._durations) if self._durations else 1.0
-        return max(1, math.ceil(mean))
+        return max(1, math.ceil(mean / max(1, sum(lane.status == "up" for lane in self.lanes))))
 
-    # ---------------------------------------------------------------- the thread
+    # ---------------------------------------------------------------- the threads
 
     def _evict(self) -> None:
         finished = [j for j in self._jobs.values() if j.future.done()]
         for job in finished[: max(0, len(finished) - self._keep)]:
             del self._jobs[job.id]
 
-    def _next(self) -> Job | None:
+    def _take(self, batch: list[Job]) -> None:
+        """Move pending jobs with the batch's key into it, oldest first, while they fit in `max_batch` images."""
+        room = self.max_batch - sum(j.images for j in batch)
+        for job in list(self._pending):
+            if room <= 0:
+                break
+            if job.key == batch[0].key and job.images <= room:
+                self._pending.remove(job)
+                batch.append(job)
+                room -= job.images
+
+    def _next(self) -> list[Job] | None:
+        """The next batch: the oldest job plus compatible ones, waiting up to `batch_wait` s for more."""
         with self._cond:
             while not self._pending and not self._stopping:
                 self._cond.wait()
             if self._stopping:
                 return None
-            job = self._pending.popleft()
-            self._running = job
-            return job
+            batch = [self._pending.popleft()]
+            if batch[0].key is not None and self.max_batch > 1:
+                end = time.monotonic() + self.batch_wait
+                self._take(batch)
+                while sum(j.images for j in batch) < self.max_batch and not self._stopping:
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                    self._take(batch)
+            if self._stopping:  # stop() came while this batch gathered: it never reached _running
+                for job in batch:
+                    self._cancel(job, Stopped("the server is shutting down", timed_out=False))
+                    job.future.cancel()
+                return None
+            self._running.update(batch)
+            return batch
 
-    def _loop(self) -> None:
-        while (job := self._next()) is not None:
+    def _loop(self, lane: Lane) -> None:
+        if lane.warmup is not None:
             try:
-                self._run(job)
+                started = time.monotonic()
+                lane.warmup()
+                log.info("worker %s warmed up in %.1f s", lane.name, time.monotonic() - started)
+            except Exception:
+                log.exception("worker %s failed to warm up; it takes no jobs", lane.name)
+                lane.status = "failed"
+                return
+        lane.status = "up"
+        while (batch := self._next()) is not None:
+            try:
+                self._run(lane, batch)
             finally:
                 with self._cond:
-                    self._running = None
+                    self._running.difference_update(batch)
 
-    def _run(self, job: Job) -> None:
-        if not job.future.set_running_or_notify_cancel():
-            return  # cancelled while it waited
-        job.started = time.monotonic()
+    def _run(self, lane: Lane, batch: list[Job]) -> None:
+        live = [job for job in batch if job.future.set_running_or_notify_cancel()]  # drop those cancelled meanwhile
+        if not live:
+            return
+        started = time.monotonic()
+        for job in live:
+            job.started, job.worker = started, lane.name
+        if self.observer is not None:
+            self.observer.batch(len(live), sum(j.images for j in live))
+        try:
+            self._attempt(lane, live)
+        finally:
+            now = time.monotonic()
+            with self._cond:
+                self._durations.append(now - started)
+            for job in live:
+                job.finished = now
+                lane.jobs += 1
+                if self.observer is not None:
+                    self.observer.finished(job)
+            if any(job.big for job in live):
+                release_memory()
 
+    def _attempt(self, lane: Lane, jobs: list[Job]) -> None:
+        """Run a batch and settle every job; when a batch of several fails, each job is retried alone, so one
+        bad request fails only itself."""
         def progress(done: int, total: int) -> None:
-            job.done_steps, job.total_steps = done, total
-            job.check()
+            alive = False
+            for job in jobs:
+                job.done_steps, job.total_steps = done, total
+                try:
+                    job.check()
+                    alive = True
+                except Stopped as exc:
+                    settle(job, exc=exc)
+            if not alive:
+                raise jobs[0].stop or jobs[0].timeout_error()
 
         try:
-            job.check()
-            result = job.work(progress)
+            progress(0, jobs[0].total_steps or 1)
+            results = lane.runner(jobs, progress)
+        except Stopped:
+            for job in jobs:
+                settle(job, exc=job.stop or job.timeout_error())
         except Exception as exc:  # every outcome goes to the waiting client, which maps it to a status
-            if not isinstance(exc, Stopped):
-                log.info("job %s failed: %s", job.id, exc, exc_info=not isinstance(exc, T2IAdapterError))
-            job.future.set_exception(exc)
+            if len(jobs) > 1 and not isinstance(exc, T2IAdapterError):
+                log.warning("a batch of %d failed on %s (%s); running its jobs one by one", len(jobs), lane.name, exc)
+                for job in jobs:
+                    if not job.future.done():
+                        self._attempt(lane, [job])
+                return
+            if isinstance(exc, T2IAdapterError):
+                log.info("job %s failed: %s", jobs[0].id, exc)
+            else:
+                lane.failures += 1
+                log.error("worker %s failed on job %s", lane.name, jobs[0].id, exc_info=exc)
+                exc = WorkerError(f"the model worker {lane.name} failed on this request: {type(exc).__name__}: {exc}")
+            for job in jobs:
+                settle(job, exc=exc)
         else:
-            job.future.set_result(result)
-        finally:
-            job.finished = time.monotonic()
-            with self._cond:
-                self._durations.append(job.finished - job.started)
-            if job.big:
-                release_memory()
+            for job, result in zip(jobs, results):
+                settle(job, result)
+
+
+def settle(job: Job, result: Any = None, *, exc: BaseException | None = None) -> None:
+    """Give a running job its outcome (once; a job stopped mid-batch already has it)."""
+    if job.future.done():
+        return
+    if exc is not None:
+        job.future.set_exception(exc)
+    else:
+        job.future.set_result(result)
 
 
 def release_memory() -> None:

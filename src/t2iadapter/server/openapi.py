@@ -33,7 +33,8 @@ GENERATE_ERRORS: dict[int | str, dict[str, Any]] = {
     415: {"description": "the body is neither `application/json` nor `multipart/form-data`"},
     422: {"description": "invalid or out-of-bounds parameters (--max-steps, --max-side, --max-work...), with the reason"},
     429: {"description": "the queue is full; see Retry-After"},
-    503: {"description": "the server is shutting down"},
+    500: {"description": "a model worker failed on the request for a reason that is not the client's (it keeps serving)"},
+    503: {"description": "no model worker is running (starting up, failed warm-up, or shutting down)"},
     504: {"description": "the request did not finish within --timeout"},
 }
 

@@ -121,8 +121,16 @@ class ModelsResponse(BaseModel):
                                      "a request that leaves a field out gets; the web page shows them")
 
 
+class WorkerInfo(BaseModel):
+    name: str = Field(..., description="the worker's device, e.g. cuda:0 (cpu#1 for a second one on a device)")
+    status: Literal["starting", "up", "failed", "stopped"]
+    jobs: int = Field(..., description="jobs finished")
+    failures: int = Field(..., description="batches that failed for a reason not the client's")
+
+
 class Health(BaseModel):
-    status: str
+    status: str = Field(..., description="ok (a worker is up), starting (warming up) or down")
     waiting: int
     running: int
     capacity: int
+    workers: list[WorkerInfo] = Field(default_factory=list)

@@ -1,0 +1,128 @@
+"""`t2iadapter generate --batch JOBS.jsonl --out DIR` (issue 17): resumable, sharded across torchrun ranks; extract too."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from t2iadapter.bases import load_base, tiny_adapter_config
+from t2iadapter.cli import main as cli
+from t2iadapter.commands._batch_jobs import Rank
+from t2iadapter.errors import ConfigError
+from t2iadapter.models import build_adapter
+from t2iadapter.pngmeta import read_parameters
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory):
+    """A tiny sketch adapter, two condition images and five lines (one of two images, one with its own weight/window)."""
+    root = tmp_path_factory.mktemp("jobs")
+    torch.manual_seed(0)
+    adapter = build_adapter(tiny_adapter_config(load_base("tiny"), 1)).save_file(root / "sketch.safetensors")
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (64, 64), dtype=np.uint8), "L").save(root / f"c{i}.png")
+    lines = [
+        {"prompt": "a red star", "conditions": {"sketch": "c0.png"}},
+        {"prompt": "a blue cat", "conditions": {"sketch": "c1.png"}, "adapters": {"sketch": {"weight": 0.5, "window": "0:0.5"}}},
+        {"prompt": "text only"},
+        {"prompt": "two", "conditions": {"sketch": "c0.png"}, "num_images": 2, "seed": 11},
+        {"prompt": "a green tree", "conditions": {"sketch": "c1.png"}, "guidance_scale": 1.0},
+    ]
+    path = root / "jobs.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n\n")
+    return path, adapter
+
+
+def argv(jobs, out, *extra):
+    path, adapter = jobs
+    return ["generate", "--base", "tiny", "--adapter", str(adapter), "--batch", str(path), "--out", str(out),
+            "--steps", "2", "--size", "64x64", "--device", "cpu", *extra]
+
+
+ALL = ["job-000000.png", "job-000001.png", "job-000002.png", "job-000003-0.png", "job-000003-1.png", "job-000004.png"]
+
+
+def test_rank_shards_are_disjoint_and_cover_the_list():
+    items = list(range(11))
+    shards = [Rank.from_env({"RANK": str(r), "WORLD_SIZE": "3", "LOCAL_RANK": str(r)}).shard(items) for r in range(3)]
+    assert sorted(sum(shards, [])) == items and sum(map(len, shards)) == len(items)
+    assert Rank.from_env({}) == Rank(0, 1, 0)
+    with pytest.raises(ConfigError, match="RANK"):
+        Rank.from_env({"RANK": "2", "WORLD_SIZE": "2"})
+
+
+def test_generate_batch_is_resumable(jobs, tmp_path, capsys, monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    out = tmp_path / "out"
+    assert cli(argv(jobs, out, "--max-batch", "3")) == 0
+    assert sorted(p.name for p in out.iterdir()) == ALL
+    assert "5 generated, 0 already there" in capsys.readouterr().out
+    params = read_parameters(out / "job-000001.png")
+    assert params["weights"] == [0.5] and params["windows"] == [[0.0, 0.5]] and params["seed"] == 1  # seed: the index
+    assert read_parameters(out / "job-000003-1.png")["seed"] == 11
+    first = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    (out / "job-000001.png").unlink()
+    assert cli(argv(jobs, out)) == 0  # resume: only the missing line runs (alone this time: the same image)
+    assert "1 generated, 4 already there" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "job-000001.png"} == \
+        {k: v for k, v in first.items() if k != "job-000001.png"}
+
+
+def test_generate_batch_shards_across_ranks(jobs, tmp_path):
+    """Two ranks as torchrun starts them: disjoint outputs that together are the whole list, each as one process alone makes it."""
+    out = tmp_path / "ranks"
+    env = dict(os.environ, PYTHONPATH=str(SRC), WORLD_SIZE="2", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    runs = [subprocess.run([sys.executable, "-m", "t2iadapter.cli", *argv(jobs, out, "--max-batch", "2")],
+                           env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), capture_output=True, text=True, timeout=300)
+            for r in range(2)]
+    for r, run in enumerate(runs):
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert f"rank {r}/2: {3 - r} generated" in run.stdout
+    assert sorted(p.name for p in out.iterdir()) == ALL  # no leftovers, no collisions
+    for name in ALL:  # each PNG names its line (1-based); line i (0-based) went to rank i % 2
+        assert read_parameters(out / name)["job"].endswith(f"jobs.jsonl:{int(name[4:10]) + 1}")
+    alone = tmp_path / "alone"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks ran (BLAS results depend on the thread count, not on the batch)
+    try:
+        assert cli(argv(jobs, alone)) == 0
+    finally:
+        torch.set_num_threads(before)
+    for name in ALL:
+        assert np.array_equal(np.asarray(Image.open(out / name)), np.asarray(Image.open(alone / name))), name
+
+
+def test_generate_batch_errors_are_one_line(jobs, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x", "colour": 1}\n')
+    assert cli(argv((bad, jobs[1]), tmp_path / "o")) == 2
+    assert "bad.jsonl:1: unknown fields ['colour']" in capsys.readouterr().err
+    assert cli(argv(jobs, tmp_path / "o.png")) == 2
+    assert "--out" in capsys.readouterr().err
+    assert cli(["generate", "--base", "tiny", "--out", str(tmp_path / "x.png")]) == 2
+    assert "--prompt is required" in capsys.readouterr().err
+
+
+def test_extract_input_dir_shards_across_ranks(tmp_path, monkeypatch, capsys):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(src / f"{i}.png")
+    for r in range(2):
+        monkeypatch.setenv("RANK", str(r))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("LOCAL_RANK", str(r))
+        assert cli(["extract", "canny", "--input-dir", str(src), "--output-dir", str(out), "--workers", "1",
+                    "--no-progress"]) == 0
+        assert f"{3 - r} done, 0 already there" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == [f"{i}.png" for i in range(5)]
