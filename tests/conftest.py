@@ -15,3 +15,21 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: the same reductions in every run (and the CPU is shared); `usefixtures` it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def base():
+    """The seeded tiny SD1-shaped base, one per test module (a module's tests may share and change it)."""
+    from t2iadapter.bases import load_base
+
+    return load_base("tiny")
+

@@ -13,11 +13,6 @@ from t2iadapter.models import FullAdapterConfig, FuserConfig, StyleAdapterConfig
 from t2iadapter.pipeline import AdapterPipeline, Window, prepare_condition
 
 
-@pytest.fixture(scope="module")
-def base():
-    return load_base("tiny")
-
-
 def adapter(base, ch, seed):
     torch.manual_seed(seed)
     m = build_adapter(tiny_adapter_config(base, ch))

@@ -81,11 +81,6 @@ def test_every_front_end_takes_the_requests_defaults():
     assert not re.search(r'id="(steps|guidance)"[^>]*value=', page)  # the page reads them from /v1/models
 
 
-@pytest.fixture(scope="module")
-def base():
-    return load_base("tiny")
-
-
 def adapter(base, ch, seed):
     torch.manual_seed(seed)
     m = build_adapter(tiny_adapter_config(base, ch))

@@ -5,7 +5,6 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from t2iadapter.bases import load_base
 from t2iadapter.errors import ConfigError
 from t2iadapter.formats import load_adapter
 from t2iadapter.train.config import load_config
@@ -15,17 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny-cpu.yaml"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def base():
-    return load_base("tiny")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_cubic_timesteps_match_the_paper():

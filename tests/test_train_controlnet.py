@@ -15,17 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONTROLNET = ["adapter.kind=controlnet", "adapter.condition=sketch", "adapter.in_channels=1", "data.resolution=64"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def base():
-    return load_base("tiny")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(out, *extra):

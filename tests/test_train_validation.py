@@ -5,7 +5,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from t2iadapter.bases import load_base
 from t2iadapter.train.config import from_dict, load_config
 from t2iadapter.train.loop import Trainer
 
@@ -15,17 +14,7 @@ COADAPTER = {"adapters": [{"kind": "full", "condition": "sketch", "in_channels":
              "fuser": {"num_heads": 4}}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def base():
-    return load_base("tiny")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("coadapter", [False, True], ids=["single", "coadapter"])
