@@ -2,19 +2,16 @@
 
 Where diffusers' adapter pipelines have the same option, the image equals theirs within 1e-4 (tiny components).
 """
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionAdapterPipeline, StableDiffusionXLAdapterPipeline
-from PIL import Image
 
-from t2iadapter.bases import load_base, tiny_adapter_config
+from t2iadapter.bases import load_base
 from t2iadapter.errors import ConfigError, T2IAdapterError
-from t2iadapter.formats import ours_to_diffusers
-from t2iadapter.models import build_adapter
 from t2iadapter.pipeline import AdapterPipeline
+from tiny_models import as_diffusers, condition, random_adapter
 
 PROMPT = "a large red star left of a small blue circle"
 FAST = dict(steps=2, size=64, progress=False, output_type="np")
@@ -28,31 +25,6 @@ def sd_base():
 @pytest.fixture(scope="module")
 def xl_base():
     return load_base("tiny-xl")
-
-
-def random_adapter(base, in_channels, seed):
-    torch.manual_seed(seed)
-    module = build_adapter(tiny_adapter_config(base, in_channels)).eval()
-    with torch.no_grad():
-        for p in module.parameters():
-            p.mul_(3.0)
-    return module
-
-
-def as_diffusers(module):
-    from diffusers import T2IAdapter
-
-    cfg = module.config
-    d = T2IAdapter(in_channels=cfg.in_channels, channels=list(cfg.channels), num_res_blocks=cfg.num_res_blocks,
-                   downscale_factor=cfg.downscale_factor, adapter_type="full_adapter_xl" if cfg.kind == "full_xl" else "full_adapter")
-    d.load_state_dict(ours_to_diffusers(module.state_dict(), cfg))
-    return d.eval()
-
-
-def condition(size, mode, seed):
-    rng = np.random.default_rng(seed)
-    shape = (size, size) if mode == "L" else (size, size, 3)
-    return Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
 
 
 @pytest.fixture(scope="module")

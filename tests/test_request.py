@@ -14,6 +14,7 @@ from t2iadapter.generation.composition import Composition
 from t2iadapter.generation.request import AdapterUse, GenerationRequest, Window, defaults
 from t2iadapter.models import FuserConfig, build_adapter
 from t2iadapter.pipeline import AdapterPipeline
+from tiny_models import random_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,15 +82,6 @@ def test_every_front_end_takes_the_requests_defaults():
     assert not re.search(r'id="(steps|guidance)"[^>]*value=', page)  # the page reads them from /v1/models
 
 
-def adapter(base, ch, seed):
-    torch.manual_seed(seed)
-    m = build_adapter(tiny_adapter_config(base, ch))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.mul_(3.0)
-    return m
-
-
 def trained_fuser(channels, seed=3):
     """A fuser whose output projections are not zero (a fresh one is the plain sum)."""
     torch.manual_seed(seed)
@@ -107,7 +99,7 @@ def image(w, h, mode="RGB", seed=0):
 
 
 def test_keyword_call_is_a_thin_wrapper_of_the_request(base):
-    pipe = AdapterPipeline(base, {"sketch": adapter(base, 1, 0)})
+    pipe = AdapterPipeline(base, {"sketch": random_adapter(base, 1, 0)})
     cond = image(64, 64, "L")
     by_keywords = pipe("a red star", [cond], steps=3, seed=1, weights=[0.6], windows=["0:0.5"], output_type="np",
                        progress=False)
@@ -119,7 +111,7 @@ def test_keyword_call_is_a_thin_wrapper_of_the_request(base):
 
 def test_the_pipeline_never_changes_modules_it_is_handed():
     base = load_base("tiny")  # this test moves the base to bf16: its own copy
-    a = adapter(base, 1, 0).train()
+    a = random_adapter(base, 1, 0).train()
     fuser = trained_fuser(a.config.channels).train()
     before = {k: v.clone() for k, v in a.state_dict().items()}
     pipe = AdapterPipeline(base, {"sketch": a}, fuser=fuser, dtype=torch.bfloat16)
@@ -176,7 +168,7 @@ def test_fuser_once_with_different_windows_gates_each_conditions_part(base):
 
 
 def test_fuser_window_modes_in_the_pipeline(base):
-    a, b = adapter(base, 1, 5), adapter(base, 3, 6)
+    a, b = random_adapter(base, 1, 5), random_adapter(base, 3, 6)
     pipe = AdapterPipeline(base, {"sketch": a, "depth": b}, fuser=trained_fuser(a.config.channels))
     conds = [image(64, 64, "L"), image(64, 64, seed=1)]
     common = dict(steps=4, seed=0, compose="fuser", output_type="np", progress=False)
