@@ -271,8 +271,9 @@ class Schedule:
     """
 
     def __init__(self, peak: float, warmup: int, seconds: float, max_steps: int, plan_seconds: float = 0.0,
-                 before_seconds: float = 0.0, before_steps: int = 0) -> None:  # fmt: skip
+                 before_seconds: float = 0.0, before_steps: int = 0, rewarm: int = 0) -> None:  # fmt: skip
         self.peak, self.warmup, self.seconds, self.max_steps = peak, warmup, seconds, max_steps
+        self.rewarm = rewarm  # a fresh optimiser on trained weights (--init-base): ramp this call's first steps
         self.before_seconds, self.before_steps = before_seconds, before_steps
         self.plan = max(plan_seconds, before_seconds + seconds, 1e-9)
         self.start = time.perf_counter()
@@ -296,7 +297,8 @@ class Schedule:
         frac = min((self.before_seconds + self.elapsed()) / self.plan, 1.0)
         if self.max_steps and self.plan == self.before_seconds + self.seconds:
             frac = max(frac, self.progress(step))
-        return self.peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        ramp = min(1.0, (step + 1) / self.rewarm) if self.rewarm else 1.0
+        return ramp * self.peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
     def done(self, step: int) -> bool:
         """This call's budget spent (time, or max_steps when set)."""
@@ -481,14 +483,16 @@ def train_unet(modules: dict[str, Any], pool: Pool, producer: Producer, cfg: Run
     params = [p for m in (unet, text) for p in m.parameters()]
     opt = _optimizer(params, cfg.lr_unet, cfg.weight_decay, device)
     ema = Ema(params, cfg.ema_decay)
-    before_s, before_steps, log = 0.0, 0, []
+    before_s, before_steps, log, rewarm = 0.0, 0, [], 0
     if resume is not None:
         if resume.get("opt") is not None:
             opt.load_state_dict(resume["opt"])
         ema.load(resume["ema"], resume["ema_n"])
         before_s, before_steps, log = resume["seconds"], resume["steps"], list(resume["log"])
+        rewarm = cfg.warmup_steps if resume.get("opt") is None and before_steps else 0
     sched = Schedule(cfg.lr_unet, cfg.warmup_steps, cfg.minutes_unet * 60, cfg.max_steps_unet,
-                     plan_seconds=cfg.plan_unet_minutes * 60, before_seconds=before_s, before_steps=before_steps)  # fmt: skip
+                     plan_seconds=cfg.plan_unet_minutes * 60, before_seconds=before_s, before_steps=before_steps,
+                     rewarm=rewarm)  # fmt: skip
     forward = unet
     if cfg.compile and device.type == "cuda":
         forward = torch.compile(unet)
@@ -601,6 +605,17 @@ def _load_pipeline_weights(modules: dict[str, Any], folder: str) -> float:
     return float(vae.config.scaling_factor)
 
 
+def _done_before(folder: Path) -> dict[str, dict[str, Any]]:
+    """Steps, seconds and loss log of each phase, from an exported folder's train_log.json (zeros without one)."""
+    log_path = folder / "train_log.json"
+    logs = json.loads(log_path.read_text(encoding="utf-8")) if log_path.is_file() else {}
+    return {
+        phase: {"steps": int(logs.get(phase, {}).get("steps", 0)), "seconds": float(logs.get(phase, {}).get("seconds", 0.0)),
+                "log": list(logs.get(phase, {}).get("log", []))}
+        for phase in ("vae", "unet")
+    }  # fmt: skip
+
+
 def _architecture(cfg: RunConfig, state_dir: Path | None) -> DemoBaseConfig:
     """The state's architecture when resuming (it wins over flags), else the flags' (or the init folder's)."""
     for folder in (state_dir, Path(cfg.init_base) if cfg.init_base else None):
@@ -643,11 +658,12 @@ def main(argv: list[str] | None = None) -> dict:
         scale = _load_pipeline_weights(modules, cfg.init_base)
         logger.info("new state from %s (its EMA weights become weights and EMA)", cfg.init_base)
         params = [p for m in (modules["unet"], modules["text_encoder"]) for p in m.parameters()]
-        vae_state = {"vae": _cpu_state(modules["vae"]), "opt": None, "steps": 0, "seconds": 0.0, "log": [],
-                     "scaling_factor": scale, "init_base": cfg.init_base}  # fmt: skip
+        done = _done_before(Path(cfg.init_base))  # its steps and seconds: the lr plan continues where it was
+        vae_state = {"vae": _cpu_state(modules["vae"]), "opt": None, **done["vae"], "scaling_factor": scale,
+                     "init_base": cfg.init_base}  # fmt: skip
         unet_state = {"unet": _cpu_state(modules["unet"]), "text_encoder": _cpu_state(modules["text_encoder"]),
-                      "ema": [p.detach().float().clone() for p in params], "ema_n": 10_000, "opt": None, "steps": 0,
-                      "seconds": 0.0, "log": [], "init_base": cfg.init_base}  # fmt: skip
+                      "ema": [p.detach().float().clone() for p in params], "ema_n": 10_000, "opt": None,
+                      **done["unet"], "init_base": cfg.init_base}  # fmt: skip
         if state_dir is not None:  # the VAE is final: later calls of this state find it there
             save_state(state_dir / "vae.pt", vae_state)
     if vae_state is not None:

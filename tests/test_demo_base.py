@@ -114,7 +114,9 @@ def test_training_resumes_across_calls_from_its_state(tmp_path: Path, monkeypatc
     restarted = tmp_path / "restart"
     module.main(["--smoke", "--device", "cpu", "--state", str(restarted), "--phase", "unet", "--init-base", str(out)])
     again = torch.load(restarted / "unet.pt", weights_only=True)
-    assert again["steps"] == 2 and again["opt"]["state"] and again["log"][0]["step"] == 1
+    # the shipped base's counters and loss log carry over, so the lr plan goes on where it stopped
+    assert again["steps"] == 6 and again["opt"]["state"] and [e["step"] for e in again["log"]] == [1, 2, 3, 4, 5, 6]
+    assert again["seconds"] > log["unet"]["seconds"]
     assert abs(torch.load(restarted / "vae.pt", weights_only=True)["scaling_factor"] - log["scaling_factor"]) < 1e-6
 
 
@@ -129,5 +131,9 @@ def test_schedule_continues_across_calls() -> None:
                                   before_steps=1000)
         assert one.lr(0) == pytest.approx(0.1)  # warm-up by cumulative steps
         assert resumed.lr(0) == pytest.approx(0.1 + 0.9 * 0.5, abs=1e-3)  # halfway through the plan's cosine
+        fresh = module.Schedule(1.0, warmup=10, seconds=60, max_steps=0, plan_seconds=600, before_seconds=300,
+                                before_steps=1000, rewarm=10)  # a fresh optimiser on trained weights
+        assert fresh.lr(0) == pytest.approx(resumed.lr(0) / 10, rel=1e-3)
+        assert fresh.lr(9) == pytest.approx(resumed.lr(9), rel=1e-3)
     finally:
         del sys.modules[spec.name]
