@@ -1,6 +1,7 @@
 """Adapter vs ControlNet on the demo base (issue 16): one markdown table, the machine(s) named.
 
-    # 1. on the GPU, in the call after `scripts/train_demo_adapters.py --controlnet-sketch --out RUN` (RUN/...):
+    # 1. on the GPU (scripts/compare_gpu.sh wraps both calls): the compare phase, then this script there
+    python scripts/train_demo_adapters.py --base BASE --out RUN --controlnet-sketch --phases compare --compare-minutes 3.5
     python benchmarks/compare_adapter_controlnet.py --base BASE --adapter RUN/adapters/sketch.safetensors \
         --controlnet RUN/controlnets/controlnet-sketch.safetensors --train-log RUN/adapters_log.json \
         --scenes 200 --device cuda --json $OUT/compare_gpu.json
@@ -175,8 +176,10 @@ def format_table(results: dict[str, Any]) -> str:
             return "–" if v is None else format(v, fmt)
         lines.append(f"| training samples/s ({device}, each alone for {minutes}) | – | "
                      f"{cell(ADAPTER, 'samples_per_second', '.1f')} | {cell(CONTROLNET, 'samples_per_second', '.1f')} |")
-        lines.append(f"| samples seen in that time (batch {runs[ADAPTER].get('batch_size')}) | – | "
-                     f"{cell(ADAPTER, 'samples', ',')} | {cell(CONTROLNET, 'samples', ',')} |")
+        def seen(name: str) -> str:  # the budget is checked at log steps, so the wall time may overshoot a little
+            r = runs[name]
+            return "–" if r.get("samples") is None else f"{r['samples']:,} in {r.get('loop_seconds') or 0:.0f} s"
+        lines.append(f"| samples seen (batch {runs[ADAPTER].get('batch_size')}) | – | {seen(ADAPTER)} | {seen(CONTROLNET)} |")
         lines.append(f"| training peak GPU memory, GiB | – | {cell(ADAPTER, 'peak_memory_gib', '.2f')} | "
                      f"{cell(CONTROLNET, 'peak_memory_gib', '.2f')} |")
     notes = []

@@ -245,14 +245,15 @@ def test_comparison_table_format():
                "parameters": {"sketch": 1_234_567, "controlnet-sketch": 6_207_312, "unet": 12_974_756},
                "timing": {"CPU": {"text only": 2000.0, "sketch": 2012.4, "controlnet-sketch": 2900.0}},
                "training": {"minutes": 4, "runs": {
-                   "sketch": {"samples_per_second": 900.0, "samples": 216000, "peak_memory_gib": 3.5, "device": "GPU",
-                              "batch_size": 48},
-                   "controlnet-sketch": {"samples_per_second": 450.26, "samples": 108000, "peak_memory_gib": 7.25}}}}
+                   "sketch": {"samples_per_second": 900.0, "samples": 216000, "loop_seconds": 240.2, "peak_memory_gib": 3.5,
+                              "device": "GPU", "batch_size": 48},
+                   "controlnet-sketch": {"samples_per_second": 450.26, "samples": 108000, "loop_seconds": 239.9,
+                                         "peak_memory_gib": 7.25}}}}
     table = bench.format_table(results)
     for line in ("| structure IoU | 0.100 | 0.600 | 0.650 |", "| parameters | – | 1.23M (1,234,567) | 6.21M (6,207,312) |",
                  "| ms/image, CPU (text only; extra) | 2000 | +12 | +900 |",
                  "| training samples/s (GPU, each alone for 4 min) | – | 900.0 | 450.3 |",
-                 "| samples seen in that time (batch 48) | – | 216,000 | 108,000 |",
+                 "| samples seen (batch 48) | – | 216,000 in 240 s | 108,000 in 240 s |",
                  "| training peak GPU memory, GiB | – | 3.50 | 7.25 |"):
         assert line in table, line
     assert "means over 3 held-out scenes, seeds 1–3" in table and "base UNet: 12.97M" in table
