@@ -5,7 +5,7 @@
 #                                                         # ControlNet, each alone on the GPU for MINUTES
 #   bash scripts/compare_gpu.sh measure SCENES            # quality on SCENES held-out scenes, fast-mode ms/image
 #   bash scripts/compare_gpu.sh rest MINUTES FUSER_MINUTES    # seg, depth, pose, colour at once, then the fuser
-# Environment: BASE (default: the shipped demo base), RUN (/root/demo-adapters), BATCH (48), WORKERS (6 DataLoader
+# Environment: BASE (default: demo, the shipped base, v2 by then), RUN (/root/demo-adapters), BATCH (48), WORKERS (6 DataLoader
 # workers per run: the compare phase runs one process at a time; `rest` runs four, so give it WORKERS=3).
 # What comes back in $OUT (each file under 15 MiB): the fp16 sketch adapter and ControlNet, the script's log with
 # both runs' samples/s and peak memory, compare_gpu.json/.md (merge it on the CPU: docs/demo-model.md).
@@ -15,7 +15,7 @@ if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
 export PYTHONPATH=/tmp/site:$PWD/src
-BASE=${BASE:-src/t2iadapter/assets/demo/base}
+BASE=${BASE:-demo}
 RUN=${RUN:-/root/demo-adapters}
 OUT=${OUT:-/tmp/out}
 BATCH=${BATCH:-48}
