@@ -1,4 +1,4 @@
-"""`t2iadapter eval`: controllability of adapters on held-out scenes of the demo world."""
+"""`t2iadapter eval`: controllability of adapters (and ControlNets) on held-out scenes of the demo world."""
 from __future__ import annotations
 
 import argparse
@@ -14,15 +14,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         "eval",
         help="measure controllability on held-out demo-world scenes",
         description="Generate held-out world scenes (seeds disjoint from training) as text only, with each adapter, "
-        "with sketch+color composed by weighted sum and by the fuser, and with a 0–0.5 step window; report "
-        "structure IoU, edge F1 (2 px, against the true outlines), spurious foreground, colour accuracy and "
-        "palette error.",
+        "with each ControlNet, with sketch+color composed by weighted sum and by the fuser, and with a 0–0.5 step "
+        "window; report structure IoU, edge F1 (2 px, against the true outlines), spurious foreground, colour "
+        "accuracy and palette error.",
     )
     p.add_argument("--base", default=DEMO_BASE, help="base model (default: the embedded demo)")
     p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
                    help="adapter per condition, named sketch, seg, depth, pose or color (NAME=PATH, or a PATH whose "
                    "file name is the condition); default: the shipped demo adapters")
     p.add_argument("--fuser", default=None, help="CoAdapter fuser (default: the shipped demo fuser)")
+    p.add_argument("--controlnet", action="append", default=[], metavar="[NAME=]PATH",
+                   help="ControlNet (diffusers folder, single file, hub id or demo/NAME) evaluated as its own setting, "
+                   "named so that the name contains its condition (controlnet-sketch=PATH, or a PATH whose file name "
+                   "does); repeatable; default with the demo base: the shipped demo ControlNets (demo/controlnet-sketch)")
     p.add_argument("--scenes", type=int, default=20, help="held-out scenes (default 20)")
     p.add_argument("--first-seed", type=int, default=None, help="first evaluation seed (default: world.EVAL_SEEDS)")
     p.add_argument("--steps", type=int, default=25, help="denoising steps per image (default 25)")
@@ -51,7 +55,7 @@ def check_writable_file(flag: str, target: str | None, *, force: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from t2iadapter.demo import world
-    from t2iadapter.evaluation.controllability import default_settings, evaluate, format_table
+    from t2iadapter.evaluation.controllability import CONDITIONS, condition_of, default_settings, evaluate, format_table
     from t2iadapter.commands import parse_adapters
     from t2iadapter.generation.pipeline import AdapterPipeline, resolve_device
 
@@ -62,18 +66,28 @@ def run(args: argparse.Namespace) -> int:
     for flag, target in (("--out", args.out), ("--json", args.json)):
         check_writable_file(flag, target, force=args.force)
     pairs = parse_adapters(args.adapter)
+    controlnets = parse_adapters(args.controlnet, "--controlnet")
+    if not controlnets and args.base == DEMO_BASE:
+        from t2iadapter.demo.loading import shipped_controlnets
+
+        controlnets = shipped_controlnets()
+    for name in controlnets:
+        if condition_of(name) is None:
+            raise ConfigError(f"--controlnet {name}: name it after the condition it takes, e.g. controlnet-sketch=PATH "
+                              f"(one of {', '.join(CONDITIONS)})")
     device, _ = resolve_device(args.device, None)
-    if args.base == "demo" and not pairs:
+    if args.base == DEMO_BASE and not pairs:
         from t2iadapter.demo.loading import demo_pipeline
 
-        pipe = demo_pipeline(device=device)
+        pipe = demo_pipeline(device=device, controlnets=controlnets)
     else:
-        pipe = AdapterPipeline.from_pretrained(args.base, pairs, fuser=args.fuser, device=device)
-    settings = default_settings(pipe.spatial_names, pipe.fuser is not None)
+        pipe = AdapterPipeline.from_pretrained(args.base, pairs, fuser=args.fuser, device=device, controlnets=controlnets)
+    settings = default_settings(pipe.spatial_names, pipe.fuser is not None, pipe.controlnets)
     if args.only:
         settings = [s for s in settings if s.name in args.only]
         if not settings:
-            raise ConfigError(f"--only matched no setting; settings are: {[s.name for s in default_settings(pipe.spatial_names, True)]}")
+            known = [s.name for s in default_settings(pipe.spatial_names, True, pipe.controlnets)]
+            raise ConfigError(f"--only matched no setting; settings are: {known}")
     first = args.first_seed if args.first_seed is not None else world.EVAL_SEEDS.start
     scenes = [world.generate(s) for s in range(first, first + args.scenes)]
     rows, _ = evaluate(pipe, scenes, settings, steps=args.steps, guidance_scale=args.guidance)

@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(Path(config.output_dir), resume=args.resume is not None, force=args.force)
     logging.getLogger("t2iadapter.train").setLevel(min(logging.getLogger().level, logging.INFO))
     from t2iadapter.train.loop import Trainer
+    from t2iadapter.train.throughput import SUMMARY_FILE
 
     trainer = Trainer(config)
     result = trainer.run(resume=args.resume)
@@ -67,6 +68,11 @@ def run(args: argparse.Namespace) -> int:
     resumed = f" (resumed from {result.resumed_from})" if result.resumed_from else ""
     print(f"trained to step {result.step}{resumed} in {result.seconds:.1f}s{loss}; "
           f"{result.skipped} unreadable samples skipped")
+    speed = result.throughput
+    if speed is not None and speed.samples_per_second is not None:
+        steady = "" if speed.steady_samples_per_second is None else f" (steady {speed.steady_samples_per_second:.1f})"
+        peak = "" if result.peak_memory_gib is None else f", peak memory {result.peak_memory_gib:.2f} GiB"
+        print(f"{speed.samples_per_second:.1f} samples/s{steady}{peak}; {trainer.output_dir / SUMMARY_FILE}")
     for path in result.outputs:
         print(f"wrote {path}")
     return 0

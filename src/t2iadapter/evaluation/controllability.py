@@ -4,9 +4,12 @@ For each scene the prompt is its caption and the conditions are its exact maps, 
 control is measured directly (foreground IoU against the true mask), colour fidelity against the
 caption's colours, and the colour adapter against its palette; edge F1 against the true outlines
 and the share of background painted as foreground (METRICS says what each averages). Nobody else ships this (DESIGN.md §9).
+ControlNets (issue 16) are scored the same way, so adapter and ControlNet rows sit in one table: a
+ControlNet's name says which condition it takes (`controlnet-sketch` gets the scene's sketch).
 """
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -27,24 +30,38 @@ from t2iadapter.evaluation.metrics import (
 )
 
 STRUCTURAL = ("sketch", "seg", "depth", "pose")
+CONDITIONS = (*STRUCTURAL, "color")  # what an evaluated adapter or ControlNet may take
+
+
+def condition_of(name: str) -> str | None:
+    """The world condition a model's name names (`controlnet-sketch`, `cn_depth` → sketch, depth), or None."""
+    return next((part for part in re.split(r"[-_./\s]+", name.lower()) if part in CONDITIONS), None)
 
 
 @dataclass(frozen=True)
 class Setting:
-    """One row of the table: which adapters act, with which weights/windows, composed how."""
+    """One row of the table: which adapters (named by their condition) and ControlNets (named so that
+    `condition_of` finds theirs) act, with which adapter weights/windows, composed how."""
 
     name: str
     adapters: tuple[str, ...] = ()
     weights: tuple[float, ...] | None = None
     windows: tuple[tuple[float, float], ...] | None = None
     compose: str = "sum"
+    controlnets: tuple[str, ...] = ()  # issue 16: weight 1, the whole run
+
+    def conditions(self) -> dict[str, str]:
+        """Model name → the world condition it gets."""
+        return {**{a: a for a in self.adapters}, **{c: condition_of(c) for c in self.controlnets}}
 
 
-def default_settings(available: Iterable[str], has_fuser: bool) -> list[Setting]:
-    """Text only, each adapter, weighted and fuser composition of sketch+color, and a 0–0.5 step window."""
+def default_settings(available: Iterable[str], has_fuser: bool, controlnets: Iterable[str] = ()) -> list[Setting]:
+    """Text only, each adapter, each ControlNet, weighted and fuser composition of sketch+color, and a 0–0.5
+    step window."""
     names = list(available)
     out = [Setting("text only")]
-    out += [Setting(n, (n,)) for n in (*STRUCTURAL, "color") if n in names]
+    out += [Setting(n, (n,)) for n in CONDITIONS if n in names]
+    out += [Setting(c, controlnets=(c,)) for c in controlnets if condition_of(c) is not None]
     if {"sketch", "color"} <= set(names):
         out.append(Setting("sketch+color (sum)", ("sketch", "color"), (1.0, 1.0)))
         if has_fuser:
@@ -100,7 +117,8 @@ def score(setting: Setting, image: Image.Image, scene: world.Scene, row: Row) ->
     """Add one generated image's scores to its row."""
     arr = as_rgb(image, scene.size)
     values = row.values
-    structural = [a for a in setting.adapters if a in STRUCTURAL]
+    conditions = list(setting.conditions().values())
+    structural = [c for c in conditions if c in STRUCTURAL]
     if structural == ["pose"]:
         value = person_iou(arr, scene)
         if value is not None:
@@ -110,7 +128,7 @@ def score(setting: Setting, image: Image.Image, scene: world.Scene, row: Row) ->
     values["edge_f1"].append(edge_f1(arr, scene))
     values["spurious_foreground"].append(spurious_foreground(arr, scene))
     values["colour_accuracy"].append(colour_accuracy(arr, scene, region="image"))
-    if "color" in setting.adapters or not setting.adapters:
+    if "color" in conditions or not conditions:
         values["palette_error"].append(palette_error(arr, scene.color))
 
 
@@ -125,7 +143,7 @@ def evaluate(pipe, scenes: Sequence[world.Scene], settings: Sequence[Setting], *
     for scene in scenes:
         for row in rows:
             s = row.setting
-            conds = {a: world.render_condition(scene, a) for a in s.adapters}
+            conds = {name: world.render_condition(scene, c) for name, c in s.conditions().items()}
             start = time.perf_counter()
             image = pipe(scene.caption, conds, steps=steps, guidance_scale=guidance_scale, seed=scene.seed,
                          size=(scene.size, scene.size), weights=dict(zip(s.adapters, s.weights)) if s.weights else None,

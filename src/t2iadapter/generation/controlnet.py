@@ -14,6 +14,11 @@ Outside its window (`Window`, the adapters' rule) a ControlNet does not run, whi
 scale 0 (adding zeros). Fast mode keeps the UNet's inputs static instead: every ControlNet runs every
 step, with scale 0 outside its window, so the compiled UNet always gets the same residual shapes; the
 ControlNets themselves run eagerly in the base's dtype (not compiled).
+
+Files: a diffusers folder, a single file diffusers' `from_single_file` reads (original/A1111 layouts), a hub
+id, `demo/NAME` (the demo's shipped ControlNets), or our own single file: safetensors with diffusers' key
+names and the ControlNet's config JSON in the metadata (what `t2iadapter train` writes, and how the demo
+ships its ControlNet: one self-describing file, like the demo adapters).
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ if TYPE_CHECKING:
     from diffusers import ControlNetModel, UNet2DConditionModel
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pth", ".pt", ".bin")
+METADATA_KEY = "t2iadapter_controlnet_config"  # our single file: the ControlNet's diffusers config, as JSON
 # The ControlNet paper's condition encoder: 4 convs to 16, 32, 96, 256 channels, three of them stride 2
 # (512² image → 64² latent, the VAE's factor 8); bases with another VAE factor keep log2(factor) downsamples.
 CONDITION_ENCODER_CHANNELS = (16, 32, 96, 256)
@@ -48,7 +54,8 @@ def is_controlnet(module: Any) -> bool:
 
 def load_controlnet(source: Any) -> ControlNetModel:
     """A `ControlNetModel` the pipeline may change: a copy of a module handed in, or loaded from a diffusers
-    folder, a single file (`from_single_file`: original/A1111 layouts) or a hub id (`org/repo[/file]`)."""
+    folder, our single file, a single file diffusers reads (`from_single_file`: original/A1111 layouts), a hub
+    id (`org/repo[/file]`) or `demo/NAME` (a ControlNet shipped with the demo)."""
     from diffusers import ControlNetModel
 
     if isinstance(source, ControlNetModel):
@@ -58,18 +65,59 @@ def load_controlnet(source: Any) -> ControlNetModel:
     path = Path(os.fspath(source)).expanduser()
     text = str(source)
     if not path.exists():
-        if text.startswith((".", "/", "~")) or "/" not in text:  # a local path, not a hub id `org/repo[/file]`
-            raise CheckpointError(f"ControlNet {text}: no such file or folder")
-        from t2iadapter import hub
+        if text.startswith("demo/"):
+            from t2iadapter import assets
 
-        path = hub.adapter_path(text)
+            path = assets.demo_controlnet_path(text[len("demo/"):])
+        elif text.startswith((".", "/", "~")) or "/" not in text:  # a local path, not a hub id `org/repo[/file]`
+            raise CheckpointError(f"ControlNet {text}: no such file or folder")
+        else:
+            from t2iadapter import hub
+
+            path = hub.adapter_path(text)
     try:
         if path.is_dir():
             return ControlNetModel.from_pretrained(path)
+        if is_single_file(path):
+            return read_single_file(path)
         return ControlNetModel.from_single_file(str(path))
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"ControlNet {text}: diffusers cannot read it ({type(exc).__name__}: "
                               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from None
+
+
+def is_single_file(path: str | os.PathLike) -> bool:
+    """Whether `path` is our single ControlNet file (safetensors whose metadata holds the config)."""
+    if Path(path).suffix != ".safetensors" or not Path(path).is_file():
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return METADATA_KEY in (f.metadata() or {})
+    except Exception:  # noqa: BLE001 - not a readable safetensors file: let diffusers' loader say why
+        return False
+
+
+def read_single_file(path: str | os.PathLike) -> ControlNetModel:
+    """Our single ControlNet file → a `ControlNetModel` (config from the metadata, weights in the file's dtype)."""
+    import json
+
+    from diffusers import ControlNetModel
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if METADATA_KEY not in meta:
+        raise CheckpointError(f"{path} is not a ControlNet file written by t2iadapter (no {METADATA_KEY} metadata)")
+    tensors = load_file(str(path))
+    module = ControlNetModel.from_config(json.loads(meta[METADATA_KEY]))
+    dtypes = {t.dtype for t in tensors.values()}
+    if len(dtypes) == 1:  # nn.Module's own `to` (diffusers' ModelMixin.to warns on every dtype)
+        torch.nn.Module.to(module, dtype=dtypes.pop())
+    module.load_state_dict(tensors)
+    return module
 
 
 def controlnet_from_unet(unet: UNet2DConditionModel, vae_scale_factor: int = 8, *,
@@ -147,4 +195,5 @@ def prepare(modules: Mapping[str, ControlNetModel], uses: Any, on_device: Callab
     return ControlNets(modules, images, {u.name: u.weight for u in uses}, {u.name: u.window for u in uses})
 
 
-__all__ = ["ControlNets", "residuals", "check_fits", "controlnet_from_unet", "is_controlnet", "load_controlnet", "prepare"]
+__all__ = ["ControlNets", "METADATA_KEY", "residuals", "check_fits", "controlnet_from_unet", "is_controlnet", "is_single_file",
+           "load_controlnet", "prepare", "read_single_file"]

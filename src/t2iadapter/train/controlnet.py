@@ -17,9 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from t2iadapter.errors import CheckpointError, ConfigError
-
-METADATA_KEY = "t2iadapter_controlnet_config"
+from t2iadapter.errors import ConfigError
+from t2iadapter.generation.controlnet import METADATA_KEY, read_single_file
 
 
 class TrainableControlNet(nn.Module):
@@ -67,9 +66,7 @@ def build(spec: Any, unet: Any, vae_scale_factor: int) -> TrainableControlNet:
     format diffusers reads, or our single file), in fp32."""
     from t2iadapter.generation.controlnet import check_fits, controlnet_from_unet, load_controlnet
 
-    if spec.init_from and str(spec.init_from).endswith(".safetensors") and _is_ours(spec.init_from):
-        module = load_file(spec.init_from)
-    elif spec.init_from:
+    if spec.init_from:
         module = TrainableControlNet(load_controlnet(spec.init_from))
     else:
         module = TrainableControlNet(controlnet_from_unet(unet, vae_scale_factor, conditioning_channels=spec.in_channels))
@@ -80,30 +77,9 @@ def build(spec: Any, unet: Any, vae_scale_factor: int) -> TrainableControlNet:
     return module.float().requires_grad_(True)
 
 
-def _is_ours(path: str | Path) -> bool:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            return METADATA_KEY in (f.metadata() or {})
-    except Exception:  # noqa: BLE001 - not a readable safetensors file: let diffusers' loader say why
-        return False
-
-
 def load_file(path: str | Path) -> TrainableControlNet:
     """Our single ControlNet file (a checkpoint's `controlnet.safetensors`)."""
-    from diffusers import ControlNetModel
-    from safetensors import safe_open
-    from safetensors.torch import load_file as load_tensors
-
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    if METADATA_KEY not in meta:
-        raise CheckpointError(f"{path} is not a ControlNet file written by t2iadapter train")
-    config = json.loads(meta[METADATA_KEY])
-    module = TrainableControlNet(ControlNetModel.from_config(config))
-    module.controlnet.load_state_dict(load_tensors(str(path)))
-    return module
+    return TrainableControlNet(read_single_file(path))
 
 
-__all__ = ["TrainableControlNet", "build", "load_file"]
+__all__ = ["METADATA_KEY", "TrainableControlNet", "build", "load_file"]

@@ -24,6 +24,7 @@ from torch import nn
 from t2iadapter.errors import CheckpointError, ConfigError
 from t2iadapter.generation.latents import posterior, sample_posterior, to_scaled
 from t2iadapter.train import checkpoint as ckpt
+from t2iadapter.train.throughput import SUMMARY_FILE, Meter, Throughput, device_name, peak_memory_gib, reset_peak_memory
 from t2iadapter.train.config import AdapterSpec, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -198,6 +199,10 @@ def _load_trained(file: Path, kind: str) -> nn.Module:
     return load_adapter(file)
 
 
+def _rate(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1f}"
+
+
 # ---------------------------------------------------------------------------------------------
 # the trainer
 
@@ -212,6 +217,8 @@ class TrainResult:
     outputs: list[Path] = field(default_factory=list)  # final adapter files/folders
     seconds: float = 0.0
     resumed_from: Path | None = None
+    throughput: Throughput | None = None  # samples/s of this run (main process's view)
+    peak_memory_gib: float | None = None  # accelerator memory peak of this process (None off CUDA)
 
 
 class Trainer:
@@ -624,6 +631,7 @@ class Trainer:
 
         cfg, recipe, acc = self.config, self.config.recipe, self.accelerator
         t0 = time.time()
+        reset_peak_memory(self.device)
         resumed_from = None
         if resume:
             path = ckpt.resolve(resume, self.ckpt_dir)
@@ -649,6 +657,8 @@ class Trainer:
         log_every = max(1, cfg.log_every)
         end = min(recipe.max_steps, stop_at) if stop_at is not None else recipe.max_steps
         saved_at = None
+        meter = Meter(self.step, recipe.batch_size * recipe.grad_accumulation * acc.num_processes,
+                                 time.perf_counter())
         try:
             while self.step < end:
                 micro = [next(batches) for _ in range(recipe.grad_accumulation)]
@@ -658,7 +668,8 @@ class Trainer:
                 metrics = self.train_step(micro)
                 pending.append(metrics["loss"])
                 if self.step % log_every == 0 or self.step == recipe.max_steps:
-                    losses = torch.stack(pending).float().cpu().tolist()
+                    losses = torch.stack(pending).float().cpu().tolist()  # waits for the device: a time mark
+                    meter.mark(self.step, time.perf_counter())
                     result.losses += losses
                     pending.clear()
                     bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{metrics['lr']:.2e}", skipped=self.skipped)
@@ -686,6 +697,10 @@ class Trainer:
                 writer.close()
         if pending:
             result.losses += torch.stack(pending).float().cpu().tolist()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        result.throughput = meter.result(self.step, time.perf_counter())
+        result.peak_memory_gib = peak_memory_gib(self.device)
         if saved_at != self.step and (result.step != self.step or not ckpt.checkpoints(self.ckpt_dir)):
             self.save_checkpoint()
         if self.is_main:
@@ -696,7 +711,40 @@ class Trainer:
         result.seconds = time.time() - t0
         if result.skipped:
             log.warning("%d unreadable samples were skipped", result.skipped)
+        if self.is_main:
+            self._write_summary(result)
         return result
+
+    def _write_summary(self, result: TrainResult) -> Path:
+        """`train_summary.json` in the output dir: samples/s, peak memory, the card, the batch, the last loss."""
+        import json
+
+        cfg, recipe, speed = self.config, self.config.recipe, result.throughput
+        summary = {
+            "kinds": {a.condition: a.kind for a in cfg.adapters},
+            "step": result.step,
+            "steps": speed.steps,  # this run's (a resumed run counts from its checkpoint)
+            "samples": speed.samples,
+            "loop_seconds": speed.seconds,
+            "samples_per_second": speed.samples_per_second,
+            "steady_samples_per_second": speed.steady_samples_per_second,
+            "peak_memory_gib": result.peak_memory_gib,
+            "device": device_name(self.device),
+            "processes": self.accelerator.num_processes,
+            "batch_size": recipe.batch_size,
+            "grad_accumulation": recipe.grad_accumulation,
+            "resolution": cfg.data.resolution,
+            "mixed_precision": recipe.mixed_precision if self.amp_dtype is not None else "no",
+            "trainable_parameters": sum(p.numel() for p in self.params),
+            "last_loss": result.losses[-1] if result.losses else None,
+            "run_seconds": result.seconds,
+        }
+        path = self.output_dir / SUMMARY_FILE
+        path.write_text(json.dumps(summary, indent=2) + "\n")
+        peak = "" if result.peak_memory_gib is None else f", peak {result.peak_memory_gib:.2f} GiB"
+        log.info("%d steps, %d samples in %.1f s: %s samples/s (steady %s)%s", speed.steps, speed.samples, speed.seconds,
+                 _rate(speed.samples_per_second), _rate(speed.steady_samples_per_second), peak)
+        return path
 
     def _out_of_time(self, t0: float) -> bool:
         """Whether the wall-clock budget is spent, decided the same on every process (DDP stays in step)."""

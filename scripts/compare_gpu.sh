@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Device calls of the adapter-vs-ControlNet comparison (issue 16; docs/demo-model.md, "Adapter vs ControlNet").
+# Each fits one call of under ten minutes; RUN (kept on the warm machine between calls) holds the runs.
+#   bash scripts/compare_gpu.sh train MINUTES             # the compare phase: the sketch adapter, then the sketch
+#                                                         # ControlNet, each alone on the GPU for MINUTES
+#   bash scripts/compare_gpu.sh measure SCENES            # quality on SCENES held-out scenes, fast-mode ms/image
+#   bash scripts/compare_gpu.sh rest MINUTES FUSER_MINUTES    # seg, depth, pose, colour at once, then the fuser
+# Environment: BASE (default: demo, the shipped base, v2 by then), RUN (/root/demo-adapters), BATCH (48), WORKERS (6 DataLoader
+# workers per run: the compare phase runs one process at a time; `rest` runs four, so give it WORKERS=3).
+# What comes back in $OUT (each file under 15 MiB): the fp16 sketch adapter and ControlNet, the script's log with
+# both runs' samples/s and peak memory, compare_gpu.json/.md (merge it on the CPU: docs/demo-model.md).
+set -euo pipefail
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH=/tmp/site:$PWD/src
+BASE=${BASE:-demo}
+RUN=${RUN:-/root/demo-adapters}
+OUT=${OUT:-/tmp/out}
+BATCH=${BATCH:-48}
+WORKERS=${WORKERS:-6}
+mkdir -p "$RUN" "$OUT"
+phase=$1; shift
+case $phase in
+    train)
+        python3 scripts/train_demo_adapters.py --base "$BASE" --out "$RUN" --controlnet-sketch --phases compare \
+            --compare-minutes "$1" --batch "$BATCH" --workers "$WORKERS" 2>&1 | tee "$OUT/compare_train.log" | tail -8
+        mkdir -p "$OUT/adapters" "$OUT/controlnets" "$OUT/runs"
+        cp "$RUN/adapters/sketch.safetensors" "$OUT/adapters/"
+        cp "$RUN/controlnets/controlnet-sketch.safetensors" "$OUT/controlnets/"
+        for r in sketch controlnet-sketch; do
+            cp "$RUN/runs/$r/config.json" "$OUT/runs/$r-config.json"
+            cp "$RUN/runs/$r/train_summary.json" "$OUT/runs/$r-train_summary.json"
+        done
+        cp "$RUN/adapters_log.json" "$OUT/" ;;
+    measure)
+        python3 benchmarks/compare_adapter_controlnet.py --base "$BASE" --adapter "$RUN/adapters/sketch.safetensors" \
+            --controlnet "$RUN/controlnets/controlnet-sketch.safetensors" --train-log "$RUN/adapters_log.json" \
+            --scenes "$1" --device cuda --json "$OUT/compare_gpu.json" --out "$OUT/compare_gpu.md" 2>&1 | tail -20 ;;
+    rest)
+        python3 scripts/train_demo_adapters.py --base "$BASE" --out "$RUN" --controlnet-sketch --phases adapters,fuser \
+            --minutes "$1" --fuser-minutes "$2" --batch "$BATCH" --workers "$WORKERS" 2>&1 | tee "$OUT/rest_train.log" | tail -8
+        mkdir -p "$OUT/adapters" && cp "$RUN"/adapters/*.safetensors "$OUT/adapters/" && cp "$RUN/adapters_log.json" "$OUT/" ;;
+    *)
+        echo "usage: $0 train MINUTES | measure SCENES | rest MINUTES FUSER_MINUTES" >&2; exit 2 ;;
+esac
+ls -la "$OUT"
