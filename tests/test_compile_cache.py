@@ -78,9 +78,12 @@ ROUND_TRIP = textwrap.dedent("""
     torch.set_num_threads(1)
     torch.manual_seed(0)
     module = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    precompile = sys.argv[2] == "1" and cc.enable_precompile()
     setup = cc.Setup(torch=torch.__version__, triton=None, python="3", device=cc.device_label("cpu"), base="mlp",
-                     family="sd", dtype="float32", precision="fp32", mode="default", adapters=())
+                     family="sd", dtype="float32", precision="fp32", mode="default", adapters=(), precompile=precompile)
     cache = cc.CompileCache(sys.argv[1], setup)
+    if precompile:
+        cache.preload()  # before torch.compile: dynamo reads its cache when it wraps the module
     compiled = torch.compile(module, dynamic=False)
     with torch.no_grad(), cache.first_call(cc.Shape(8, 8)):
         y = compiled(torch.ones(2, 8))
@@ -90,17 +93,18 @@ ROUND_TRIP = textwrap.dedent("""
 """)
 
 
-def test_saved_graphs_load_in_a_new_process_from_a_copied_folder(tmp_path):
+@pytest.mark.parametrize("precompile", [False, True], ids=["inductor-cache", "precompile"])
+def test_saved_graphs_load_in_a_new_process_from_a_copied_folder(tmp_path, precompile):
     """Process 1 compiles (inductor, CPU) and saves; process 2 — its own empty inductor cache, the folder copied
-    elsewhere, as on another machine — loads the file and compiles nothing."""
+    elsewhere, as on another machine — loads the file and compiles nothing (with precompile: traces nothing)."""
     script = tmp_path / "round_trip.py"
     script.write_text(ROUND_TRIP)
 
     def run(folder, inductor_dir):
         env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1",
                    TORCHINDUCTOR_CACHE_DIR=str(inductor_dir))
-        done = subprocess.run([sys.executable, str(script), str(folder)], capture_output=True, text=True, env=env,
-                              timeout=300)
+        done = subprocess.run([sys.executable, str(script), str(folder), "1" if precompile else "0"],
+                              capture_output=True, text=True, env=env, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -111,8 +115,11 @@ def test_saved_graphs_load_in_a_new_process_from_a_copied_folder(tmp_path):
     shutil.copytree(tmp_path / "cache", tmp_path / "copied")
     second = run(tmp_path / "copied", tmp_path / "inductor-2")
     assert second["status"] == "loaded", second
-    assert second["counts"]["hit"] > 0 and second["counts"]["miss"] == 0
-    assert second["y"] == first["y"]
+    assert second["counts"]["miss"] == 0 and second["y"] == first["y"]
+    if precompile:  # dynamo's result came from the file: nothing traced
+        assert second["counts"]["dynamo_hit"] > 0 and second["counts"]["graphs"] == 0, second
+    else:
+        assert second["counts"]["hit"] > 0
 
 
 def fake_torch_cache(monkeypatch):

@@ -4,7 +4,9 @@ What is stored is torch's own portable compile cache: `torch.compiler.save_cache
 that compiled (inductor's compiled graphs with their Triton kernels, AOTAutograd's entries, autotuning
 results), and `torch.compiler.load_cache_artifacts()` before the first compiled call of the same key. There is
 no serializer of ours; torch checks every entry against its own keys, so a file can only make compiling
-shorter, never change a result. Dynamo still traces the modules in the new process (seconds, not minutes).
+shorter, never change a result. Dynamo still traces the modules in the new process (seconds, not minutes),
+unless torch's caching precompile is on (`optimize(precompile=True)` or $T2IADAPTER_PRECOMPILE=1,
+experimental): then dynamo's traced bytecode and guards are in the file too and the new process skips tracing.
 
 Layout (`cache_dir()`: the `cache_dir` option, else $T2IADAPTER_COMPILE_CACHE, else the user cache folder):
 
@@ -42,6 +44,7 @@ import torch
 log = logging.getLogger(__name__)
 
 ENV = "T2IADAPTER_COMPILE_CACHE"  # the cache folder (overrides the user cache folder; `cache_dir=` overrides it)
+PRECOMPILE_ENV = "T2IADAPTER_PRECOMPILE"  # 1: dynamo's own results go into the files too (`enable_precompile`)
 FORMAT = 1  # manifest layout; a manifest of another format is ignored
 _LOADED: set[str] = set()  # sha256 of the artefacts given to torch in this process (each is loaded once)
 
@@ -62,6 +65,25 @@ def cache_dir(override: str | os.PathLike | None = None) -> Path:
     if os.environ.get(ENV):
         return Path(os.environ[ENV]).expanduser()
     return user_cache_root() / "t2iadapter" / "compiled"
+
+
+def precompile_default() -> bool:
+    """`optimize(precompile=None)`: on when $T2IADAPTER_PRECOMPILE is 1 (experimental, see `enable_precompile`)."""
+    return os.environ.get(PRECOMPILE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def enable_precompile() -> bool:
+    """Turn on torch's caching precompile (`torch._dynamo.config.caching_precompile`, experimental, process-wide):
+    dynamo's traced bytecode and guards are saved with the compiled graphs, so a process that loads the file skips
+    tracing too (the seconds the inductor cache alone leaves). Must be on before `torch.compile` wraps a module.
+    False where this torch has no such option."""
+    config = torch._dynamo.config
+    if not hasattr(config, "caching_precompile"):
+        log.warning("this torch (%s) has no caching precompile; only inductor's compiled graphs are cached",
+                    torch.__version__)
+        return False
+    config.caching_precompile = True
+    return True
 
 
 def _digest(value: Any, n: int = 12) -> str:
@@ -118,14 +140,15 @@ class Setup:
     precision: str  # bf16 | fp16 | fp32 | fp8
     mode: str  # torch.compile mode
     adapters: tuple[str, ...]  # adapter_architectures()
+    precompile: bool = False  # dynamo's results in the files too (`enable_precompile`)
 
     @classmethod
     def of(cls, base: Any, adapters: Mapping[str, Any], device: str | torch.device, dtype: torch.dtype, precision: str,
-           mode: str) -> "Setup":
+           mode: str, precompile: bool = False) -> "Setup":
         return cls(torch=torch.__version__, triton=_triton_version(), python=platform.python_version(),
                    device=device_label(device), base=architecture(base), family="sdxl" if base.is_sdxl else "sd",
                    dtype=str(dtype).replace("torch.", ""), precision=precision, mode=mode,
-                   adapters=adapter_architectures(adapters))
+                   adapters=adapter_architectures(adapters), precompile=precompile)
 
     @property
     def folder(self) -> str:
@@ -180,7 +203,9 @@ def _counts() -> dict[str, int]:
 
     return {"graphs": counters["stats"]["unique_graphs"],
             "miss": counters["inductor"]["fxgraph_cache_miss"] + counters["aot_autograd"]["autograd_cache_miss"],
-            "hit": counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"]}
+            "hit": counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"],
+            "dynamo_hit": counters["dynamo_cache"]["dynamo_cache_hit"],
+            "dynamo_miss": counters["dynamo_cache"]["dynamo_cache_miss"]}
 
 
 def compile_counts() -> dict[str, int]:
@@ -201,6 +226,7 @@ class CompileCache:
         self.report = report
         self.events: list[Event] = []
         self._done: set[Shape] = set()
+        self._preloaded: set[Shape] = set()
 
     @property
     def folder(self) -> Path:
@@ -266,6 +292,24 @@ class CompileCache:
                  ", ".join(f"{len(v)} {k}" for k, v in info.artifacts.items()))
         return "loaded", ""
 
+    def preload(self) -> list[Shape]:
+        """Load every sound file of this setup now, oldest first (the newest dynamo entry wins; each file holds all
+        its process had). With precompile this must run before `torch.compile` wraps the modules: dynamo reads its
+        cache then, not at the first call."""
+        if not self.folder.is_dir():
+            return []
+        names = {f.name for f in dataclasses.fields(Shape)}
+        for manifest in sorted(self.folder.glob("*.json"), key=lambda p: p.stat().st_mtime):
+            try:
+                key = json.loads(manifest.read_text())["key"]
+                shape = Shape(**{k: key[k] for k in names})
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("ignoring compiled-graph cache %s: unreadable (%s)", manifest, type(exc).__name__)
+                continue
+            if self.load(shape)[0] == "loaded":
+                self._preloaded.add(shape)
+        return sorted(self._preloaded, key=lambda s: s.name)
+
     # ------------------------------------------------------------------ writing
 
     def save(self, shape: Shape, seconds: float) -> Path | None:
@@ -305,7 +349,7 @@ class CompileCache:
         if shape in self._done:
             yield
             return
-        status, why = self.load(shape)
+        status, why = ("loaded", "") if shape in self._preloaded else self.load(shape)
         before = _counts()
         if status != "loaded":
             self._say(f"fast mode: compiling for {shape.describe()} (once; later runs load it from {self.folder})")
@@ -315,6 +359,8 @@ class CompileCache:
         self._done.add(shape)
         after = _counts()
         missed = after["miss"] - before["miss"]
+        if self.setup.precompile:
+            missed += after["dynamo_miss"] - before["dynamo_miss"]  # traced again: the file lacks dynamo's part
         if status == "loaded" and not missed:
             event = Event(shape, "loaded", self.path(shape), seconds)
         else:  # no file, a bad one, or graphs it lacked: write what this process has (a key without new graphs too)

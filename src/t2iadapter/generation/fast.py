@@ -46,6 +46,7 @@ class FastSettings:
     compile_vae: bool = True
     compile_adapters: bool = True
     precision: str = ""  # bf16 | fp16 | fp32 | fp8 ("" : the dtype's name)
+    precompile: bool = False  # torch's caching precompile (compile_cache.enable_precompile) was on when compiled
 
     @property
     def fp8(self) -> bool:

@@ -235,7 +235,8 @@ class AdapterPipeline:
 
     def optimize(self, *, compile: bool = True, dtype: torch.dtype | None = None, precision: str | None = None,
                  mode: str = "reduce-overhead", backend: Any = "inductor", fuse_qkv: bool = True, compile_vae: bool = True,
-                 compile_adapters: bool = True, cache_dir: str | os.PathLike | bool | None = None) -> "AdapterPipeline":
+                 compile_adapters: bool = True, cache_dir: str | os.PathLike | bool | None = None,
+                 precompile: bool | None = None) -> "AdapterPipeline":
         """Fast mode (see `t2iadapter.generation.fast`): bf16/fp16 on GPU, channels-last, SDPA with fused q/k/v,
         compiled UNet (CUDA graphs on GPU), VAE decoder and adapters, and a loop without host syncs.
 
@@ -246,19 +247,27 @@ class AdapterPipeline:
         `backend` is any torch.compile backend (the tests count compilations with one); `mode` applies
         to the inductor backend only. Compilation happens on the first call of each size; with inductor the
         compiled graphs are saved to `cache_dir` (default `compile_cache.cache_dir()`, False: no files) and loaded
-        by later processes (`generation.compile_cache`, `t2iadapter compile`).
+        by later processes (`generation.compile_cache`, `t2iadapter compile`). `precompile` (default
+        $T2IADAPTER_PRECOMPILE) turns on torch's experimental caching precompile, process-wide, so the files also
+        spare the next process dynamo's tracing.
         """
         name, target = fast.resolve_precision(precision, dtype, self.device)
         self.to(dtype=target)
         self.loras.fuse()  # LoRA layers merged into the weights before fusing q/k/v and compiling
+        folder = compile_cache.folder_for(cache_dir) if compile and backend == "inductor" else None
+        if precompile is None:
+            precompile = compile_cache.precompile_default()
+        precompile = bool(precompile and folder is not None and compile_cache.enable_precompile())
         settings = fast.FastSettings(dtype=target, compile=compile, mode=mode, backend=backend, fuse_qkv=fuse_qkv,
-                                     compile_vae=compile_vae, compile_adapters=compile_adapters, precision=name)
+                                     compile_vae=compile_vae, compile_adapters=compile_adapters, precision=name,
+                                     precompile=precompile)
+        self.compile_cache = None if folder is None else compile_cache.CompileCache(
+            folder, compile_cache.Setup.of(self.base, self.adapters, self.device, target, name, mode, precompile))
+        if precompile:
+            self.compile_cache.preload()  # dynamo looks its cache up when torch.compile wraps a module (next line)
         fast.optimize_base(self.base, settings)
         fast.optimize_adapters(self.adapters, settings)
         self.fast = True
-        folder = compile_cache.folder_for(cache_dir) if compile and backend == "inductor" else None
-        self.compile_cache = None if folder is None else compile_cache.CompileCache(
-            folder, compile_cache.Setup.of(self.base, self.adapters, self.device, target, name, mode))
         return self
 
     def _compiled_call(self, requests: Sequence[GenerationRequest], *, batched: bool = False):
