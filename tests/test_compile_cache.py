@@ -266,3 +266,21 @@ def test_compile_command_then_generate_on_the_cpu(tmp_path, monkeypatch, capsys)
                 "--device", "cpu", "--cache-dir", str(folder), "--threads", "1", "--out", str(png)]) == 0
     out = capsys.readouterr().out
     assert "fast mode: compiled 64x64, 1 image" in out and png.exists()
+
+
+def test_fast_v2_benchmark_smoke_run(tmp_path):
+    """benchmarks/bench_fast_v2.py --smoke: every phase's worker process on the CPU, the table written."""
+    import importlib.util
+
+    path = ROOT / "benchmarks" / "bench_fast_v2.py"
+    spec = importlib.util.spec_from_file_location("bench_fast_v2", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_fast_v2"] = bench
+    spec.loader.exec_module(bench)
+    out = bench.main(["--smoke", "--kinds", "inductor", "--out", str(tmp_path)])
+    results = out["results"]
+    assert results["first-tiny-inductor-copy"]["first_image_s"] > 0 and results["eager-tiny"]["speedup"] > 0
+    assert "compute capability 8.9" in results["fp8-tinyx2"]["refused"]  # refused on the CPU, as it must be
+    assert 0 <= results["iou-demo"]["bf16"]["iou"] <= 1 and "refused" in results["iou-demo"]["fp8"]
+    table = (tmp_path / "bench_fast_v2.md").read_text()
+    assert "| first image, new process, copied cache folder" in table and "Machine: CPU" in table
