@@ -413,10 +413,21 @@ class Run:
         return self.wait(name, proc, result, started)
 
     def parallel(self, jobs: list[tuple[str, str, tuple[str, ...]]]) -> None:
-        started = time.perf_counter()
-        procs = [(name, *self.spawn(name, job, *extra, share=len(jobs))) for name, job, extra in jobs]
-        for name, proc, result in procs:
-            self.wait(name, proc, result, started)
+        """At most --parallel workers at once (GPU memory: an SDXL worker holds ~15 GB while it compiles)."""
+        width = max(1, min(self.args.parallel, len(jobs)))
+        queue, running = list(jobs), []
+        while queue or running:
+            while queue and len(running) < width:
+                name, job, extra = queue.pop(0)
+                running.append((name, time.perf_counter(), *self.spawn(name, job, *extra, share=width)))
+            time.sleep(0.5)
+            if self.left() < -120:  # far past the budget: stop what still compiles (its rows say so)
+                for item in running:
+                    item[2].kill()
+            for item in [r for r in running if r[2].poll() is not None]:
+                running.remove(item)
+                name, started, proc, result = item
+                self.wait(name, proc, result, started)
 
     def write(self) -> None:
         data = {"meta": self.meta, "results": self.results}
@@ -524,6 +535,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--large", action=argparse.BooleanOptionalAction, default=None,
                    help="the large case too (SDXL; --smoke: tiny-xl); default: on, off with --smoke")
     p.add_argument("--budget-s", type=float, default=540.0, help="skip later phases that would pass this")
+    p.add_argument("--parallel", type=int, default=4, help="cold-compile processes at once (default 4)")
     p.add_argument("--out", default=os.environ.get("OUT", "out"))
     args = p.parse_args(argv)
     import logging
@@ -560,7 +572,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for case in fp8_cases if fp8_ok else ():  # (else refused below, with the reason)
         jobs.append((f"cold-fp8-{case}", "compile", ("--case", case, "--cache", str(fp8_cache), "--precision", "fp8",
                                                      "--batches", str(CASES[case][2]))))
-    run.say(f"cold compiles ({len(jobs)} processes in parallel)")
+    run.say(f"cold compiles ({len(jobs)} processes, {args.parallel} at a time)")
     run.parallel(jobs)
 
     # 3. first image in new processes: the cache folder, then a copy of it elsewhere (inductor kind first)
