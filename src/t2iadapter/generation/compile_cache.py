@@ -359,8 +359,8 @@ class CompileCache:
         self._done.add(shape)
         after = _counts()
         missed = after["miss"] - before["miss"]
-        if self.setup.precompile:
-            missed += after["dynamo_miss"] - before["dynamo_miss"]  # traced again: the file lacks dynamo's part
+        if self.setup.precompile:  # dynamo traced after all (no entry, or one it could not use): the file lacks it
+            missed += max(after["dynamo_miss"] - before["dynamo_miss"], after["graphs"] - before["graphs"])
         if status == "loaded" and not missed:
             event = Event(shape, "loaded", self.path(shape), seconds)
         else:  # no file, a bad one, or graphs it lacked: write what this process has (a key without new graphs too)

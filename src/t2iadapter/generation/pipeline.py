@@ -261,13 +261,14 @@ class AdapterPipeline:
         settings = fast.FastSettings(dtype=target, compile=compile, mode=mode, backend=backend, fuse_qkv=fuse_qkv,
                                      compile_vae=compile_vae, compile_adapters=compile_adapters, precision=name,
                                      precompile=precompile)
-        self.compile_cache = None if folder is None else compile_cache.CompileCache(
+        cache = None if folder is None else compile_cache.CompileCache(
             folder, compile_cache.Setup.of(self.base, self.adapters, self.device, target, name, mode, precompile))
         if precompile:
-            self.compile_cache.preload()  # dynamo looks its cache up when torch.compile wraps a module (next line)
+            cache.preload()  # dynamo looks its cache up when torch.compile wraps a module (next lines)
         fast.optimize_base(self.base, settings)
         fast.optimize_adapters(self.adapters, settings)
         self.fast = True
+        self.compile_cache = cache
         return self
 
     def _compiled_call(self, requests: Sequence[GenerationRequest], *, batched: bool = False):
