@@ -4,6 +4,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# fast mode's compiled-graph files (issue 18) go to a temporary folder, never the user's cache
+import tempfile  # noqa: E402
+
+os.environ.setdefault("T2IADAPTER_COMPILE_CACHE", tempfile.mkdtemp(prefix="t2iadapter-test-compiled-"))
 
 import pytest
 import torch

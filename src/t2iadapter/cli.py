@@ -50,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.setdefault(var, "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+        # torchao (the fp8 extra) is imported by diffusers whenever it is installed; its import notices (C++
+        # extensions for other torch builds, pytree registrations) and a CUDA build's C++-compile notice on a CPU
+        # are not for a person running a command
+        for name in ("torchao", "torch.utils._pytree", "torch.utils.cpp_extension"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

@@ -190,3 +190,23 @@ def no_features(unet: UNet2DConditionModel, batch: int, latent_size: tuple[int, 
     """All-zero channels-last features for a call without spatial adapters: the same compiled graph as one with them."""
     return [torch.zeros(batch, *shape, dtype=dtype, device=device).contiguous(memory_format=torch.channels_last)
             for shape in feature_shapes(unet, latent_size)]
+
+
+def transformer_linears(unet: UNet2DConditionModel) -> list[str]:
+    """Qualified names of the Linear layers inside the UNet's transformer blocks that a call uses: attention
+    projections (the fused q/k/v where `use_sdpa(fused_qkv=True)` made them, not the separate ones they replace),
+    feed-forwards, and SDXL's linear proj_in/proj_out. Time, class and size embeddings are not among them.
+    """
+    names = []
+    for name, module in unet.named_modules():
+        if not isinstance(module, torch.nn.Linear) or not (".transformer_blocks." in name or
+                                                          name.endswith((".proj_in", ".proj_out"))):
+            continue
+        parent, _, leaf = name.rpartition(".")
+        attn = unet.get_submodule(parent)
+        if getattr(attn, "fused_projections", False) and leaf in ("to_q", "to_k", "to_v"):
+            fused = ("to_k", "to_v") if getattr(attn, "is_cross_attention", False) else ("to_q", "to_k", "to_v")
+            if leaf in fused:
+                continue  # replaced by to_qkv / to_kv in the call
+        names.append(name)
+    return names

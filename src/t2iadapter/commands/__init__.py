@@ -14,6 +14,25 @@ def add_threads_argument(p) -> None:
                    help="CPU threads for torch (default: torch's own; on a busy shared CPU, 1 can be several times faster)")
 
 
+FAST_CHOICES = ("auto", "bf16", "fp16", "fp32", "fp8")  # --fast [PRECISION]; auto: bf16/fp16 on a GPU, fp32 on the CPU
+
+
+def add_fast_arguments(p, what: str) -> None:
+    """`--fast [PRECISION]` and `--cache-dir DIR` (issue 18): fast mode and where its compiled graphs are kept."""
+    p.add_argument("--fast", nargs="?", const="auto", default=None, choices=FAST_CHOICES, metavar="PRECISION",
+                   help=f"fast mode {what}: half precision, channels-last, torch.compile; PRECISION is auto (default: "
+                   "bf16/fp16 on a GPU, fp32 on the CPU), bf16, fp16, fp32 or fp8 (GPUs of compute capability 8.9+, "
+                   "needs torchao)")
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="folder of fast mode's compiled graphs (default: $T2IADAPTER_COMPILE_CACHE, else "
+                   "~/.cache/t2iadapter/compiled); written after a compile, loaded before the next one")
+
+
+def fast_precision(value: str | None) -> str | None:
+    """The `precision=` of `optimize()` for a --fast value (None: the device's default)."""
+    return None if value in (None, "auto") else value
+
+
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 

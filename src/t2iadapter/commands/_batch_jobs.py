@@ -199,7 +199,11 @@ def run(args: argparse.Namespace) -> int:
     pipe = AdapterPipeline.from_pretrained(args.base, sources, fuser=args.fuser, style_encoder=args.style_encoder,
                                            device=device, dtype=dtype, config_dir=args.config_dir)
     if args.fast:
-        pipe.optimize()
+        from t2iadapter.commands import fast_precision
+
+        pipe.optimize(precision=fast_precision(args.fast), cache_dir=args.cache_dir)
+        if pipe.compile_cache is not None:
+            pipe.compile_cache.report = lambda line: print(f"{rank}: {line}", file=sys.stderr, flush=True)
     out.mkdir(parents=True, exist_ok=True)
     root = jobs_file.resolve().parent
     failed: list[str] = []

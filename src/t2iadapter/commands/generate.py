@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from t2iadapter.commands import DEMO_BASE, add_threads_argument, parse_adapters
+from t2iadapter.commands import DEMO_BASE, add_fast_arguments, add_threads_argument, fast_precision, parse_adapters
 from t2iadapter.commands import _batch_jobs as batch_jobs
 from t2iadapter.errors import ConfigError
 from t2iadapter.generation.request import FUSER_WINDOW_MODES, defaults
@@ -34,7 +34,7 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-images", type=int, default=d["num_images"], help="images to generate (FILE-0.png, FILE-1.png, ...)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default: fp16 on GPU, fp32 on CPU")
-    p.add_argument("--fast", action="store_true", help="fast mode on GPU: half precision, channels-last, torch.compile")
+    add_fast_arguments(p, "(for a GPU)")
     add_threads_argument(p)
 
 
@@ -170,8 +170,15 @@ def run(args: argparse.Namespace) -> int:
         if len(named) != len(args.adapter) + 1:
             raise ConfigError(f"--style-adapter {args.style_adapter}: its name is already used by an --adapter")
     device, dtype = resolve_device(args.device, args.dtype)
-    if args.fast and device == "cpu":
-        print("--fast on the CPU: compiling the model first takes about a minute and a half", flush=True)
+    if args.fast:
+        import torch
+
+        from t2iadapter.generation.fast import resolve_precision
+
+        resolve_precision(fast_precision(args.fast), None, torch.device(device))  # fp8 where it cannot run: now
+        if device == "cpu":
+            print("--fast on the CPU: compiling the model the first time takes about a minute and a half (later runs "
+                  "load it from the cache)", flush=True)
     adapters = list(named.values())
     conditions = adapter_conditions + ([args.style_image] if args.style_image else [])
     pipe = AdapterPipeline.from_pretrained(args.base, named, fuser=args.fuser, style_encoder=args.style_encoder,
@@ -179,7 +186,9 @@ def run(args: argparse.Namespace) -> int:
     for source, scale in loras:
         pipe.load_lora(source, scale=scale)
     if args.fast:
-        pipe.optimize()  # after the LoRAs: fast mode fuses them into the weights
+        pipe.optimize(precision=fast_precision(args.fast), cache_dir=args.cache_dir)  # after the LoRAs: fused in
+        if pipe.compile_cache is not None:
+            pipe.compile_cache.report = lambda line: print(line, flush=True)
     uses = tuple(AdapterUse(name, cond, **({"weight": args.weight[i]} if args.weight else {}),  # else the request's
                             **({"window": windows[i]} if windows else {}))
                  for i, (name, cond) in enumerate(zip(pipe.adapters, conditions)))

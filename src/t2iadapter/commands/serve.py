@@ -5,7 +5,7 @@ import argparse
 import logging
 import os
 
-from t2iadapter.commands import DEMO_BASE, add_threads_argument, parse_adapters
+from t2iadapter.commands import DEMO_BASE, add_fast_arguments, add_threads_argument, fast_precision, parse_adapters
 from t2iadapter.server.limits import Limits
 
 log = logging.getLogger(__name__)
@@ -50,9 +50,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     p.add_argument("--devices", type=parse_devices, default=(), metavar="DEV,DEV",
                    help="one model worker per device behind the one queue, e.g. cuda:0,cuda:1 (default: --device)")
-    p.add_argument("--fast", action="store_true", help="fast mode on each worker (half precision, torch.compile)")
+    add_fast_arguments(p, "on each worker")
     p.add_argument("--warmup", type=parse_sizes, default=(), metavar="WxH,WxH",
-                   help="sizes each worker runs once at start-up, e.g. 512x512 (with --fast: compiled before serving)")
+                   help="sizes each worker runs once at start-up, e.g. 512x512 (with --fast: compiled, or loaded from "
+                   "--cache-dir, before serving)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default: fp16 on GPU, fp32 on CPU")
     add_threads_argument(p)
     p.set_defaults(func=run)
@@ -78,7 +79,14 @@ def settings_from(args: argparse.Namespace):
 
     from t2iadapter.generation.pipeline import resolve_device
 
-    resolve_device(args.device, args.dtype)  # a bad --device is one line now, not a traceback at startup
+    device, _ = resolve_device(args.device, args.dtype)  # a bad --device is one line now, not a traceback at startup
+    if args.fast:
+        import torch
+
+        from t2iadapter.generation.fast import resolve_precision
+
+        for dev in args.devices or (device,):  # fp8 on a CPU or an older GPU: one line now
+            resolve_precision(fast_precision(args.fast), None, torch.device(dev))
     adapters = parse_adapters(args.adapter)
     fuser = args.fuser
     if args.base == "demo":
@@ -93,7 +101,8 @@ def settings_from(args: argparse.Namespace):
                     queue_size=args.queue_size, timeout=args.timeout, max_batch=args.max_batch,
                     batch_wait_ms=args.batch_wait_ms)
     settings = ServerSettings(base=args.base, adapters=adapters, fuser=fuser, device=args.device, dtype=args.dtype,
-                              devices=args.devices, fast=args.fast, warmup=args.warmup,
+                              devices=args.devices, fast=args.fast or False, warmup=args.warmup,
+                              cache_dir=args.cache_dir,
                               controlnets=parse_adapters(getattr(args, "controlnet", []), "--controlnet"))
     return settings, limits
 
@@ -105,6 +114,9 @@ def run(args: argparse.Namespace) -> int:
         log.warning("no adapters registered: the server generates from text only")
     if args.host not in ("127.0.0.1", "localhost", "::1") and not token:
         log.warning("listening on %s without a token: anyone who can reach it can use the model", args.host)
+
+    if settings.fast:  # when compiling starts, how long it took, and whether the compiled-graph cache served
+        logging.getLogger("t2iadapter.generation.compile_cache").setLevel(logging.INFO)
 
     import uvicorn
 

@@ -2,6 +2,8 @@
 
 What `optimize()` sets up, and what the fast denoising loop (`loop.denoise_fast`) does with it:
 - weights in bf16 (fp16 where the card lacks bf16) on GPU; every conv net in channels-last memory;
+  with `precision="fp8"` the UNet's transformer matmuls in float8 (`generation.fp8`, torchao; GPUs of compute
+  capability 8.9 and up);
 - attention through PyTorch's fused SDPA (flash / memory-efficient kernels), q/k/v in one matmul;
 - the UNet, the VAE decoder and the spatial adapters wrapped in `torch.compile` with `dynamic=False`;
   the UNet with CUDA graphs (`reduce-overhead`), so a 30-step loop is 30 graph replays;
@@ -13,6 +15,7 @@ What `optimize()` sets up, and what the fast denoising loop (`loop.denoise_fast`
   (timesteps and sigmas on the CPU), the UNet gets device timesteps prepared before the loop.
   Ancestral/SDE samplers still draw their per-step noise with the CPU generator (as diffusers does).
 If compiling fails, the module runs eagerly and one warning is logged (`CompiledForward.error`).
+Compiled graphs are saved as files and loaded by later processes (`generation.compile_cache`, issue 18).
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ log = logging.getLogger(__name__)
 
 # The modes torch.compile knows; "reduce-overhead" and "max-autotune" add CUDA graphs.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# optimize(precision=...): the networks' dtype, or fp8 (bf16 networks, the UNet's transformer matmuls in float8)
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,38 @@ class FastSettings:
     fuse_qkv: bool = True  # one q/k/v projection matmul per attention layer (copies of the weights)
     compile_vae: bool = True
     compile_adapters: bool = True
+    precision: str = ""  # bf16 | fp16 | fp32 | fp8 ("" : the dtype's name)
+    precompile: bool = False  # torch's caching precompile (compile_cache.enable_precompile) was on when compiled
+
+    @property
+    def fp8(self) -> bool:
+        return self.precision == "fp8"
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    """bf16 / fp16 / fp32 for a torch dtype."""
+    return next(name for name, d in PRECISIONS.items() if d == dtype and name != "fp8")
+
+
+def resolve_precision(precision: str | None, dtype: torch.dtype | None, device: torch.device) -> tuple[str, torch.dtype]:
+    """(precision name, networks' dtype) of `optimize(precision=, dtype=)`: fp8 is refused where it cannot run."""
+    from t2iadapter.errors import ConfigError
+
+    if precision is None:
+        target = dtype or default_dtype(device)
+        if target not in PRECISIONS.values():
+            raise ConfigError(f"fast mode runs in bf16, fp16 or fp32, not {target}")
+        return precision_name(target), target
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if dtype is not None and dtype != PRECISIONS[precision]:
+        raise ConfigError(f"precision={precision!r} runs the networks in {precision_name(PRECISIONS[precision])}; "
+                          f"dtype={str(dtype).replace('torch.', '')} contradicts it (give one of them)")
+    if precision == "fp8":
+        from t2iadapter.generation import fp8
+
+        fp8.check_supported(device)
+    return precision, PRECISIONS[precision]
 
 
 def compile_kwargs(backend: Any, mode: str | None, *, cudagraphs: bool) -> dict[str, Any]:
@@ -119,7 +156,8 @@ def status(pipe: Any) -> dict[str, Any]:
         "fast": bool(getattr(pipe, "fast", False)),
         "dtype": str(pipe.dtype).replace("torch.", ""),
         "settings": None if settings is None else {"compile": settings.compile, "mode": settings.mode,
-                                                   "backend": str(settings.backend), "fuse_qkv": settings.fuse_qkv},
+                                                   "backend": str(settings.backend), "fuse_qkv": settings.fuse_qkv,
+                                                   "precision": settings.precision},
         "compiled": {n: (w.error or "ok") for n, w in compiled_modules(pipe.base, pipe.adapters).items()},
     }
 
@@ -139,10 +177,28 @@ def optimize_base(base: Any, settings: FastSettings) -> None:
         return
     if previous is not None:
         log.info("re-optimizing a base already prepared with other fast settings: its modules compile again")
+        if previous.fp8 and not settings.fp8:
+            from t2iadapter.errors import ConfigError
+
+            raise ConfigError("this base's UNet runs in fp8 (its bf16 weights were let go); load the base again for "
+                              f"{settings.precision}")
+    quantized = previous is not None and previous.fp8  # attention already set up and quantized: keep it as it is
+    if quantized and previous.fuse_qkv != settings.fuse_qkv:
+        from t2iadapter.errors import ConfigError
+
+        raise ConfigError(f"this base's fp8 UNet was made with fuse_qkv={previous.fuse_qkv}; load the base again to change it")
     unet, vae = base.unet, base.vae
-    unet_hook.use_sdpa(unet, fused_qkv=settings.fuse_qkv)
+    if not quantized:
+        unet_hook.use_sdpa(unet, fused_qkv=settings.fuse_qkv)
     unet.to(memory_format=torch.channels_last)
     vae.to(memory_format=torch.channels_last)
+    if settings.fp8 and not quantized:
+        from t2iadapter.generation import fp8
+
+        # a new module sharing the other tensors; the UNet handed in keeps its weights (and, if nobody else holds
+        # it, is let go with them)
+        base.unet, _ = fp8.quantize_unet(unet)
+        unet = base.unet
     if settings.compile:
         cudagraphs = unet.device.type == "cuda"
         compile_module(unet, "unet", settings, cudagraphs=cudagraphs)

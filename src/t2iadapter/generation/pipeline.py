@@ -31,7 +31,8 @@ from t2iadapter import unet_hook
 from t2iadapter.bases import BaseModel, load_base
 from t2iadapter.errors import ConditionError, ConfigError
 from t2iadapter.formats import load_adapter
-from t2iadapter.generation import conditions, controlnet, fast, img2img, latents, lora, loop, schedulers, text
+from t2iadapter.generation import (compile_cache, conditions, controlnet, fast, img2img, latents, lora, loop,
+                                   schedulers, text)
 from t2iadapter.generation.composition import Composition
 from t2iadapter.generation.request import OUTPUT_TYPES, AdapterUse, ControlNetUse, GenerationRequest, Window
 from t2iadapter.models import TASKS, AdapterModule
@@ -171,6 +172,7 @@ class AdapterPipeline:
         self._style_encoder_source = style_encoder
         self._style_encoder: Callable | None = style_encoder if callable(style_encoder) else None
         self.fast = False
+        self.compile_cache: compile_cache.CompileCache | None = None  # optimize(): compiled graphs as files
         self.loras = lora.Loras(base)
         self._offload: torch.device | None = None  # enable_model_cpu_offload(): the device models run on
         self.to(device=device, dtype=dtype)
@@ -231,26 +233,71 @@ class AdapterPipeline:
     def modules_to_move(self) -> list[torch.nn.Module]:
         return list(self.adapters.values()) + ([self.fuser] if self.fuser is not None else []) + list(self.controlnets.values())
 
-    def optimize(self, *, compile: bool = True, dtype: torch.dtype | None = None, mode: str = "reduce-overhead",
-                 backend: Any = "inductor", fuse_qkv: bool = True, compile_vae: bool = True,
-                 compile_adapters: bool = True) -> "AdapterPipeline":
+    def optimize(self, *, compile: bool = True, dtype: torch.dtype | None = None, precision: str | None = None,
+                 mode: str = "reduce-overhead", backend: Any = "inductor", fuse_qkv: bool = True, compile_vae: bool = True,
+                 compile_adapters: bool = True, cache_dir: str | os.PathLike | bool | None = None,
+                 precompile: bool | None = None) -> "AdapterPipeline":
         """Fast mode (see `t2iadapter.generation.fast`): bf16/fp16 on GPU, channels-last, SDPA with fused q/k/v,
         compiled UNet (CUDA graphs on GPU), VAE decoder and adapters, and a loop without host syncs.
 
         Shapes stay static (features of an inactive window are zeros, not absent), so a compiled graph
         is reused across calls of the same size; weights and windows are data, not constants.
+        `precision` is bf16, fp16, fp32 or fp8 (the UNet's transformer matmuls in float8 through torchao, on GPUs
+        of compute capability 8.9 and up; `generation.fp8`); `dtype` is the older way to say the first three.
         `backend` is any torch.compile backend (the tests count compilations with one); `mode` applies
-        to the inductor backend only. Compilation happens on the first call of each size.
+        to the inductor backend only. Compilation happens on the first call of each size; with inductor the
+        compiled graphs are saved to `cache_dir` (default `compile_cache.cache_dir()`, False: no files) and loaded
+        by later processes (`generation.compile_cache`, `t2iadapter compile`). `precompile` (default
+        $T2IADAPTER_PRECOMPILE) turns on torch's experimental caching precompile, process-wide, so the files also
+        spare the next process dynamo's tracing.
         """
-        target = dtype or fast.default_dtype(self.device)
+        name, target = fast.resolve_precision(precision, dtype, self.device)
         self.to(dtype=target)
         self.loras.fuse()  # LoRA layers merged into the weights before fusing q/k/v and compiling
+        folder = compile_cache.folder_for(cache_dir) if compile and backend == "inductor" else None
+        if precompile is None:
+            precompile = compile_cache.precompile_default()
+        precompile = bool(precompile and folder is not None and compile_cache.enable_precompile())
         settings = fast.FastSettings(dtype=target, compile=compile, mode=mode, backend=backend, fuse_qkv=fuse_qkv,
-                                     compile_vae=compile_vae, compile_adapters=compile_adapters)
+                                     compile_vae=compile_vae, compile_adapters=compile_adapters, precision=name,
+                                     precompile=precompile)
+        cache = None if folder is None else compile_cache.CompileCache(
+            folder, compile_cache.Setup.of(self.base, self.adapters, self.device, target, name, mode, precompile))
+        if precompile:
+            cache.preload()  # dynamo looks its cache up when torch.compile wraps a module (next lines)
         fast.optimize_base(self.base, settings)
         fast.optimize_adapters(self.adapters, settings)
         self.fast = True
+        self.compile_cache = cache
         return self
+
+    def _compiled_call(self, requests: Sequence[GenerationRequest], *, batched: bool = False):
+        """Around a fast-mode call: the compiled-graph cache of its key (loaded before, saved after a compile)."""
+        if self.compile_cache is None:
+            return contextlib.nullcontext()
+        canvas = self._sizes(requests[0])[1]
+        images = sum(len(r.prompts) * r.num_images for r in requests)
+        return self.compile_cache.first_call(compile_cache.Shape(canvas[0], canvas[1], images,
+                                                                 requests[0].guidance_scale > 1.0, batched))
+
+    def warm_up(self, sizes: Sequence[tuple[int, int]], batches: Sequence[int] = (1,), *, batched: bool = False,
+                guidance_scale: float | None = None, steps: int = 2) -> None:
+        """Run each size at each number of images once, with every spatial adapter (blank conditions), so fast mode
+        compiles (or loads its compiled graphs) before anyone waits; `batched` goes through `generate_batch` (one
+        request repeated), as a server does, else through `generate`."""
+        from t2iadapter.generation.request import defaults
+
+        guidance = defaults()["guidance_scale"] if guidance_scale is None else guidance_scale
+        for w, h in sizes:
+            uses = tuple(AdapterUse(n, Image.new("RGB", (w, h))) for n in self.spatial_names)
+            for n in batches:
+                if batched:
+                    request = GenerationRequest("warm-up", uses, steps=steps, size=(w, h), seed=0, guidance_scale=guidance)
+                    self.generate_batch([request] * n)
+                else:
+                    request = GenerationRequest("warm-up", uses, steps=steps, size=(w, h), seed=0, num_images=n,
+                                                guidance_scale=guidance)
+                    self.generate(request, progress=False)
 
     def load_lora(self, source: str | os.PathLike | dict, *, scale: float = 1.0, name: str | None = None,
                   **kwargs: Any) -> str:
@@ -515,15 +562,16 @@ class AdapterPipeline:
         """Run one `GenerationRequest` (`generator`, `latents`, `prompt_embeds`: see `__call__`)."""
         if output_type not in OUTPUT_TYPES:
             raise ConfigError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
-        run, seed, (w, h), source = self._denoise(req, generator, callback, progress, latents, prompt_embeds)
-        # fuser_windows="active" re-fuses per step; ControlNets run every step
-        with self._running(self.base.unet, self.fuser, *self.controlnets.values()):
-            final = loop.denoise_fast(run) if self.fast else loop.denoise_eager(run)
-        params = self._parameters(req, seed, (w, h))
-        if output_type == "latent":
-            return GenerationResult(list(final), params)
-        with self._running(self.base.vae):
-            images = self.decode(final)
+        with self._compiled_call([req]):
+            run, seed, (w, h), source = self._denoise(req, generator, callback, progress, latents, prompt_embeds)
+            # fuser_windows="active" re-fuses per step; ControlNets run every step
+            with self._running(self.base.unet, self.fuser, *self.controlnets.values()):
+                final = loop.denoise_fast(run) if self.fast else loop.denoise_eager(run)
+            params = self._parameters(req, seed, (w, h))
+            if output_type == "latent":
+                return GenerationResult(list(final), params)
+            with self._running(self.base.vae):
+                images = self.decode(final)
         if source is not None and req.paste_back:
             images = source.paste(images)
         images = images[:, :, :h, :w]
@@ -650,12 +698,14 @@ class AdapterPipeline:
         if len(keys) > 1:
             raise ConfigError(f"these requests cannot share a UNet call (size, steps, scheduler, guidance, eta, compose "
                               f"or adapter set differ): {sorted(map(str, keys))}")
-        prepared = [self._denoise(r, None, None, progress and i == 0) for i, r in enumerate(requests)]
-        finals = loop.denoise_batch([run for run, _, _, _ in prepared], fast=self.fast, callback=callback)
+        with self._compiled_call(requests, batched=True):
+            prepared = [self._denoise(r, None, None, progress and i == 0) for i, r in enumerate(requests)]
+            finals = loop.denoise_batch([run for run, _, _, _ in prepared], fast=self.fast, callback=callback)
+            decoded = [self.decode(final) for final in finals]
         results = []
-        for req, (_run, seed, (w, h), _source), final in zip(requests, prepared, finals):
-            images = self.decode(final)[:, :, :h, :w]
-            results.append(GenerationResult(self._output(images, output_type), self._parameters(req, seed, (w, h))))
+        for req, (_run, seed, (w, h), _source), images in zip(requests, prepared, decoded):
+            results.append(GenerationResult(self._output(images[:, :, :h, :w], output_type),
+                                            self._parameters(req, seed, (w, h))))
         return results
 
     def batch_key(self, req: GenerationRequest) -> tuple | None:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -16,17 +16,26 @@ class Prompts:
 
     text: TextContext
     negative: TextContext | None  # None: no classifier-free guidance
+    _made: dict[int, tuple] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def cfg(self) -> bool:
         return self.negative is not None
 
     def context(self, style_tokens: torch.Tensor | None) -> torch.Tensor:
-        """[B(·2), 77(+T), D]: style tokens appended; the unconditional branch repeats its own last tokens."""
+        """[B(·2), 77(+T), D]: style tokens appended; the unconditional branch repeats its own last tokens.
+
+        Made once per set of style tokens and kept (the loop asks every step; diffusers concatenates once too).
+        """
+        key = id(style_tokens)
+        made = self._made.get(key)
+        if made is not None and made[0] is style_tokens:
+            return made[1]
         cond = unet_hook.extend_context(self.text.context, style_tokens, unconditional=False)
-        if self.negative is None:
-            return cond
-        return torch.cat([unet_hook.extend_context(self.negative.context, style_tokens, unconditional=True), cond])
+        if self.negative is not None:
+            cond = torch.cat([unet_hook.extend_context(self.negative.context, style_tokens, unconditional=True), cond])
+        self._made[key] = (style_tokens, cond)  # the tokens are held too, so their id stays theirs
+        return cond
 
     def added(self, base: BaseModel, canvas: tuple[int, int], device: torch.device,
               original_size: tuple[int, int] | None = None) -> dict[str, torch.Tensor] | None:

@@ -125,12 +125,7 @@ def batch_key(pipe: Any, request: GenerationRequest) -> Any:
 
 def warm(pipe: Any, sizes: list[tuple[int, int]], max_batch: int) -> None:
     """Run each size once at every batch the UNet will meet (1, 2, 4, ... up to `max_batch`: fast mode pads
-    batches to powers of two) with every spatial adapter (blank conditions), so fast mode compiles before the
-    first user arrives."""
-    from PIL import Image
-
-    for w, h in sizes:
-        uses = tuple(AdapterUse(n, Image.new("RGB", (w, h))) for n in pipe.spatial_names)
-        request = GenerationRequest("warm-up", uses, steps=2, size=(w, h), seed=0)
-        for n in sorted({1, max_batch} | {2**k for k in range(max_batch.bit_length()) if 2**k <= max_batch}):
-            pipe.generate_batch([request] * n)
+    batches to powers of two) with every spatial adapter (blank conditions), so fast mode compiles (or loads its
+    compiled graphs, `generation.compile_cache`) before the first user arrives."""
+    batches = sorted({1, max_batch} | {2**k for k in range(max_batch.bit_length()) if 2**k <= max_batch})
+    pipe.warm_up(sizes, batches, batched=True)

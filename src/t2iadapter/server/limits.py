@@ -64,8 +64,9 @@ class ServerSettings:
     dtype: str | None = None  # fp32/fp16/bf16; default fp16 on GPU, fp32 on CPU
     controlnets: dict[str, str] = field(default_factory=dict)  # registered name → diffusers ControlNet (issue 16)
     devices: tuple[str, ...] = ()  # one model worker per entry (cuda:0, cuda:1; cpu twice for tests); () = (device,)
-    fast: bool = False  # AdapterPipeline.optimize() on each worker
+    fast: bool | str = False  # AdapterPipeline.optimize() on each worker: True/"auto" or a precision (bf16, fp8, ...)
     warmup: tuple[tuple[int, int], ...] = ()  # (width, height)s each worker runs once at start-up (compiles, in fast mode)
+    cache_dir: str | None = None  # fast mode's compiled-graph files (None: compile_cache.cache_dir())
 
     def load_pipeline(self, device: str | None = None):
         """The AdapterPipeline these settings describe (loads weights; seconds to minutes)."""
@@ -74,7 +75,10 @@ class ServerSettings:
         device, dtype = resolve_device(device or self.device, self.dtype)
         pipe = AdapterPipeline.from_pretrained(self.base, dict(self.adapters), fuser=self.fuser, device=device, dtype=dtype,
                                                controlnets=dict(self.controlnets))
-        return pipe.optimize() if self.fast else pipe
+        if not self.fast:
+            return pipe
+        precision = None if self.fast is True or self.fast == "auto" else str(self.fast)
+        return pipe.optimize(precision=precision, cache_dir=self.cache_dir)
 
     def load_pipelines(self) -> list[tuple[str, object]]:
         """(worker name, pipeline) per device: a copy of the models on each; names are unique (cpu, cpu#1)."""
