@@ -2,7 +2,7 @@
 # One device call of the demo v2 training (docs/demo-model.md, "How v2 was trained"): installs the carried
 # diffusers wheel, runs the given train_demo_base.py phases against a state folder kept on the machine
 # between calls, and packs what the next call or session needs into $OUT as files of at most 15 MiB.
-#   bash scripts/demo_v2_gpu.sh vae MINUTES            # train the VAE, diagnose it on held-out scenes
+#   bash scripts/demo_v2_gpu.sh vae MINUTES [--init-base DIR]   # train the VAE, diagnose it on held-out scenes
 #   bash scripts/demo_v2_gpu.sh unet MINUTES PLAN [--compile] [--init-base DIR]
 #   bash scripts/demo_v2_gpu.sh export                 # fp16 pipeline folder, tarred and split into $OUT
 set -euo pipefail
@@ -17,7 +17,8 @@ mkdir -p "$STATE" "$OUT"
 phase=$1; shift
 case $phase in
     vae)
-        python3 scripts/train_demo_base.py --state "$STATE" --phase vae --minutes-vae "$1" 2>&1 | tee "$OUT/vae.log" | grep -E "step=|scaling|pool filled|Error|Traceback" | awk 'NR%5==0' | tail -10
+        minutes=$1; shift
+        python3 scripts/train_demo_base.py --state "$STATE" --phase vae --minutes-vae "$minutes" "$@" 2>&1 | tee "$OUT/vae.log" | grep -E "step=|scaling|pool filled|Error|Traceback" | awk 'NR%5==0' | tail -10
         python3 scripts/diagnose_vae.py "$STATE" --scenes 64 --grid "$OUT/vae-v2.png" --json "$OUT/vae-v2.json" ;;
     unet)
         minutes=$1; plan=$2; shift 2

@@ -664,8 +664,9 @@ def main(argv: list[str] | None = None) -> dict:
         unet_state = {"unet": _cpu_state(modules["unet"]), "text_encoder": _cpu_state(modules["text_encoder"]),
                       "ema": [p.detach().float().clone() for p in params], "ema_n": 10_000, "opt": None,
                       **done["unet"], "init_base": cfg.init_base}  # fmt: skip
-        if state_dir is not None:  # the VAE is final: later calls of this state find it there
+        if state_dir is not None:  # later calls of this state (a VAE call first, say) resume both from here
             save_state(state_dir / "vae.pt", vae_state)
+            save_state(state_dir / "unet.pt", unet_state)
     if vae_state is not None:
         modules["vae"].load_state_dict(vae_state["vae"])
         scale = vae_state.get("scaling_factor")

@@ -119,6 +119,14 @@ def test_training_resumes_across_calls_from_its_state(tmp_path: Path, monkeypatc
     assert again["seconds"] > log["unet"]["seconds"]
     assert abs(torch.load(restarted / "vae.pt", weights_only=True)["scaling_factor"] - log["scaling_factor"]) < 1e-6
 
+    # a new state from the export that first trains the VAE further keeps the exported UNet for its UNet call
+    vae_first = tmp_path / "vae-first"
+    module.main(["--smoke", "--device", "cpu", "--state", str(vae_first), "--phase", "vae", "--init-base", str(out)])
+    kept = torch.load(vae_first / "unet.pt", weights_only=True)
+    assert kept["steps"] == 4 and torch.equal(kept["ema"][0], ema_first.half().float())
+    module.main(["--smoke", "--device", "cpu", "--state", str(vae_first), "--phase", "unet", "--init-base", str(out)])
+    assert torch.load(vae_first / "unet.pt", weights_only=True)["steps"] == 6
+
 
 def test_schedule_continues_across_calls() -> None:
     spec = importlib.util.spec_from_file_location("train_demo_base_sched", SCRIPT)
