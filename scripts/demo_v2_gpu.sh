@@ -21,8 +21,14 @@ case $phase in
         python3 scripts/train_demo_base.py --state "$STATE" --phase vae --minutes-vae "$minutes" "$@" 2>&1 | tee "$OUT/vae.log" | grep -E "step=|scaling|pool filled|Error|Traceback" | awk 'NR%5==0' | tail -10
         python3 scripts/diagnose_vae.py "$STATE" --scenes 64 --grid "$OUT/vae-v2.png" --json "$OUT/vae-v2.json" ;;
     unet)
+        # torch's compile artefacts travel between machines: a carried $COMPILE_CACHE seeds the state's copy,
+        # which comes back in $OUT (the cold compile of the training graph costs ~160 s on an H100 machine)
         minutes=$1; plan=$2; shift 2
-        python3 scripts/train_demo_base.py --state "$STATE" --phase unet --minutes-unet "$minutes" --plan-unet-minutes "$plan" "$@" 2>&1 | tee "$OUT/unet.log" | grep -E "step=|pool filled|Error|Traceback|compiled" | awk 'NR%5==0' | tail -10 ;;
+        if [ -n "${COMPILE_CACHE:-}" ] && [ -f "$COMPILE_CACHE" ] && [ ! -f "$STATE/compile-cache.bin" ]; then
+            cp "$COMPILE_CACHE" "$STATE/compile-cache.bin"
+        fi
+        python3 scripts/train_demo_base.py --state "$STATE" --phase unet --minutes-unet "$minutes" --plan-unet-minutes "$plan" --compile-cache "$STATE/compile-cache.bin" "$@" 2>&1 | tee "$OUT/unet.log" | grep -E "step=|pool filled|Error|Traceback|compile" | awk 'NR%5==0' | tail -10
+        if [ -f "$STATE/compile-cache.bin" ]; then cp "$STATE/compile-cache.bin" "$OUT/"; fi ;;
     export)
         rm -rf /tmp/export && python3 scripts/train_demo_base.py --state "$STATE" --phase export --out /tmp/export 2>&1 | tail -3
         tar -C /tmp -cf /tmp/export.tar export && split -b 15M -d /tmp/export.tar "$OUT/export.tar.part-"

@@ -97,6 +97,7 @@ class RunConfig:
     topk_weight: float = 1.0  # VAE: weight of the mean error over each image's worst 1% of pixels (beads)
     topk_share: float = 0.01
     compile: bool = False  # torch.compile the UNet training forward (CUDA)
+    compile_cache: str = ""  # torch's portable compile artefacts: loaded before compiling, written once compiled
 
 
 def parse_args(argv: list[str] | None = None) -> RunConfig:
@@ -127,6 +128,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--plan-unet-minutes", type=float, default=0.0, help="lr schedule length, cumulative minutes")
     p.add_argument("--topk-weight", type=float, default=RunConfig.topk_weight)
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (CUDA)")
+    p.add_argument("--compile-cache", default="", help="file of torch's compile artefacts (read if present, then written)")
     a = p.parse_args(argv)
     cfg = RunConfig(
         out=a.out, minutes_vae=a.minutes_vae, minutes_unet=a.minutes_unet, max_steps_vae=a.max_steps_vae,
@@ -135,6 +137,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         pool_images=a.pool_images, preview_scenes=a.preview_scenes, size=a.size, log_every=a.log_every,
         tiny=a.tiny, min_fill=min(RunConfig.min_fill, a.pool_images), state=a.state, phase=a.phase,
         init_base=a.init_base, plan_unet_minutes=a.plan_unet_minutes, topk_weight=a.topk_weight, compile=a.compile,
+        compile_cache=a.compile_cache,
     )  # fmt: skip
     if a.smoke:
         cfg = RunConfig(
@@ -495,6 +498,7 @@ def train_unet(modules: dict[str, Any], pool: Pool, producer: Producer, cfg: Run
                      rewarm=rewarm)  # fmt: skip
     forward = unet
     if cfg.compile and device.type == "cuda":
+        load_compile_cache(cfg.compile_cache)
         forward = torch.compile(unet)
     acc = torch.zeros(1, device=device)
     step = 0
@@ -534,6 +538,8 @@ def train_unet(modules: dict[str, Any], pool: Pool, producer: Producer, cfg: Run
         ema.update()
         acc += loss.detach()
         step += 1
+        if step == 3 and forward is not unet:  # forward and backward graphs exist now
+            save_compile_cache(cfg.compile_cache)
         if step % cfg.log_every == 0 or sched.done(step):
             n = step % cfg.log_every or cfg.log_every
             entry = {"step": before_steps + step, "time_s": before_s + sched.elapsed(), "loss": float(acc.item() / n),
@@ -547,6 +553,36 @@ def train_unet(modules: dict[str, Any], pool: Pool, producer: Producer, cfg: Run
             "ema_n": ema.n, "opt": opt.state_dict(), "steps": before_steps + step, "seconds": before_s + sched.elapsed(),
             "log": log, "call_steps": step, "call_seconds": sched.elapsed(), "samples_per_step": cfg.batch_unet,
             "final_loss": log[-1]["loss"] if log else float("nan")}  # fmt: skip
+
+
+def load_compile_cache(path: str) -> None:
+    """Hand torch the compile artefacts of an earlier machine (same torch and GPU kind): minutes of compiling saved."""
+    if not path or not Path(path).is_file():
+        return
+    try:
+        info = torch.compiler.load_cache_artifacts(Path(path).read_bytes())
+    except Exception as exc:  # noqa: BLE001 - a stale or foreign file only means compiling from scratch
+        info, why = None, str(exc)
+    else:
+        why = "torch rejected it"
+    if info is None:
+        logger.warning("compile artefacts in %s not usable (%s); compiling from scratch", path, why)
+    else:
+        logger.info("compile artefacts loaded from %s", path)
+
+
+def save_compile_cache(path: str) -> None:
+    """Write torch's portable compile artefacts of this process (atomically), for the next machine."""
+    if not path:
+        return
+    saved = torch.compiler.save_cache_artifacts()
+    if saved is None:
+        logger.warning("torch returned no compile artefacts to save")
+        return
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_bytes(saved[0])
+    tmp.replace(path)
+    logger.info("compile artefacts written to %s (%.1f MB)", path, len(saved[0]) / 1e6)
 
 
 def preview(out: Path, cfg: RunConfig, device: torch.device) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -145,3 +146,24 @@ def test_schedule_continues_across_calls() -> None:
         assert fresh.lr(9) == pytest.approx(resumed.lr(9), rel=1e-3)
     finally:
         del sys.modules[spec.name]
+
+
+def test_compile_artefacts_are_written_and_read_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    """--compile-cache: torch's artefacts are written once compiled, read back by torch, and a bad file only warns."""
+    module = _load_script(monkeypatch)
+    saved = tmp_path / "compile-cache.bin"
+    compiled = torch.compile(lambda x: (x * 2).sin(), backend="inductor")
+    compiled(torch.arange(4.0))
+    module.save_compile_cache(str(saved))
+    caplog.set_level(logging.INFO, logger="train_demo_base")
+    module.load_compile_cache(str(saved))
+    assert "compile artefacts loaded" in caplog.text
+    caplog.clear()
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(b"not artefacts")
+    module.load_compile_cache(str(bad))
+    assert "not usable" in caplog.text
+    module.load_compile_cache(str(tmp_path / "absent.bin"))  # no file yet: nothing to do, no error
+    module.save_compile_cache("")  # no path given: nothing written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.bin", "compile-cache.bin"]
