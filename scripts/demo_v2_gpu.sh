@@ -27,8 +27,9 @@ case $phase in
         if [ -n "${COMPILE_CACHE:-}" ] && [ -f "$COMPILE_CACHE" ] && [ ! -f "$STATE/compile-cache.bin" ]; then
             cp "$COMPILE_CACHE" "$STATE/compile-cache.bin"
         fi
-        python3 scripts/train_demo_base.py --state "$STATE" --phase unet --minutes-unet "$minutes" --plan-unet-minutes "$plan" --compile-cache "$STATE/compile-cache.bin" "$@" 2>&1 | tee "$OUT/unet.log" | grep -E "step=|pool filled|Error|Traceback|compile" | awk 'NR%5==0' | tail -10
-        if [ -f "$STATE/compile-cache.bin" ]; then cp "$STATE/compile-cache.bin" "$OUT/"; fi ;;
+        python3 scripts/train_demo_base.py --state "$STATE" --phase unet --minutes-unet "$minutes" --plan-unet-minutes "$plan" --compile-cache "$STATE/compile-cache.bin" --profile "$STATE/profile-unet.txt" "$@" 2>&1 | tee "$OUT/unet.log" | grep -E "step=|pool filled|Error|Traceback|compile" | awk 'NR%5==0' | tail -10
+        if [ -f "$STATE/compile-cache.bin" ]; then cp "$STATE/compile-cache.bin" "$OUT/"; fi
+        if [ -f "$STATE/profile-unet.txt" ]; then cp "$STATE/profile-unet.txt" "$OUT/"; fi ;;
     export)
         rm -rf /tmp/export && python3 scripts/train_demo_base.py --state "$STATE" --phase export --out /tmp/export 2>&1 | tail -3
         tar -C /tmp -cf /tmp/export.tar export && split -b 15M -d /tmp/export.tar "$OUT/export.tar.part-"

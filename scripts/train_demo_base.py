@@ -98,6 +98,7 @@ class RunConfig:
     topk_share: float = 0.01
     compile: bool = False  # torch.compile the UNet training forward (CUDA)
     compile_cache: str = ""  # torch's portable compile artefacts: loaded before compiling, written once compiled
+    profile: str = ""  # write a torch.profiler table of UNet steps 30-39 to this file (where the step time goes)
 
 
 def parse_args(argv: list[str] | None = None) -> RunConfig:
@@ -129,6 +130,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--topk-weight", type=float, default=RunConfig.topk_weight)
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (CUDA)")
     p.add_argument("--compile-cache", default="", help="file of torch's compile artefacts (read if present, then written)")
+    p.add_argument("--profile", default="", help="write a profiler table of UNet steps 30-39 to this file")
     a = p.parse_args(argv)
     cfg = RunConfig(
         out=a.out, minutes_vae=a.minutes_vae, minutes_unet=a.minutes_unet, max_steps_vae=a.max_steps_vae,
@@ -137,7 +139,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         pool_images=a.pool_images, preview_scenes=a.preview_scenes, size=a.size, log_every=a.log_every,
         tiny=a.tiny, min_fill=min(RunConfig.min_fill, a.pool_images), state=a.state, phase=a.phase,
         init_base=a.init_base, plan_unet_minutes=a.plan_unet_minutes, topk_weight=a.topk_weight, compile=a.compile,
-        compile_cache=a.compile_cache,
+        compile_cache=a.compile_cache, profile=a.profile,
     )  # fmt: skip
     if a.smoke:
         cfg = RunConfig(
@@ -502,7 +504,9 @@ def train_unet(modules: dict[str, Any], pool: Pool, producer: Producer, cfg: Run
         forward = torch.compile(unet)
     acc = torch.zeros(1, device=device)
     step = 0
+    profiler = StepProfiler(cfg.profile, first=30, steps=10)
     while not sched.done(step):
+        profiler.at(step)
         _refresh(latents, producer, cfg.refresh_batches_unet, encode)
         b = latents.sample(cfg.batch_unet)
         z = (b["mean"].float() + b["std"].float() * torch.randn_like(b["mean"].float())) * scale
@@ -553,6 +557,41 @@ def train_unet(modules: dict[str, Any], pool: Pool, producer: Producer, cfg: Run
             "ema_n": ema.n, "opt": opt.state_dict(), "steps": before_steps + step, "seconds": before_s + sched.elapsed(),
             "log": log, "call_steps": step, "call_seconds": sched.elapsed(), "samples_per_step": cfg.batch_unet,
             "final_loss": log[-1]["loss"] if log else float("nan")}  # fmt: skip
+
+
+class StepProfiler:
+    """torch.profiler over `steps` training steps from step `first`; tables by device and by host time to a file."""
+
+    def __init__(self, path: str, first: int, steps: int) -> None:
+        self.path, self.first, self.last = path, first, first + steps
+        self.prof: Any = None
+        self.t0 = 0.0
+
+    def at(self, step: int) -> None:
+        """Call at the top of every step."""
+        if not self.path:
+            return
+        if step == self.first and self.prof is None:
+            kinds = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                kinds.append(torch.profiler.ProfilerActivity.CUDA)
+                torch.cuda.synchronize()
+            self.prof = torch.profiler.profile(activities=kinds)
+            self.prof.__enter__()
+            self.t0 = time.perf_counter()
+        elif step == self.last and self.prof is not None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            ms = (time.perf_counter() - self.t0) * 1000 / (self.last - self.first)
+            self.prof.__exit__(None, None, None)
+            table = self.prof.key_averages()
+            by_device = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+            text = (f"{ms:.1f} ms per step (wall, profiled steps {self.first}-{self.last - 1})\n\n"
+                    f"by device time:\n{table.table(sort_by=by_device, row_limit=30)}\n\n"
+                    f"by host time:\n{table.table(sort_by='cpu_time_total', row_limit=30)}\n")  # fmt: skip
+            Path(self.path).write_text(text, encoding="utf-8")
+            logger.info("profile of steps %d-%d (%.1f ms/step) written to %s", self.first, self.last - 1, ms, self.path)
+            self.prof, self.path = None, ""
 
 
 def load_compile_cache(path: str) -> None:

@@ -167,3 +167,17 @@ def test_compile_artefacts_are_written_and_read_back(tmp_path: Path, monkeypatch
     module.load_compile_cache(str(tmp_path / "absent.bin"))  # no file yet: nothing to do, no error
     module.save_compile_cache("")  # no path given: nothing written
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.bin", "compile-cache.bin"]
+
+
+def test_step_profiler_writes_where_the_step_time_goes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    module = _load_script(monkeypatch)
+    target = tmp_path / "profile.txt"
+    prof = module.StepProfiler(str(target), first=1, steps=2)
+    x = torch.randn(64, 64)
+    for step in range(5):
+        prof.at(step)
+        torch.mm(x, x)
+    text = target.read_text()
+    assert "ms per step (wall, profiled steps 1-2)" in text and "aten::mm" in text
+    assert text.count("aten::mm") >= 2  # in both tables, by device and by host time
+    module.StepProfiler("", first=0, steps=1).at(0)  # no file asked: nothing happens
