@@ -292,10 +292,10 @@ class AdapterPipeline:
             uses = tuple(AdapterUse(n, Image.new("RGB", (w, h))) for n in self.spatial_names)
             for n in batches:
                 if batched:
-                    request = GenerationRequest("warm-up", uses, steps=steps, size=(w, h), seed=0, guidance_scale=guidance)
+                    request = GenerationRequest("", uses, steps=steps, size=(w, h), seed=0, guidance_scale=guidance)
                     self.generate_batch([request] * n)
                 else:
-                    request = GenerationRequest("warm-up", uses, steps=steps, size=(w, h), seed=0, num_images=n,
+                    request = GenerationRequest("", uses, steps=steps, size=(w, h), seed=0, num_images=n,
                                                 guidance_scale=guidance)
                     self.generate(request, progress=False)
 
