@@ -254,8 +254,7 @@ class Pool:
         if not self.data:
             for k, v in batch.items():
                 self.data[k] = torch.empty((self.capacity, *v.shape[1:]), dtype=v.dtype, device=self.device)
-        idx = (self.ptr + torch.arange(n)) % self.capacity
-        idx = idx.to(self.device)
+        idx = (self.ptr + torch.arange(n, device=self.device)) % self.capacity  # made there: no host-device sync
         for k, v in batch.items():
             self.data[k][idx] = v.to(self.device, non_blocking=True)
         self.ptr = (self.ptr + n) % self.capacity
@@ -419,7 +418,7 @@ def encode_moments(vae: torch.nn.Module, images: torch.Tensor, device: torch.dev
     means, stds = [], []
     store = torch.bfloat16 if device.type == "cuda" else torch.float32
     for i in range(0, len(images), chunk):
-        x = _as_float(images[i : i + chunk].to(device))
+        x = _as_float(images[i : i + chunk].to(device, non_blocking=True))  # pinned worker batches: no sync
         with _autocast(device):
             dist = vae.encode(x).latent_dist
         means.append(dist.mean.to(store))
