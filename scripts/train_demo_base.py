@@ -96,6 +96,7 @@ class RunConfig:
     plan_unet_minutes: float = 0.0  # length of the lr schedule in cumulative UNet minutes (0: this call's)
     topk_weight: float = 1.0  # VAE: weight of the mean error over each image's worst 1% of pixels (beads)
     topk_share: float = 0.01
+    lowfreq_weight: float = 2.0  # VAE: L1 between 16×16-pooled images (background tints; 0 = off)
     compile: bool = False  # torch.compile the UNet training forward (CUDA)
     compile_cache: str = ""  # torch's portable compile artefacts: loaded before compiling, written once compiled
     profile: str = ""  # write a torch.profiler table of UNet steps 30-39 to this file (where the step time goes)
@@ -128,6 +129,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--init-base", default="", help="start a new state from this pipeline folder")
     p.add_argument("--plan-unet-minutes", type=float, default=0.0, help="lr schedule length, cumulative minutes")
     p.add_argument("--topk-weight", type=float, default=RunConfig.topk_weight)
+    p.add_argument("--lowfreq-weight", type=float, default=RunConfig.lowfreq_weight)
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (CUDA)")
     p.add_argument("--compile-cache", default="", help="file of torch's compile artefacts (read if present, then written)")
     p.add_argument("--profile", default="", help="write a profiler table of UNet steps 30-39 to this file")
@@ -138,7 +140,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         batch_unet=a.batch_unet, lr_vae=a.lr_vae, lr_unet=a.lr_unet, workers=a.workers, chunk=a.chunk,
         pool_images=a.pool_images, preview_scenes=a.preview_scenes, size=a.size, log_every=a.log_every,
         tiny=a.tiny, min_fill=min(RunConfig.min_fill, a.pool_images), state=a.state, phase=a.phase,
-        init_base=a.init_base, plan_unet_minutes=a.plan_unet_minutes, topk_weight=a.topk_weight, compile=a.compile,
+        init_base=a.init_base, plan_unet_minutes=a.plan_unet_minutes, topk_weight=a.topk_weight, lowfreq_weight=a.lowfreq_weight, compile=a.compile,
         compile_cache=a.compile_cache, profile=a.profile,
     )  # fmt: skip
     if a.smoke:
@@ -356,10 +358,13 @@ def _as_float(images: torch.Tensor) -> torch.Tensor:
 
 def train_vae(vae: torch.nn.Module, pool: Pool, producer: Producer, cfg: RunConfig, device: torch.device,
               resume: dict | None = None) -> dict:  # fmt: skip
-    """Phase 1: reconstruction (L1 + L2 + gradient L1 + worst-pixels L1) + KL, time-bounded; returns the state.
+    """Phase 1: reconstruction (L1 + L2 + gradient L1 + worst-pixels L1 + low-frequency L1) + KL; returns the state.
 
     The worst-pixels term (mean error over each image's `topk_share` worst pixels) punishes the
     small saturated "beads" the v1 VAE painted: a few pixels far off cost little in a mean, a lot here.
+    The low-frequency term (L1 between 16×16 average-pooled images) weighs what the first v2 VAE got
+    wrong after the beads were gone: background tints shifted as a whole (green → beige), an error too
+    small per pixel to compete with edges in the other terms.
     """
     vae.train().requires_grad_(True)
     opt = _optimizer(list(vae.parameters()), cfg.lr_vae, 0.0, device)
@@ -369,7 +374,7 @@ def train_vae(vae: torch.nn.Module, pool: Pool, producer: Producer, cfg: RunConf
         before_s, before_steps, log = resume["seconds"], resume["steps"], list(resume["log"])
     sched = Schedule(cfg.lr_vae, cfg.warmup_steps, cfg.minutes_vae * 60, cfg.max_steps_vae,
                      before_seconds=before_s, before_steps=before_steps)  # fmt: skip
-    acc = torch.zeros(5, device=device)
+    acc = torch.zeros(6, device=device)
     step = 0
     while not sched.done(step):
         _refresh(pool, producer, cfg.refresh_batches)
@@ -391,19 +396,21 @@ def train_vae(vae: torch.nn.Module, pool: Pool, producer: Producer, cfg: RunConf
         grad = (rec.diff(dim=-1) - x.diff(dim=-1)).abs().mean() + (rec.diff(dim=-2) - x.diff(dim=-2)).abs().mean()
         worst = err.abs().amax(dim=1).flatten(1)  # N × HW, the worst channel per pixel
         topk = worst.topk(max(1, int(cfg.topk_share * worst.shape[1])), dim=1).values.mean()
-        loss = l1 + l2 + 0.5 * grad + cfg.topk_weight * topk + cfg.kl_weight * kl
+        low = (torch.nn.functional.avg_pool2d(rec, 16) - torch.nn.functional.avg_pool2d(x, 16)).abs().mean()
+        loss = l1 + l2 + 0.5 * grad + cfg.topk_weight * topk + cfg.lowfreq_weight * low + cfg.kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        acc += torch.stack([loss.detach(), l1.detach(), l2.detach(), topk.detach(), kl.detach()])
+        acc += torch.stack([loss.detach(), l1.detach(), l2.detach(), topk.detach(), kl.detach(), low.detach()])
         step += 1
         if step % cfg.log_every == 0 or sched.done(step):
             n = step % cfg.log_every or cfg.log_every
             vals = (acc / n).tolist()
             acc.zero_()
             entry = {"step": before_steps + step, "time_s": before_s + sched.elapsed(), "loss": vals[0], "l1": vals[1],
-                     "l2": vals[2], "topk": vals[3], "kl": vals[4], "lr": sched.lr(step), "pool_added": pool.added}  # fmt: skip
+                     "l2": vals[2], "topk": vals[3], "kl": vals[4], "low": vals[5], "lr": sched.lr(step),
+                     "pool_added": pool.added}  # fmt: skip
             log.append(entry)
             logger.info("vae %s", " ".join(f"{k}={v:.4g}" for k, v in entry.items()))
     vae.eval().requires_grad_(False)

@@ -90,7 +90,8 @@ def test_training_resumes_across_calls_from_its_state(tmp_path: Path, monkeypatc
     module = _load_script(monkeypatch)
     state = tmp_path / "state"
     common = ["--smoke", "--device", "cpu", "--state", str(state)]
-    module.main([*common, "--phase", "vae"])
+    vae_log = module.main([*common, "--phase", "vae"])["vae"]["log"]
+    assert vae_log and all(e["low"] >= 0 and e["topk"] >= e["l1"] for e in vae_log)  # every loss term is logged
     with pytest.raises(SystemExit):  # no UNet trained yet: nothing to export
         module.main([*common, "--phase", "export", "--out", str(tmp_path / "none")])
     first = module.main([*common, "--phase", "unet", "--plan-unet-minutes", "10"])["unet"]
