@@ -187,6 +187,23 @@ def phase_fuser(args, runs: Path) -> list[str]:
     return ["fuser"]
 
 
+def curves_table(summaries: dict[str, dict], columns: int = 10) -> str:
+    """Markdown: each run's loss curve (`loss_curve` of its train_summary.json) at `columns` points, and the change
+    over its last 30 % of steps — near 0 % is the plateau issue 11 asks the adapters to reach."""
+    lines = ["| run | steps | " + " | ".join(f"{100 * (i + 1) // columns} %" for i in range(columns))
+             + " | last 30 % |", "|---|---|" + "---|" * (columns + 1)]  # fmt: skip
+    for name, summary in summaries.items():
+        curve = summary.get("loss_curve") or []
+        if not curve:
+            continue
+        picks = [curve[-(-(i + 1) * len(curve) // columns) - 1]["loss"] for i in range(columns)]  # ⌈(i+1)·n/c⌉ − 1
+        before = curve[max(0, int(0.7 * len(curve)) - 1)]["loss"]
+        change = (curve[-1]["loss"] - before) / before if before else float("nan")
+        steps = f"{curve[0]['first_step']}–{curve[-1]['last_step']}"
+        lines.append(f"| {name} | {steps} | " + " | ".join(f"{v:.4f}" for v in picks) + f" | {100 * change:+.1f} % |")
+    return "\n".join(lines) + "\n"
+
+
 def finish(args, out: Path, trained: list[str], phases: list[str], seconds: float) -> dict:
     """fp16 copies of every finished run in OUT/runs, and OUT/adapters_log.json (merged with an earlier call's)."""
     runs = out / "runs"
@@ -215,6 +232,7 @@ def finish(args, out: Path, trained: list[str], phases: list[str], seconds: floa
             "runs": {n: log["summaries"].get(n) for n in ("sketch", CONTROLNET)},
         }
     log["seconds"] = log.get("seconds", 0.0) + seconds
+    (out / "loss_curves.md").write_text(curves_table(log["summaries"]), encoding="utf-8")  # the curves, per run
     log.setdefault("calls", []).append({"argv": sys.argv[1:], "phases": phases, "seconds": round(seconds, 1)})
     path.write_text(json.dumps(log, indent=2) + "\n")
     return log

@@ -160,6 +160,21 @@ def test_meter_samples_per_second_from_marks():
     assert one.result(5, 2.0).steady_samples_per_second is None and Meter(3, 4, 0.0).result(3, 1.0).samples_per_second is None
 
 
+def test_loss_curve_is_means_over_equal_step_ranges():
+    from t2iadapter.train.throughput import loss_curve
+
+    losses = [float(v) for v in range(1, 11)]  # steps 11..20 of a resumed run
+    assert loss_curve(losses, last_step=20, points=4) == [
+        {"first_step": 11, "last_step": 12, "loss": 1.5},
+        {"first_step": 13, "last_step": 15, "loss": 4.0},
+        {"first_step": 16, "last_step": 17, "loss": 6.5},
+        {"first_step": 18, "last_step": 20, "loss": 9.0},
+    ]
+    assert loss_curve([2.0, 4.0], last_step=2, points=20) == [
+        {"first_step": 1, "last_step": 1, "loss": 2.0}, {"first_step": 2, "last_step": 2, "loss": 4.0}]
+    assert loss_curve([], last_step=0) == []
+
+
 def test_trainer_writes_samples_per_second_and_peak_memory(base, tmp_path, capsys):
     from t2iadapter.train.config import load_config
     from t2iadapter.train.loop import Trainer
@@ -176,9 +191,11 @@ def test_trainer_writes_samples_per_second_and_peak_memory(base, tmp_path, capsy
     assert first["peak_memory_gib"] is None and first["device"] == "cpu" and first["kinds"] == {"sketch": "controlnet"}
     assert first["trainable_parameters"] == sum(p.numel() for p in trainer.model.adapters["sketch"].controlnet.parameters())
     assert first["last_loss"] == result.losses[-1] and first["loop_seconds"] <= first["run_seconds"]
+    assert first["loss_curve"] == [{"first_step": i + 1, "last_step": i + 1, "loss": loss} for i, loss in enumerate(result.losses)]
     resumed = Trainer(load_config(ROOT / "configs" / "tiny-cpu.yaml", overrides), base=base).run(resume="latest")
     second = json.loads((tmp_path / "train_summary.json").read_text())
     assert (second["steps"], second["samples"], second["step"]) == (1, 4, 3) and resumed.step == 3
+    assert second["loss_curve"] == [{"first_step": 3, "last_step": 3, "loss": resumed.losses[0]}]  # this run's steps
     assert cli(["train", "--config", str(ROOT / "configs" / "tiny-cpu.yaml"), "--set", "max_steps=1", "--set",
                 "data.resolution=64", "--output-dir", str(tmp_path / "cli")]) == 0
     assert " samples/s" in capsys.readouterr().out and (tmp_path / "cli" / "train_summary.json").is_file()
@@ -229,6 +246,10 @@ def test_training_script_compare_phase_is_fair_and_writes_what_ships(tmp_path, m
         summary = json.loads((out / "runs" / name / "train_summary.json").read_text())
         assert log["compare"]["runs"][name] == summary and summary["samples"] == 3 * 2
     assert json.loads((out / "adapters_log.json").read_text())["compare"] == log["compare"]
+    curves = (out / "loss_curves.md").read_text().splitlines()
+    assert [line.split(" | ")[0] for line in curves[2:]] == ["| sketch", "| controlnet-sketch"]
+    sketch_curve = log["summaries"]["sketch"]["loss_curve"]  # 3 steps: the 10 columns repeat its 3 points
+    assert curves[2].split(" | ")[2] == f"{sketch_curve[0]['loss']:.4f}" and curves[2].split(" | ")[-2] == f"{sketch_curve[-1]['loss']:.4f}"
     with pytest.raises(SystemExit):
         script.main(["--base", "tiny", "--out", str(out), "--smoke", "--phases", "compare"])  # needs --controlnet-sketch
 

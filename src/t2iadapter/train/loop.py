@@ -24,7 +24,15 @@ from torch import nn
 from t2iadapter.errors import CheckpointError, ConfigError
 from t2iadapter.generation.latents import posterior, sample_posterior, to_scaled
 from t2iadapter.train import checkpoint as ckpt
-from t2iadapter.train.throughput import SUMMARY_FILE, Meter, Throughput, device_name, peak_memory_gib, reset_peak_memory
+from t2iadapter.train.throughput import (
+    SUMMARY_FILE,
+    Meter,
+    Throughput,
+    device_name,
+    loss_curve,
+    peak_memory_gib,
+    reset_peak_memory,
+)
 from t2iadapter.train.config import AdapterSpec, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -737,6 +745,7 @@ class Trainer:
             "mixed_precision": recipe.mixed_precision if self.amp_dtype is not None else "no",
             "trainable_parameters": sum(p.numel() for p in self.params),
             "last_loss": result.losses[-1] if result.losses else None,
+            "loss_curve": loss_curve(result.losses, result.step),  # 20 means over equal step ranges: the plateau
             "run_seconds": result.seconds,
         }
         path = self.output_dir / SUMMARY_FILE

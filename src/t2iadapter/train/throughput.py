@@ -49,6 +49,21 @@ class Meter:
         return Throughput(steps, samples, seconds, samples / seconds if seconds > 0 and steps else None, steady)
 
 
+def loss_curve(losses: list[float], last_step: int, points: int = 20) -> list[dict[str, float]]:
+    """The run's loss as `points` means over equal runs of consecutive steps (per-step diffusion losses are too
+    noisy to read a plateau from): [{"first_step", "last_step", "loss"}], steps counted as the trainer does."""
+    n = len(losses)
+    if n == 0:
+        return []
+    first = last_step - n + 1
+    points = max(1, min(points, n))
+    curve = []
+    for i in range(points):
+        a, b = i * n // points, (i + 1) * n // points
+        curve.append({"first_step": first + a, "last_step": first + b - 1, "loss": sum(losses[a:b]) / (b - a)})
+    return curve
+
+
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -66,4 +81,4 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
-__all__ = ["Meter", "SUMMARY_FILE", "Throughput", "device_name", "peak_memory_gib", "reset_peak_memory"]
+__all__ = ["Meter", "SUMMARY_FILE", "Throughput", "device_name", "loss_curve", "peak_memory_gib", "reset_peak_memory"]
