@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call of the demo v2 training (docs/demo-model.md, "How v2 was trained"): installs the carried
 # diffusers wheel, runs the given train_demo_base.py phases against a state folder kept on the machine
-# between calls, and packs what the next call or session needs into $OUT as files of at most 15 MiB.
+# between calls, and packs what the next call or session needs into $OUT as files of at most 15 MiB (logs, the
+# VAE diagnosis and the step profile in one logs.tar; compile-cache.bin; the export as export.tar.part-NN).
 #   bash scripts/demo_v2_gpu.sh vae MINUTES [--init-base DIR]   # train the VAE, diagnose it on held-out scenes
 #   bash scripts/demo_v2_gpu.sh unet MINUTES PLAN [--compile] [--init-base DIR]
 #   bash scripts/demo_v2_gpu.sh export                 # fp16 pipeline folder, tarred and split into $OUT
@@ -35,4 +36,12 @@ case $phase in
         tar -C /tmp -cf /tmp/export.tar export && split -b 15M -d /tmp/export.tar "$OUT/export.tar.part-"
         cp "$STATE/calls.jsonl" "$OUT/" ;;
 esac
+# at most 8 files come back from a call: the small ones travel as one logs.tar (added to by each phase)
+cd "$OUT"
+small=$(ls -- *.log *.json *.jsonl *.txt 2>/dev/null || true)
+if [ -n "$small" ]; then
+    # shellcheck disable=SC2086
+    if [ -f logs.tar ]; then tar -rf logs.tar $small; else tar -cf logs.tar $small; fi && rm -f $small
+fi
+cd - > /dev/null
 ls -la "$OUT"
