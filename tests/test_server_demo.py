@@ -22,6 +22,17 @@ def client():
         yield c
 
 
+def test_serve_registers_shipped_demo_controlnets(monkeypatch):
+    from t2iadapter import assets
+
+    args = build_parser().parse_args(["serve"])
+    assert settings_from(args)[0].controlnets == {}  # none shipped yet: none registered
+    monkeypatch.setattr(assets, "demo_controlnet_names", lambda: ["controlnet-sketch"])
+    assert settings_from(args)[0].controlnets == {"controlnet-sketch": "demo/controlnet-sketch"}
+    given = build_parser().parse_args(["serve", "--controlnet", "mine=./cn"])
+    assert settings_from(given)[0].controlnets == {"mine": "./cn"}  # named ones replace the default set
+
+
 def png(path: str) -> str:
     return base64.b64encode(open(path, "rb").read()).decode()
 

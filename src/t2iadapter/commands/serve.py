@@ -17,7 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="serve the HTTP API and the drawing page",
         description="Serve an HTTP API (POST /v1/generate, /v1/extract, /v1/jobs; GET /v1/models, /health; docs at "
         "/docs) and a web page at / to draw or upload, extract, and generate. Clients refer to adapters by the names "
-        "registered here. With --base demo and no --adapter, every shipped demo adapter is registered.",
+        "registered here. With --base demo and no --adapter, every shipped demo adapter is registered; with no "
+        "--controlnet, every shipped demo ControlNet too.",
     )
     p.add_argument("--base", default=DEMO_BASE, help="base model: demo (default), tiny, a diffusers folder, a single file or a hub id")
     p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
@@ -96,6 +97,9 @@ def settings_from(args: argparse.Namespace):
             adapters = {name: f"demo/{name}" for name in shipped if name != "fuser"}
             if fuser is None and "fuser" in shipped:
                 fuser = "demo/fuser"
+    controlnets = parse_adapters(getattr(args, "controlnet", []), "--controlnet")
+    if args.base == "demo" and not controlnets:
+        controlnets = {name: f"demo/{name}" for name in assets.demo_controlnet_names()}
     limits = Limits(max_upload_mb=args.max_upload_mb, max_steps=args.max_steps, max_side=args.max_side,
                     max_images=args.max_images, max_work=args.max_work, max_input_side=args.max_input_side,
                     queue_size=args.queue_size, timeout=args.timeout, max_batch=args.max_batch,
@@ -103,7 +107,7 @@ def settings_from(args: argparse.Namespace):
     settings = ServerSettings(base=args.base, adapters=adapters, fuser=fuser, device=args.device, dtype=args.dtype,
                               devices=args.devices, fast=args.fast or False, warmup=args.warmup,
                               cache_dir=args.cache_dir,
-                              controlnets=parse_adapters(getattr(args, "controlnet", []), "--controlnet"))
+                              controlnets=controlnets)
     return settings, limits
 
 
