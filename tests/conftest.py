@@ -37,3 +37,17 @@ def base():
 
     return load_base("tiny")
 
+
+
+@pytest.fixture(scope="module")
+def sd_base(base):
+    """`base` under the name the tests that compare SD1 and SDXL use."""
+    return base
+
+
+@pytest.fixture(scope="module")
+def xl_base():
+    """The seeded tiny SDXL-shaped base (two text encoders, added conditions), one per test module."""
+    from t2iadapter.bases import load_base
+
+    return load_base("tiny-xl")

@@ -12,18 +12,8 @@ from t2iadapter.formats import ours_to_diffusers
 from t2iadapter.generation.controlnet import controlnet_from_unet
 from t2iadapter.models import build_adapter
 from t2iadapter.pipeline import AdapterPipeline
+from tiny_models import PROMPT
 
-PROMPT = "a large red star left of a small blue circle"
-
-
-@pytest.fixture(scope="module")
-def sd_base():
-    return load_base("tiny")
-
-
-@pytest.fixture(scope="module")
-def xl_base():
-    return load_base("tiny-xl")
 
 
 def random_controlnet(base, seed):

@@ -11,20 +11,9 @@ from diffusers import EulerDiscreteScheduler, StableDiffusionAdapterPipeline, St
 from t2iadapter.bases import load_base
 from t2iadapter.errors import ConfigError, T2IAdapterError
 from t2iadapter.pipeline import AdapterPipeline
-from tiny_models import as_diffusers, condition, random_adapter
+from tiny_models import PROMPT, as_diffusers, condition, random_adapter
 
-PROMPT = "a large red star left of a small blue circle"
 FAST = dict(steps=2, size=64, progress=False, output_type="np")
-
-
-@pytest.fixture(scope="module")
-def sd_base():
-    return load_base("tiny")
-
-
-@pytest.fixture(scope="module")
-def xl_base():
-    return load_base("tiny-xl")
 
 
 @pytest.fixture(scope="module")

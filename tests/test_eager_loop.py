@@ -14,9 +14,8 @@ from torch.overrides import TorchFunctionMode
 
 from t2iadapter.bases import load_base
 from t2iadapter.pipeline import AdapterPipeline
-from tiny_models import as_diffusers, condition, random_adapter
+from tiny_models import PROMPT, as_diffusers, condition, random_adapter
 
-PROMPT = "a large red star left of a small blue circle"
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ from t2iadapter.generation import conditions, fast
 from t2iadapter.bases import load_base, tiny_adapter_config
 from t2iadapter.models import build_adapter
 from t2iadapter.pipeline import AdapterPipeline, prepare_condition
+from tiny_models import PROMPT
 
-PROMPT = "a large red star left of a small blue circle"
 
 
 @pytest.fixture(autouse=True)

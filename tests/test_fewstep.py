@@ -8,16 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from t2iadapter.bases import load_base
 from t2iadapter.pipeline import AdapterPipeline
-from test_pipeline_parity import PROMPT, as_diffusers, condition, random_adapter, sd_reference
+from test_pipeline_parity import sd_reference
+from tiny_models import PROMPT, as_diffusers, condition, random_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def sd_base():
-    return load_base("tiny")
 
 
 @pytest.mark.parametrize("name,cls", [("lcm", "LCMScheduler"), ("tcd", "TCDScheduler")])

@@ -10,9 +10,8 @@ from t2iadapter.bases import load_base
 from t2iadapter.errors import ConfigError
 from t2iadapter.generation import fast, fp8
 from t2iadapter.pipeline import AdapterPipeline
-from tiny_models import condition, random_adapter
+from tiny_models import PROMPT, condition, random_adapter
 
-PROMPT = "a large red star left of a small blue circle"
 
 
 @pytest.fixture

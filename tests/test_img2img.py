@@ -12,17 +12,7 @@ from t2iadapter.bases import load_base
 from t2iadapter.errors import ConditionError, ConfigError
 from t2iadapter.generation.request import GenerationRequest
 from t2iadapter.pipeline import AdapterPipeline
-from test_pipeline_parity import PROMPT, condition, random_adapter
-
-
-@pytest.fixture(scope="module")
-def sd_base():
-    return load_base("tiny")
-
-
-@pytest.fixture(scope="module")
-def xl_base():
-    return load_base("tiny-xl")
+from tiny_models import PROMPT, condition, random_adapter
 
 
 def inpaint_unet_base(base):

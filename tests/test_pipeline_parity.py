@@ -1,22 +1,10 @@
 """Parity: our pipeline equals diffusers' adapter pipelines with the same tiny components, seed and weights."""
 import numpy as np
-import pytest
 import torch
 from diffusers import MultiAdapter, StableDiffusionAdapterPipeline, StableDiffusionXLAdapterPipeline
 
-from t2iadapter.bases import load_base
 from t2iadapter.pipeline import AdapterPipeline
-from tiny_models import as_diffusers, condition, random_adapter
-
-
-@pytest.fixture(scope="module")
-def sd_base():
-    return load_base("tiny")
-
-
-@pytest.fixture(scope="module")
-def xl_base():
-    return load_base("tiny-xl")
+from tiny_models import PROMPT, as_diffusers, condition, random_adapter
 
 
 def sd_reference(base, adapter):
@@ -31,7 +19,6 @@ def xl_reference(base, adapter):
                                             adapter=adapter, scheduler=base.scheduler)
 
 
-PROMPT = "a large red star left of a small blue circle"
 
 
 def test_sd_single_adapter_matches_diffusers(sd_base):

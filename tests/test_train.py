@@ -9,6 +9,7 @@ from t2iadapter.errors import ConfigError
 from t2iadapter.formats import load_adapter
 from t2iadapter.train.config import load_config
 from t2iadapter.train.loop import Trainer, condition_keep, sample_timesteps, training_target
+from train_probe import first_batch, fixed_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny-cpu.yaml"
@@ -57,19 +58,10 @@ def test_training_lowers_the_loss(base, tmp_path):
                              "recipe.timesteps=uniform", "recipe.cache_latents=true", "recipe.cache_text=true",
                              "checkpoint.every=0", f"output_dir={tmp_path}"])
     trainer = Trainer(cfg, base=base)
-    batch = next(iter(__import__("t2iadapter.train.data", fromlist=["x"]).make_loader(trainer.stream, 2, 0, 1, 0, 0)))
-
-    def fixed_loss() -> float:  # same latents, noise and timesteps every time
-        state = trainer.generator.get_state()
-        trainer.generator.manual_seed(1234)
-        with torch.no_grad():
-            loss = sum(trainer.micro_loss(batch).item() for _ in range(4)) / 4
-        trainer.generator.set_state(state)
-        return loss
-
-    before = fixed_loss()
+    batch = first_batch(trainer, 2)
+    before = fixed_loss(trainer, batch, 4)
     result = trainer.run()
-    after = fixed_loss()
+    after = fixed_loss(trainer, batch, 4)
     assert after < 0.93 * before, (before, after)  # deterministic: 1.136 → 1.037 here
     first, last = sum(result.losses[:10]) / 10, sum(result.losses[-10:]) / 10
     assert last < first, (first, last)

@@ -10,6 +10,7 @@ from t2iadapter.bases import load_base
 from t2iadapter.errors import ConfigError
 from t2iadapter.train.config import load_config
 from t2iadapter.train.loop import Trainer
+from train_probe import first_batch, fixed_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTROLNET = ["adapter.kind=controlnet", "adapter.condition=sketch", "adapter.in_channels=1", "data.resolution=64"]
@@ -36,19 +37,10 @@ def test_controlnet_training_lowers_the_loss_and_loads_everywhere(base, tmp_path
     net = trainer.model.adapters["sketch"].controlnet
     assert sum(p.numel() for p in net.parameters()) > 0 and all(p.requires_grad for p in net.parameters())
     assert not any(p.requires_grad for p in base.unet.parameters())
-    batch = next(iter(__import__("t2iadapter.train.data", fromlist=["x"]).make_loader(trainer.stream, 2, 0, 1, 0, 0)))
-
-    def fixed_loss() -> float:  # same latents, noise and timesteps every time
-        state = trainer.generator.get_state()
-        trainer.generator.manual_seed(1234)
-        with torch.no_grad():
-            loss = sum(trainer.micro_loss(batch).item() for _ in range(3)) / 3
-        trainer.generator.set_state(state)
-        return loss
-
-    before = fixed_loss()
+    batch = first_batch(trainer, 2)
+    before = fixed_loss(trainer, batch, 3)
     result = trainer.run()
-    after = fixed_loss()
+    after = fixed_loss(trainer, batch, 3)
     assert after < 0.95 * before, (before, after)
     assert (tmp_path / "controlnet.safetensors").is_file() and (tmp_path / "validation").is_dir()
     folder = tmp_path / "controlnet-diffusers"
@@ -90,15 +82,13 @@ def test_controlnet_config_checks(tmp_path):
 
 def test_sdxl_controlnet_step_with_gradient_checkpointing():
     """An SDXL ControlNet gets the pooled text and time ids too; recomputing activations changes no gradient."""
-    from t2iadapter.train.data import make_loader
-
     base = load_base("tiny-xl")
     grads = []
     for checkpointing in (False, True):
         cfg = config("unused", "base=tiny-xl", "recipe.batch_size=1", "checkpoint.every=0",
                      f"recipe.gradient_checkpointing={checkpointing}")
         trainer = Trainer(cfg, base=base)
-        batch = next(iter(make_loader(trainer.stream, 1, 0, 1, 0, 0)))
+        batch = first_batch(trainer, 1)
         trainer.micro_loss(batch).backward()
         grads.append([p.grad.clone() for p in trainer.params])
     for a, b in zip(*grads):

@@ -7,6 +7,8 @@ from t2iadapter.bases import tiny_adapter_config
 from t2iadapter.formats import ours_to_diffusers
 from t2iadapter.models import build_adapter
 
+PROMPT = "a large red star left of a small blue circle"  # words the tiny bases' tokenizers know
+
 
 def random_adapter(base, in_channels, seed):
     """A full adapter that fits `base`, seeded, with weights ×3 so it visibly changes the output."""
