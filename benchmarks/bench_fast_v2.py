@@ -95,6 +95,18 @@ def _smoke_compile(args) -> None:
         fast.compile_kwargs = lambda backend, mode, cudagraphs: {"backend": "eager"}
 
 
+def _built(args):
+    """The case's pipeline (fp16 on a GPU, fp32 on the CPU), not yet optimized: (pipe, device, side, images, build s)."""
+    import torch
+
+    _smoke_compile(args)
+    arch, side, images = CASES[args.case]
+    device = torch.device(args.device)
+    t0 = time.perf_counter()
+    pipe, _ = _pipeline(arch, device, torch.float16 if device.type == "cuda" else torch.float32)
+    return pipe, device, side, images, time.perf_counter() - t0
+
+
 def _image(pipe, side: int, images: int, steps: int, marks: list | None = None):
     """One text-to-image call; `marks` gets a device event (GPU) or a time (CPU) at the end of every step."""
     import torch
@@ -128,14 +140,7 @@ def _ms_per_step(marks: list, device) -> float:
 
 def work_compile(args) -> dict[str, Any]:
     """Cold: build, optimize into --cache, one short call per batch (compiles and saves)."""
-    import torch
-
-    _smoke_compile(args)
-    arch, side, _ = CASES[args.case]
-    device = torch.device(args.device)
-    t0 = time.perf_counter()
-    pipe, _ = _pipeline(arch, device, torch.float16 if device.type == "cuda" else torch.float32)
-    built = time.perf_counter() - t0
+    pipe, device, side, _, built = _built(args)
     pipe.optimize(precision=args.precision, cache_dir=args.cache, precompile=args.precompile)
     for n in args.batches:
         _sync(device)
@@ -147,14 +152,7 @@ def work_compile(args) -> dict[str, Any]:
 
 def work_first(args) -> dict[str, Any]:
     """Warm: a new process with the cache folder; the first 30-step image, then (--steady) ms/step of 3 more."""
-    import torch
-
-    _smoke_compile(args)
-    arch, side, images = CASES[args.case]
-    device = torch.device(args.device)
-    t0 = time.perf_counter()
-    pipe, _ = _pipeline(arch, device, torch.float16 if device.type == "cuda" else torch.float32)
-    built = time.perf_counter() - t0
+    pipe, device, side, images, built = _built(args)
     t1 = time.perf_counter()
     pipe.optimize(precision=args.precision, cache_dir=args.cache, precompile=args.precompile)
     optimize_s = time.perf_counter() - t1
