@@ -1,9 +1,7 @@
 """Adapter vs ControlNet tooling (issue 16, item 4): our single ControlNet file, `demo/controlnet-sketch`,
 ControlNet settings in `t2iadapter eval`, the trainer's samples/s and peak memory, the training script's compare
 phase and the comparison benchmark. Tiny seeded models only; no weights are committed."""
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ from t2iadapter.generation.controlnet import controlnet_from_unet, load_controln
 from t2iadapter.pipeline import AdapterPipeline
 from t2iadapter.train.controlnet import TrainableControlNet
 from t2iadapter.train.throughput import Meter
+from script_modules import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,14 +34,6 @@ def acting_controlnet(base, seed, channels=1):
             conv.weight.normal_(0, 0.3)
             conv.bias.normal_(0, 0.1)
     return cn
-
-
-def load_script(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 # ------------------------------------------------------------------ files and demo names
@@ -216,7 +207,7 @@ class _Done:
 
 def test_training_script_compare_phase_is_fair_and_writes_what_ships(tmp_path, monkeypatch):
     """The adapter and the ControlNet get the same config but for the kind; fp16 files; the log carries both summaries."""
-    script = load_script(ROOT / "scripts" / "train_demo_adapters.py", "train_demo_adapters")
+    script = load_script("scripts/train_demo_adapters.py", monkeypatch)
     order = []
 
     def launch(cfg, out):  # in-process `t2iadapter train` instead of a subprocess (same config file and flags)
@@ -257,8 +248,8 @@ def test_training_script_compare_phase_is_fair_and_writes_what_ships(tmp_path, m
 # ------------------------------------------------------------------ the comparison benchmark
 
 
-def test_comparison_table_format():
-    bench = load_script(ROOT / "benchmarks" / "compare_adapter_controlnet.py", "compare_adapter_controlnet")
+def test_comparison_table_format(monkeypatch):
+    bench = load_script("benchmarks/compare_adapter_controlnet.py", monkeypatch)
     rows = {s: {"structure_iou": iou, "edge_f1": f1, "spurious_foreground": 0.01, "colour_accuracy": 0.5}
             for s, iou, f1 in (("text only", 0.1, 0.2), ("sketch", 0.6, 0.7), ("controlnet-sketch", 0.65, 0.75))}
     results = {"setup": {"base": "b", "size": 256, "steps": 25, "guidance": 5.0},
@@ -280,8 +271,8 @@ def test_comparison_table_format():
     assert "means over 3 held-out scenes, seeds 1–3" in table and "base UNet: 12.97M" in table
 
 
-def test_comparison_benchmark_smoke_with_a_merged_gpu_row(tmp_path):
-    bench = load_script(ROOT / "benchmarks" / "compare_adapter_controlnet.py", "compare_adapter_controlnet")
+def test_comparison_benchmark_smoke_with_a_merged_gpu_row(tmp_path, monkeypatch):
+    bench = load_script("benchmarks/compare_adapter_controlnet.py", monkeypatch)
     gpu = {"timing": {"NVIDIA H200, fast mode (optimize())": {"text only": 100.0, "sketch": 101.0, "controlnet-sketch": 150.0}}}
     (tmp_path / "gpu.json").write_text(json.dumps(gpu))
     merged = bench.main(["--smoke", "--threads", "1", "--json", str(tmp_path / "cpu.json"), "--merge", str(tmp_path / "gpu.json"),

@@ -19,6 +19,7 @@ from t2iadapter.cli import main as cli
 from t2iadapter.generation import compile_cache as cc
 from t2iadapter.models import build_adapter
 from t2iadapter.pipeline import AdapterPipeline
+from script_modules import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -268,15 +269,9 @@ def test_compile_command_then_generate_on_the_cpu(tmp_path, monkeypatch, capsys)
     assert "fast mode: compiled 64x64, 1 image" in out and png.exists()
 
 
-def test_fast_v2_benchmark_smoke_run(tmp_path):
+def test_fast_v2_benchmark_smoke_run(tmp_path, monkeypatch):
     """benchmarks/bench_fast_v2.py --smoke: every phase's worker process on the CPU, the table written."""
-    import importlib.util
-
-    path = ROOT / "benchmarks" / "bench_fast_v2.py"
-    spec = importlib.util.spec_from_file_location("bench_fast_v2", path)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["bench_fast_v2"] = bench
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/bench_fast_v2.py", monkeypatch)
     out = bench.main(["--smoke", "--kinds", "inductor", "--out", str(tmp_path)])
     results = out["results"]
     assert results["first-tiny-inductor-copy"]["first_image_s"] > 0 and results["eager-tiny"]["speedup"] > 0

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import logging
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,8 +15,9 @@ import torch
 from t2iadapter.demo import world
 from t2iadapter.demo import DemoBaseConfig, build_demo_tokenizer, scheduler_config, unet_config, vae_config
 from t2iadapter.demo.architecture import text_encoder_config
+from script_modules import ROOT, load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_demo_base.py"
+SCRIPT = "scripts/train_demo_base.py"
 
 
 def test_shipped_architecture_fits_budget(tmp_path: Path) -> None:
@@ -47,10 +48,7 @@ def test_shipped_architecture_fits_budget(tmp_path: Path) -> None:
 def test_smoke_training_run_loads_in_diffusers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from diffusers import StableDiffusionPipeline
 
-    spec = importlib.util.spec_from_file_location("train_demo_base", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
+    module = load_script(SCRIPT, monkeypatch)
     out = tmp_path / "base"
     log = module.main(["--out", str(out), "--smoke", "--device", "cpu"])
 
@@ -77,17 +75,9 @@ def test_smoke_training_run_loads_in_diffusers(tmp_path: Path, monkeypatch: pyte
     assert image.shape == (64, 64, 3) and np.isfinite(image).all()
 
 
-def _load_script(monkeypatch: pytest.MonkeyPatch):
-    spec = importlib.util.spec_from_file_location("train_demo_base", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_training_resumes_across_calls_from_its_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """vae → unet → unet → export as four calls: counters, loss log and the lr schedule continue; --init-base restarts."""
-    module = _load_script(monkeypatch)
+    module = load_script(SCRIPT, monkeypatch)
     state = tmp_path / "state"
     common = ["--smoke", "--device", "cpu", "--state", str(state)]
     vae_log = module.main([*common, "--phase", "vae"])["vae"]["log"]
@@ -130,48 +120,49 @@ def test_training_resumes_across_calls_from_its_state(tmp_path: Path, monkeypatc
     assert torch.load(vae_first / "unet.pt", weights_only=True)["steps"] == 6
 
 
-def test_schedule_continues_across_calls() -> None:
-    spec = importlib.util.spec_from_file_location("train_demo_base_sched", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-        one = module.Schedule(1.0, warmup=10, seconds=60, max_steps=0, plan_seconds=600)
-        resumed = module.Schedule(1.0, warmup=10, seconds=60, max_steps=0, plan_seconds=600, before_seconds=300,
-                                  before_steps=1000)
-        assert one.lr(0) == pytest.approx(0.1)  # warm-up by cumulative steps
-        assert resumed.lr(0) == pytest.approx(0.1 + 0.9 * 0.5, abs=1e-3)  # halfway through the plan's cosine
-        fresh = module.Schedule(1.0, warmup=10, seconds=60, max_steps=0, plan_seconds=600, before_seconds=300,
-                                before_steps=1000, rewarm=10)  # a fresh optimiser on trained weights
-        assert fresh.lr(0) == pytest.approx(resumed.lr(0) / 10, rel=1e-3)
-        assert fresh.lr(9) == pytest.approx(resumed.lr(9), rel=1e-3)
-    finally:
-        del sys.modules[spec.name]
+def test_schedule_continues_across_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = load_script(SCRIPT, monkeypatch)
+    one = module.Schedule(1.0, warmup=10, seconds=60, max_steps=0, plan_seconds=600)
+    resumed = module.Schedule(1.0, warmup=10, seconds=60, max_steps=0, plan_seconds=600, before_seconds=300,
+                              before_steps=1000)
+    assert one.lr(0) == pytest.approx(0.1)  # warm-up by cumulative steps
+    assert resumed.lr(0) == pytest.approx(0.1 + 0.9 * 0.5, abs=1e-3)  # halfway through the plan's cosine
+    fresh = module.Schedule(1.0, warmup=10, seconds=60, max_steps=0, plan_seconds=600, before_seconds=300,
+                            before_steps=1000, rewarm=10)  # a fresh optimiser on trained weights
+    assert fresh.lr(0) == pytest.approx(resumed.lr(0) / 10, rel=1e-3)
+    assert fresh.lr(9) == pytest.approx(resumed.lr(9), rel=1e-3)
 
 
-def test_compile_artefacts_are_written_and_read_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                    caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
-    """--compile-cache: torch's artefacts are written once compiled, read back by torch, and a bad file only warns."""
-    module = _load_script(monkeypatch)
-    saved = tmp_path / "compile-cache.bin"
-    compiled = torch.compile(lambda x: (x * 2).sin(), backend="inductor")
-    compiled(torch.arange(4.0))
-    module.save_compile_cache(str(saved))
-    caplog.set_level(logging.INFO, logger="train_demo_base")
-    module.load_compile_cache(str(saved))
-    assert "compile artefacts loaded" in caplog.text
-    caplog.clear()
-    bad = tmp_path / "bad.bin"
+def _script_in_new_process(code: str, inductor_cache: Path) -> str:
+    """Run `code` with the script imported as `m` in a fresh interpreter (torch's compile caches are per process
+    and on disk: a fresh inductor folder each, so nothing leaks into this process or between the two); its log."""
+    prelude = ("import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout, format='%(message)s'); "
+               "sys.path.insert(0, 'scripts'); import torch; import train_demo_base as m\n")  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1", TORCHINDUCTOR_CACHE_DIR=str(inductor_cache))
+    done = subprocess.run([sys.executable, "-c", prelude + code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_compile_artefacts_travel_to_a_new_process(tmp_path: Path) -> None:
+    """--compile-cache: torch's artefacts are written once compiled and read back by another process (as on the
+    next machine); a bad file only warns, an absent one or no path does nothing."""
+    files = tmp_path / "files"
+    files.mkdir()
+    saved, bad, absent = files / "compile-cache.bin", files / "bad.bin", files / "absent.bin"
     bad.write_bytes(b"not artefacts")
-    module.load_compile_cache(str(bad))
-    assert "not usable" in caplog.text
-    module.load_compile_cache(str(tmp_path / "absent.bin"))  # no file yet: nothing to do, no error
-    module.save_compile_cache("")  # no path given: nothing written
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.bin", "compile-cache.bin"]
+    _script_in_new_process(f"f = torch.compile(lambda x: (x * 2).sin(), backend='inductor'); f(torch.arange(4.0)); "
+                           f"m.save_compile_cache({str(saved)!r})", tmp_path / "inductor-1")  # fmt: skip
+    log = _script_in_new_process(f"m.load_compile_cache({str(saved)!r}); m.load_compile_cache({str(bad)!r}); "
+                                 f"m.load_compile_cache({str(absent)!r}); m.save_compile_cache('')", tmp_path / "inductor-2")  # fmt: skip
+    assert f"compile artefacts loaded from {saved}" in log
+    assert f"compile artefacts in {bad} not usable" in log
+    assert str(absent) not in log  # no file yet: nothing to do, no error
+    assert sorted(p.name for p in files.iterdir()) == ["bad.bin", "compile-cache.bin"]  # no path given: nothing written
 
 
 def test_step_profiler_writes_where_the_step_time_goes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    module = _load_script(monkeypatch)
+    module = load_script(SCRIPT, monkeypatch)
     target = tmp_path / "profile.txt"
     prof = module.StepProfiler(str(target), first=1, steps=2)
     x = torch.randn(64, 64)

@@ -12,6 +12,7 @@ from t2iadapter.generation import conditions, fast
 from t2iadapter.bases import load_base, tiny_adapter_config
 from t2iadapter.models import build_adapter
 from t2iadapter.pipeline import AdapterPipeline, prepare_condition
+from script_modules import load_script
 from tiny_models import PROMPT
 
 
@@ -147,17 +148,10 @@ def test_compile_failure_falls_back_to_eager(caplog):
     assert fast.eager_forward(module) == wrapper.eager
 
 
-def test_inference_benchmark_cpu_mode(tmp_path):
-    import importlib.util
+def test_inference_benchmark_cpu_mode(tmp_path, monkeypatch):
     import json
-    import sys
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_inference.py"
-    spec = importlib.util.spec_from_file_location("bench_inference", path)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["bench_inference"] = bench  # dataclasses look their module up
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/bench_inference.py", monkeypatch)
     rows = "diffusers,diffusers-plain,ours-eager,ours-eager-plain,ours-fast,ours-fast-plain"
     bench.main(["--device", "cpu", "--no-compile", "--steps", "2", "--repeats", "1", "--rows", rows, "--no-profile",
                 "--out", str(tmp_path)])

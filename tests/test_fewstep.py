@@ -1,18 +1,14 @@
 """Few-step sampling (issue 15): LCM and TCD by name equal diffusers' adapter pipeline; guidance <= 1 runs one branch."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from t2iadapter.pipeline import AdapterPipeline
+from script_modules import load_script
 from test_pipeline_parity import sd_reference
 from tiny_models import PROMPT, as_diffusers, condition, random_adapter
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("name,cls", [("lcm", "LCMScheduler"), ("tcd", "TCDScheduler")])
@@ -36,12 +32,8 @@ def test_few_step_schedulers_match_diffusers_and_skip_the_unconditional_branch(s
     assert np.abs(ours - ref).max() <= 1e-4
 
 
-def test_fewstep_benchmark_smoke(tmp_path):
-    path = ROOT / "benchmarks" / "bench_fewstep.py"
-    spec = importlib.util.spec_from_file_location("bench_fewstep", path)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["bench_fewstep"] = bench
-    spec.loader.exec_module(bench)
+def test_fewstep_benchmark_smoke(tmp_path, monkeypatch):
+    bench = load_script("benchmarks/bench_fewstep.py", monkeypatch)
     bench.main(["--smoke", "--only", "tiny", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "bench_fewstep.json").read_text())["rows"]["tiny"]
     assert set(rows) == {"diffusers", "ours-eager", "ours-fast"}
