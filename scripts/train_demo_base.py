@@ -368,12 +368,14 @@ def train_vae(vae: torch.nn.Module, pool: Pool, producer: Producer, cfg: RunConf
     """
     vae.train().requires_grad_(True)
     opt = _optimizer(list(vae.parameters()), cfg.lr_vae, 0.0, device)
-    before_s, before_steps, log = 0.0, 0, []
+    before_s, before_steps, log, rewarm = 0.0, 0, [], 0
     if resume is not None:
-        opt.load_state_dict(resume["opt"])
+        if resume.get("opt") is not None:
+            opt.load_state_dict(resume["opt"])
         before_s, before_steps, log = resume["seconds"], resume["steps"], list(resume["log"])
+        rewarm = cfg.warmup_steps if resume.get("opt") is None and before_steps else 0
     sched = Schedule(cfg.lr_vae, cfg.warmup_steps, cfg.minutes_vae * 60, cfg.max_steps_vae,
-                     before_seconds=before_s, before_steps=before_steps)  # fmt: skip
+                     before_seconds=before_s, before_steps=before_steps, rewarm=rewarm)  # fmt: skip
     acc = torch.zeros(6, device=device)
     step = 0
     while not sched.done(step):
@@ -775,8 +777,7 @@ def main(argv: list[str] | None = None) -> dict:
         run_log["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         try:
             if cfg.phase in ("all", "vae"):
-                vae_state = train_vae(modules["vae"], pool, producer, cfg, device,
-                                      vae_state if vae_state and vae_state.get("opt") else None)  # fmt: skip
+                vae_state = train_vae(modules["vae"], pool, producer, cfg, device, vae_state)
                 scale = scaling_factor(modules["vae"], pool, device)
                 modules["vae"].register_to_config(scaling_factor=scale)
                 vae_state["scaling_factor"] = scale

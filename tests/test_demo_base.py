@@ -114,6 +114,7 @@ def test_training_resumes_across_calls_from_its_state(tmp_path: Path, monkeypatc
     # a new state from the export that first trains the VAE further keeps the exported UNet for its UNet call
     vae_first = tmp_path / "vae-first"
     module.main(["--smoke", "--device", "cpu", "--state", str(vae_first), "--phase", "vae", "--init-base", str(out)])
+    assert torch.load(vae_first / "vae.pt", weights_only=True)["steps"] == 4  # the export's 2, then 2 more
     kept = torch.load(vae_first / "unet.pt", weights_only=True)
     assert kept["steps"] == 4 and torch.equal(kept["ema"][0], ema_first.half().float())
     module.main(["--smoke", "--device", "cpu", "--state", str(vae_first), "--phase", "unet", "--init-base", str(out)])
