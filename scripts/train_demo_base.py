@@ -57,6 +57,9 @@ from t2iadapter.demo.architecture import DemoBaseConfig, build_demo_base, count_
 logger = logging.getLogger("train_demo_base")
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Training options (defaults: the real run on one H100, ~8 minutes of training)."""
@@ -97,7 +100,8 @@ class RunConfig:
     topk_weight: float = 1.0  # VAE: weight of the mean error over each image's worst 1% of pixels (beads)
     topk_share: float = 0.01
     lowfreq_weight: float = 2.0  # VAE: L1 between 16×16-pooled images (background tints; 0 = off)
-    compile: bool = False  # torch.compile the UNet training forward (CUDA)
+    compile: bool = False  # torch.compile the UNet training forward
+    compile_mode: str = "default"  # torch.compile's mode; "reduce-overhead" replays CUDA graphs (the step is host-bound)
     compile_cache: str = ""  # torch's portable compile artefacts: loaded before compiling, written once compiled
     profile: str = ""  # write a torch.profiler table of UNet steps 30-39 to this file (where the step time goes)
 
@@ -130,7 +134,9 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--plan-unet-minutes", type=float, default=0.0, help="lr schedule length, cumulative minutes")
     p.add_argument("--topk-weight", type=float, default=RunConfig.topk_weight)
     p.add_argument("--lowfreq-weight", type=float, default=RunConfig.lowfreq_weight)
-    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    p.add_argument("--compile-mode", default=RunConfig.compile_mode, choices=COMPILE_MODES,
+                   help="torch.compile mode of the UNet (reduce-overhead: CUDA graphs, for a host-bound step)")
     p.add_argument("--compile-cache", default="", help="file of torch's compile artefacts (read if present, then written)")
     p.add_argument("--profile", default="", help="write a profiler table of UNet steps 30-39 to this file")
     a = p.parse_args(argv)
@@ -140,8 +146,9 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         batch_unet=a.batch_unet, lr_vae=a.lr_vae, lr_unet=a.lr_unet, workers=a.workers, chunk=a.chunk,
         pool_images=a.pool_images, preview_scenes=a.preview_scenes, size=a.size, log_every=a.log_every,
         tiny=a.tiny, min_fill=min(RunConfig.min_fill, a.pool_images), state=a.state, phase=a.phase,
-        init_base=a.init_base, plan_unet_minutes=a.plan_unet_minutes, topk_weight=a.topk_weight, lowfreq_weight=a.lowfreq_weight, compile=a.compile,
-        compile_cache=a.compile_cache, profile=a.profile,
+        init_base=a.init_base, plan_unet_minutes=a.plan_unet_minutes, topk_weight=a.topk_weight,
+        lowfreq_weight=a.lowfreq_weight, compile=a.compile, compile_mode=a.compile_mode, compile_cache=a.compile_cache,
+        profile=a.profile,
     )  # fmt: skip
     if a.smoke:
         cfg = RunConfig(
@@ -506,15 +513,21 @@ def train_unet(modules: dict[str, Any], pool: Pool, producer: Producer, cfg: Run
     sched = Schedule(cfg.lr_unet, cfg.warmup_steps, cfg.minutes_unet * 60, cfg.max_steps_unet,
                      plan_seconds=cfg.plan_unet_minutes * 60, before_seconds=before_s, before_steps=before_steps,
                      rewarm=rewarm)  # fmt: skip
-    forward = unet
-    if cfg.compile and device.type == "cuda":
+    # what the step runs, best first; a compiled forward that fails falls back to the next (compile errors
+    # surface at the first call), so a call never loses its minutes to a compiler problem
+    forwards: list[Any] = [unet]
+    if cfg.compile:
         load_compile_cache(cfg.compile_cache)
-        forward = torch.compile(unet)
+        forwards[:0] = [torch.compile(unet, mode=m) for m in dict.fromkeys((cfg.compile_mode, "default"))]
+    forward = forwards.pop(0)
+    graphs = forward is not unet and cfg.compile_mode == "reduce-overhead" and device.type == "cuda"
     acc = torch.zeros(1, device=device)
     step = 0
     profiler = StepProfiler(cfg.profile, first=30, steps=10)
     while not sched.done(step):
         profiler.at(step)
+        if graphs:  # a new iteration: the previous step's graph outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         _refresh(latents, producer, cfg.refresh_batches_unet, encode)
         b = latents.sample(cfg.batch_unet)
         z = (b["mean"].float() + b["std"].float() * torch.randn_like(b["mean"].float())) * scale
@@ -530,14 +543,16 @@ def train_unet(modules: dict[str, Any], pool: Pool, producer: Producer, cfg: Run
             group["lr"] = sched.lr(step)
         with _autocast(device):
             context = text(ids)[0]
-            try:
-                pred = forward(zt, t, context).sample.float()
-            except Exception:  # noqa: BLE001 - a compile failure: train eagerly rather than lose the call
-                if forward is unet:
-                    raise
-                logger.exception("compiled UNet failed; training eagerly")
-                forward = unet
-                pred = forward(zt, t, context).sample.float()
+            while True:
+                try:
+                    pred = forward(zt, t, context).sample.float()
+                    break
+                except Exception:  # noqa: BLE001 - a compile failure: fall back rather than lose the call
+                    if not forwards:
+                        raise
+                    forward, graphs = forwards.pop(0), False
+                    logger.exception("compiled UNet failed; falling back to %s",
+                                     "eager" if forward is unet else "torch.compile's default mode")  # fmt: skip
         per = (pred - noise).pow(2).mean(dim=(1, 2, 3))
         if cfg.snr_gamma > 0:
             snr = snr_all[t]

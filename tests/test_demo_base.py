@@ -174,3 +174,35 @@ def test_step_profiler_writes_where_the_step_time_goes(tmp_path: Path, monkeypat
     assert "ms per step (wall, profiled steps 1-2)" in text and "aten::mm" in text
     assert text.count("aten::mm") >= 2  # in both tables, by device and by host time
     module.StepProfiler("", first=0, steps=1).at(0)  # no file asked: nothing happens
+
+
+def test_a_failing_compiled_unet_falls_back_and_the_call_trains_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    """--compile-mode reduce-overhead that fails at its first call: the step reruns under the default mode."""
+    import dataclasses
+
+    module = load_script(SCRIPT, monkeypatch)
+    argv = ["--out", str(tmp_path / "base"), "--smoke", "--device", "cpu", "--preview-scenes", "0"]
+    cfg = dataclasses.replace(module.parse_args(argv), compile=True, compile_mode="reduce-overhead", preview_scenes=0)
+    assert module.parse_args([*argv, "--compile", "--compile-mode", "reduce-overhead"]).compile_mode == "default"  # smoke
+    assert module.parse_args(["--out", "x", "--compile-mode", "reduce-overhead"]).compile_mode == "reduce-overhead"
+    with pytest.raises(SystemExit):
+        module.parse_args(["--out", "x", "--compile-mode", "fastest"])
+    calls: list[str] = []
+
+    def fake_compile(model: torch.nn.Module, mode: str = "default") -> object:
+        def run(*args: object) -> object:
+            calls.append(mode)
+            if mode == "reduce-overhead":
+                raise RuntimeError("no CUDA graphs here")
+            return model(*args)
+
+        return run
+
+    monkeypatch.setattr(module, "parse_args", lambda _argv: cfg)
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    with caplog.at_level("INFO"):
+        log = module.main(argv)
+    assert calls == ["reduce-overhead", "default", "default"]  # 2 steps: the failed call reruns under the default
+    assert "compiled UNet failed; falling back to torch.compile's default mode" in caplog.text
+    assert log["unet"]["steps"] == 2 and np.isfinite(log["unet"]["final_loss"])
