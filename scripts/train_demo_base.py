@@ -541,25 +541,18 @@ def train_unet(modules: dict[str, Any], pool: Pool, producer: Producer, cfg: Run
             zt = zt.contiguous(memory_format=torch.channels_last)
         for group in opt.param_groups:
             group["lr"] = sched.lr(step)
-        with _autocast(device):
-            context = text(ids)[0]
-            while True:
-                try:
-                    pred = forward(zt, t, context).sample.float()
-                    break
-                except Exception:  # noqa: BLE001 - a compile failure: fall back rather than lose the call
-                    if not forwards:
-                        raise
-                    forward, graphs = forwards.pop(0), False
-                    logger.exception("compiled UNet failed; falling back to %s",
-                                     "eager" if forward is unet else "torch.compile's default mode")  # fmt: skip
-        per = (pred - noise).pow(2).mean(dim=(1, 2, 3))
-        if cfg.snr_gamma > 0:
-            snr = snr_all[t]
-            per = per * torch.clamp(snr, max=cfg.snr_gamma) / snr
-        loss = per.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        while True:
+            try:
+                loss = _unet_loss(forward, text, zt, t, ids, noise, snr_all, cfg.snr_gamma, device)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                break
+            except Exception:  # noqa: BLE001 - a compile failure (forward or backward): fall back, keep the call
+                if not forwards:
+                    raise
+                forward, graphs = forwards.pop(0), False
+                logger.exception("compiled UNet failed; falling back to %s",
+                                 "eager" if forward is unet else "torch.compile's default mode")  # fmt: skip
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         ema.update()
@@ -580,6 +573,18 @@ def train_unet(modules: dict[str, Any], pool: Pool, producer: Producer, cfg: Run
             "ema_n": ema.n, "opt": opt.state_dict(), "steps": before_steps + step, "seconds": before_s + sched.elapsed(),
             "log": log, "call_steps": step, "call_seconds": sched.elapsed(), "samples_per_step": cfg.batch_unet,
             "final_loss": log[-1]["loss"] if log else float("nan")}  # fmt: skip
+
+
+def _unet_loss(forward: Any, text: torch.nn.Module, zt: torch.Tensor, t: torch.Tensor, ids: torch.Tensor,
+               noise: torch.Tensor, snr_all: torch.Tensor, snr_gamma: float, device: torch.device) -> torch.Tensor:
+    """ε-prediction MSE of one batch, min-SNR-γ weighted (γ = 0: plain MSE)."""
+    with _autocast(device):
+        pred = forward(zt, t, text(ids)[0]).sample.float()
+    per = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+    if snr_gamma > 0:
+        snr = snr_all[t]
+        per = per * torch.clamp(snr, max=snr_gamma) / snr
+    return per.mean()
 
 
 class StepProfiler:

@@ -176,9 +176,22 @@ def test_step_profiler_writes_where_the_step_time_goes(tmp_path: Path, monkeypat
     module.StepProfiler("", first=0, steps=1).at(0)  # no file asked: nothing happens
 
 
-def test_a_failing_compiled_unet_falls_back_and_the_call_trains_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+class _FailingBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:  # noqa: ARG004
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:  # noqa: ARG004
+        raise RuntimeError("no CUDA graphs in the backward here")
+
+
+@pytest.mark.parametrize("fails_in", ["forward", "backward"])
+def test_a_failing_compiled_unet_falls_back_and_the_call_trains_on(fails_in: str, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch,
                                                                    caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
-    """--compile-mode reduce-overhead that fails at its first call: the step reruns under the default mode."""
+    """--compile-mode reduce-overhead that fails at its first step (forward or backward): the step reruns under the
+    default mode, and the call trains on."""
     import dataclasses
 
     module = load_script(SCRIPT, monkeypatch)
@@ -193,9 +206,12 @@ def test_a_failing_compiled_unet_falls_back_and_the_call_trains_on(tmp_path: Pat
     def fake_compile(model: torch.nn.Module, mode: str = "default") -> object:
         def run(*args: object) -> object:
             calls.append(mode)
-            if mode == "reduce-overhead":
+            if mode == "reduce-overhead" and fails_in == "forward":
                 raise RuntimeError("no CUDA graphs here")
-            return model(*args)
+            out = model(*args)
+            if mode == "reduce-overhead":
+                out.sample = _FailingBackward.apply(out.sample)
+            return out
 
         return run
 
@@ -203,6 +219,6 @@ def test_a_failing_compiled_unet_falls_back_and_the_call_trains_on(tmp_path: Pat
     monkeypatch.setattr(torch, "compile", fake_compile)
     with caplog.at_level("INFO"):
         log = module.main(argv)
-    assert calls == ["reduce-overhead", "default", "default"]  # 2 steps: the failed call reruns under the default
+    assert calls == ["reduce-overhead", "default", "default"]  # 2 steps: the failed step reruns under the default
     assert "compiled UNet failed; falling back to torch.compile's default mode" in caplog.text
     assert log["unet"]["steps"] == 2 and np.isfinite(log["unet"]["final_loss"])
