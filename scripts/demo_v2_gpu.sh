@@ -13,13 +13,16 @@ if [ -d .whl ]; then
 fi
 export PYTHONPATH=/tmp/site:$PWD/src
 STATE=${STATE:-/root/demo-v2-state}
+# every GPU of the machine: one training process each under torchrun (the batch is split between them)
+gpus=$( (nvidia-smi -L 2>/dev/null || true) | wc -l)
+if [ "$gpus" -gt 1 ]; then TRAIN="python3 -m torch.distributed.run --standalone --nproc-per-node=$gpus"; else TRAIN=python3; fi
 OUT=${OUT:-/tmp/out}
 mkdir -p "$STATE" "$OUT"
 phase=$1; shift
 case $phase in
     vae)
         minutes=$1; shift
-        python3 scripts/train_demo_base.py --state "$STATE" --phase vae --minutes-vae "$minutes" "$@" 2>&1 | tee "$OUT/vae.log" | grep -E "step=|scaling|pool filled|Error|Traceback" | awk 'NR%5==0' | tail -10
+        $TRAIN scripts/train_demo_base.py --state "$STATE" --phase vae --minutes-vae "$minutes" "$@" 2>&1 | tee "$OUT/vae.log" | grep -E "step=|scaling|pool filled|Error|Traceback" | awk 'NR%5==0' | tail -10
         python3 scripts/diagnose_vae.py "$STATE" --scenes 64 --grid "$OUT/vae-v2.png" --json "$OUT/vae-v2.json" ;;
     unet)
         # torch's compile artefacts travel between machines: a carried $COMPILE_CACHE seeds the state's copy,
@@ -28,7 +31,7 @@ case $phase in
         if [ -n "${COMPILE_CACHE:-}" ] && [ -f "$COMPILE_CACHE" ] && [ ! -f "$STATE/compile-cache.bin" ]; then
             cp "$COMPILE_CACHE" "$STATE/compile-cache.bin"
         fi
-        python3 scripts/train_demo_base.py --state "$STATE" --phase unet --minutes-unet "$minutes" --plan-unet-minutes "$plan" --compile-cache "$STATE/compile-cache.bin" --profile "$STATE/profile-unet.txt" "$@" 2>&1 | tee "$OUT/unet.log" | grep -E "step=|pool filled|Error|Traceback|compile" | awk 'NR%5==0' | tail -10
+        $TRAIN scripts/train_demo_base.py --state "$STATE" --phase unet --minutes-unet "$minutes" --plan-unet-minutes "$plan" --compile-cache "$STATE/compile-cache.bin" --profile "$STATE/profile-unet.txt" "$@" 2>&1 | tee "$OUT/unet.log" | grep -E "step=|pool filled|Error|Traceback|compile" | awk 'NR%5==0' | tail -10
         if [ -f "$STATE/compile-cache.bin" ]; then cp "$STATE/compile-cache.bin" "$OUT/"; fi
         if [ -f "$STATE/profile-unet.txt" ]; then cp "$STATE/profile-unet.txt" "$OUT/"; fi ;;
     export)

@@ -11,6 +11,11 @@ EMA, AdamW state, step and minute counters, the loss log), e.g. on a GPU lent te
     python scripts/train_demo_base.py --state runs/state --phase unet --minutes-unet 8 --plan-unet-minutes 100
     python scripts/train_demo_base.py --state runs/state --phase export --out runs/demo-base
 
+Every GPU of a machine: the same commands under torchrun, one process per GPU; `--batch-*` stay the batch of
+all processes together (each takes its share, gradients are averaged, rank 0 writes every file):
+
+    torchrun --standalone --nproc-per-node 2 scripts/train_demo_base.py --state runs/state --phase unet ...
+
 `--init-base FOLDER` starts a new state from a saved pipeline folder (e.g. the shipped fp16 demo base,
 whose EMA weights then become both the weights and the EMA: no optimiser state survives that).
 The learning rate follows one warm-up + cosine schedule over `--plan-unet-minutes` of cumulative
@@ -167,9 +172,11 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
 class SceneStream(torch.utils.data.IterableDataset):
     """Endless batches of training scenes {"image": uint8 N×3×H×W, "ids": int64 N×L}, disjoint per worker."""
 
-    def __init__(self, tokenizer: Any, size: int, chunk: int, max_length: int, offset: int) -> None:
+    def __init__(self, tokenizer: Any, size: int, chunk: int, max_length: int, offset: int, rank: int = 0,
+                 ranks: int = 1) -> None:  # fmt: skip
         super().__init__()
         self.tokenizer, self.size, self.chunk, self.max_length, self.offset = tokenizer, size, chunk, max_length, offset
+        self.rank, self.ranks = rank, ranks  # several training processes: each its own scenes
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = torch.utils.data.get_worker_info()
@@ -177,7 +184,7 @@ class SceneStream(torch.utils.data.IterableDataset):
         n_seeds = len(world.TRAIN_SEEDS)
         k = 0
         while True:
-            start = self.offset + (k * nw + wid) * self.chunk
+            start = self.offset + ((k * self.ranks + self.rank) * nw + wid) * self.chunk
             seeds = [world.TRAIN_SEEDS[(start + j) % n_seeds] for j in range(self.chunk)]
             batch = world.generate_batch(seeds, self.size, names=("image",))
             ids = self.tokenizer(
@@ -290,10 +297,15 @@ class Schedule:
         self.before_seconds, self.before_steps = before_seconds, before_steps
         self.plan = max(plan_seconds, before_seconds + seconds, 1e-9)
         self.start = time.perf_counter()
+        self.agreed: float | None = None  # several ranks: the clock they last agreed on (Ranks.agree_clock)
+
+    def live_elapsed(self) -> float:
+        """Seconds of this call so far, by this process's clock."""
+        return time.perf_counter() - self.start
 
     def elapsed(self) -> float:
-        """Seconds of this call so far."""
-        return time.perf_counter() - self.start
+        """Seconds of this call so far (the agreed clock when several ranks train: same lr, same stop)."""
+        return self.live_elapsed() if self.agreed is None else self.agreed
 
     def progress(self, step: int) -> float:
         """Fraction of this call's budget done, in [0, 1] (time, or steps when max_steps is set)."""
@@ -316,6 +328,117 @@ class Schedule:
     def done(self, step: int) -> bool:
         """This call's budget spent (time, or max_steps when set)."""
         return self.progress(step) >= 1.0
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process among torchrun's (one per GPU): each trains on its own scenes with a share of the batch,
+    gradients are averaged so every rank takes the same step, and rank 0 writes every file.
+
+    Gradients are averaged by one flat all-reduce after the backward rather than by wrapping the networks in
+    DistributedDataParallel: the UNet's forward and backward are compiled (with CUDA graphs under
+    --compile-mode reduce-overhead), which DDP's bucket hooks would split, and the whole model is 16M
+    parameters, one 64 MB all-reduce a step.
+    """
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+    every: int = 10  # steps between clock agreements
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @staticmethod
+    def start(cfg: RunConfig) -> tuple[Ranks, torch.device]:
+        """Join torchrun's process group when launched by it (WORLD_SIZE > 1); this process's device."""
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        device = torch.device(cfg.device)
+        if world_size == 1:
+            return Ranks(device=device), device
+        import torch.distributed as dist
+
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if device.type == "cuda":
+            device = torch.device("cuda", local)
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        for name, batch in (("--batch-vae", cfg.batch_vae), ("--batch-unet", cfg.batch_unet)):
+            if batch % world_size:
+                raise SystemExit(f"{name} {batch} is the batch of all {world_size} processes together; "
+                                 f"make it a multiple of {world_size}")  # fmt: skip
+        ranks = Ranks(dist.get_rank(), world_size, device)
+        logger.info("rank %d of %d on %s", ranks.rank, ranks.world, device)
+        return ranks, device
+
+    def batch(self, total: int) -> int:
+        """This rank's share of a batch given for all ranks together."""
+        return total // self.world
+
+    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Every rank's gradients → their mean, on every rank."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        grads = [p.grad for p in params if p.grad is not None]
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        flat.div_(self.world)
+        for g, avg in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
+            g.copy_(avg)
+
+    def agree_clock(self, sched: Schedule, step: int) -> None:
+        """Every `every` steps all ranks take the slowest rank's clock, so the lr and the stop are the same on all."""
+        if self.world == 1 or step % self.every:
+            return
+        import torch.distributed as dist
+
+        t = torch.tensor([sched.live_elapsed()], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        sched.agreed = float(t.item())
+
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        """Mean over ranks (for the logged losses)."""
+        if self.world == 1:
+            return values
+        import torch.distributed as dist
+
+        values = values.clone()
+        dist.all_reduce(values)
+        return values / self.world
+
+    def broadcast(self, value: float) -> float:
+        """Rank 0's value on every rank."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.broadcast(t, 0)
+        return float(t.item())
+
+    def check_in_step(self, params: list[torch.nn.Parameter], what: str) -> None:
+        """Raise unless every rank holds the same weights (a cheap checksum of them all)."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        total = torch.stack([p.detach().double().sum() for p in params]).sum()
+        t = torch.stack([total, -total]).reshape(2)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        if float(t[0]) != -float(t[1]):
+            raise RuntimeError(f"the {what} weights differ between ranks: the training is broken")
+        logger.info("%s: all %d ranks hold the same weights", what, self.world)
+
+    def finish(self) -> None:
+        """Wait for every rank, then leave the process group."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+            dist.destroy_process_group()
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
@@ -364,7 +487,7 @@ def _as_float(images: torch.Tensor) -> torch.Tensor:
 
 
 def train_vae(vae: torch.nn.Module, pool: Pool, producer: Producer, cfg: RunConfig, device: torch.device,
-              resume: dict | None = None) -> dict:  # fmt: skip
+              resume: dict | None = None, ranks: Ranks = Ranks()) -> dict:  # fmt: skip
     """Phase 1: reconstruction (L1 + L2 + gradient L1 + worst-pixels L1 + low-frequency L1) + KL; returns the state.
 
     The worst-pixels term (mean error over each image's `topk_share` worst pixels) punishes the
@@ -385,9 +508,12 @@ def train_vae(vae: torch.nn.Module, pool: Pool, producer: Producer, cfg: RunConf
                      before_seconds=before_s, before_steps=before_steps, rewarm=rewarm)  # fmt: skip
     acc = torch.zeros(6, device=device)
     step = 0
-    while not sched.done(step):
+    while True:
+        ranks.agree_clock(sched, step)
+        if sched.done(step):
+            break
         _refresh(pool, producer, cfg.refresh_batches)
-        x = _as_float(pool.sample(cfg.batch_vae)["image"])
+        x = _as_float(pool.sample(ranks.batch(cfg.batch_vae))["image"])
         flip = torch.rand(x.shape[0], 1, 1, 1, device=device) < 0.5
         x = torch.where(flip, x.flip(-1), x)
         if device.type == "cuda":
@@ -409,13 +535,14 @@ def train_vae(vae: torch.nn.Module, pool: Pool, producer: Producer, cfg: RunConf
         loss = l1 + l2 + 0.5 * grad + cfg.topk_weight * topk + cfg.lowfreq_weight * low + cfg.kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        ranks.average_gradients(list(vae.parameters()))
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         acc += torch.stack([loss.detach(), l1.detach(), l2.detach(), topk.detach(), kl.detach(), low.detach()])
         step += 1
         if step % cfg.log_every == 0 or sched.done(step):
             n = step % cfg.log_every or cfg.log_every
-            vals = (acc / n).tolist()
+            vals = ranks.mean(acc / n).tolist()
             acc.zero_()
             entry = {"step": before_steps + step, "time_s": before_s + sched.elapsed(), "loss": vals[0], "l1": vals[1],
                      "l2": vals[2], "topk": vals[3], "kl": vals[4], "low": vals[5], "lr": sched.lr(step),
@@ -423,6 +550,7 @@ def train_vae(vae: torch.nn.Module, pool: Pool, producer: Producer, cfg: RunConf
             log.append(entry)
             logger.info("vae %s", " ".join(f"{k}={v:.4g}" for k, v in entry.items()))
     vae.eval().requires_grad_(False)
+    ranks.check_in_step(list(vae.parameters()), "VAE")
     return {"vae": _cpu_state(vae), "opt": opt.state_dict(), "steps": before_steps + step,
             "seconds": before_s + sched.elapsed(), "log": log, "call_steps": step, "call_seconds": sched.elapsed(),
             "final_loss": log[-1]["loss"] if log else float("nan")}  # fmt: skip
@@ -482,7 +610,7 @@ class Ema:
 
 
 def train_unet(modules: dict[str, Any], pool: Pool, producer: Producer, cfg: RunConfig, device: torch.device,
-               scale: float, resume: dict | None = None) -> dict:  # fmt: skip
+               scale: float, resume: dict | None = None, ranks: Ranks = Ranks()) -> dict:  # fmt: skip
     """Phase 2: UNet + text encoder, ε-prediction MSE with min-SNR weighting and caption dropout; returns the state."""
     vae, unet, text = modules["vae"], modules["unet"], modules["text_encoder"]
     tokenizer = modules["tokenizer"]
@@ -523,13 +651,16 @@ def train_unet(modules: dict[str, Any], pool: Pool, producer: Producer, cfg: Run
     graphs = forward is not unet and cfg.compile_mode == "reduce-overhead" and device.type == "cuda"
     acc = torch.zeros(1, device=device)
     step = 0
-    profiler = StepProfiler(cfg.profile, first=30, steps=10)
-    while not sched.done(step):
+    profiler = StepProfiler(cfg.profile if ranks.main else "", first=30, steps=10)
+    while True:
+        ranks.agree_clock(sched, step)
+        if sched.done(step):
+            break
         profiler.at(step)
         if graphs:  # a new iteration: the previous step's graph outputs may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
         _refresh(latents, producer, cfg.refresh_batches_unet, encode)
-        b = latents.sample(cfg.batch_unet)
+        b = latents.sample(ranks.batch(cfg.batch_unet))
         z = (b["mean"].float() + b["std"].float() * torch.randn_like(b["mean"].float())) * scale
         drop = torch.rand(z.shape[0], device=device) < cfg.caption_dropout
         ids = torch.where(drop[:, None], empty.expand_as(b["ids"]), b["ids"])
@@ -553,22 +684,24 @@ def train_unet(modules: dict[str, Any], pool: Pool, producer: Producer, cfg: Run
                 forward, graphs = forwards.pop(0), False
                 logger.exception("compiled UNet failed; falling back to %s",
                                  "eager" if forward is unet else "torch.compile's default mode")  # fmt: skip
+        ranks.average_gradients(params)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         ema.update()
         acc += loss.detach()
         step += 1
-        if step == 3 and forward is not unet:  # forward and backward graphs exist now
+        if step == 3 and forward is not unet and ranks.main:  # forward and backward graphs exist now
             save_compile_cache(cfg.compile_cache)
         if step % cfg.log_every == 0 or sched.done(step):
             n = step % cfg.log_every or cfg.log_every
-            entry = {"step": before_steps + step, "time_s": before_s + sched.elapsed(), "loss": float(acc.item() / n),
+            entry = {"step": before_steps + step, "time_s": before_s + sched.elapsed(), "loss": float(ranks.mean(acc).item() / n),
                      "lr": sched.lr(step), "pool_added": latents.added}  # fmt: skip
             acc.zero_()
             log.append(entry)
             logger.info("unet %s", " ".join(f"{k}={v:.4g}" for k, v in entry.items()))
     unet.eval().requires_grad_(False)
     text.eval().requires_grad_(False)
+    ranks.check_in_step(params, "UNet and text encoder")
     return {"unet": _cpu_state(unet), "text_encoder": _cpu_state(text), "ema": [s.cpu() for s in ema.shadow],
             "ema_n": ema.n, "opt": opt.state_dict(), "steps": before_steps + step, "seconds": before_s + sched.elapsed(),
             "log": log, "call_steps": step, "call_seconds": sched.elapsed(), "samples_per_step": cfg.batch_unet,
@@ -727,11 +860,13 @@ def _architecture(cfg: RunConfig, state_dir: Path | None) -> DemoBaseConfig:
     return DemoBaseConfig.tiny(cfg.size) if cfg.tiny else DemoBaseConfig(image_size=cfg.size)
 
 
-def _start_data(cfg: RunConfig, tokenizer: Any, device: torch.device, offset: int) -> tuple[Producer, Pool, float]:
+def _start_data(cfg: RunConfig, tokenizer: Any, device: torch.device, offset: int,
+                ranks: Ranks = Ranks()) -> tuple[Producer, Pool, float]:  # fmt: skip
     """Scene workers (forked before CUDA starts) and a device pool filled with the first scenes."""
     t0 = time.perf_counter()
-    workers = cfg.workers if cfg.workers >= 0 else max(1, min(14, (os.cpu_count() or 2) - 2))
-    stream = SceneStream(tokenizer, cfg.size, cfg.chunk, tokenizer.model_max_length, world.TRAIN_SEEDS.start + offset)
+    workers = cfg.workers if cfg.workers >= 0 else max(1, min(14, ((os.cpu_count() or 2) - 2) // ranks.world))
+    stream = SceneStream(tokenizer, cfg.size, cfg.chunk, tokenizer.model_max_length, world.TRAIN_SEEDS.start + offset,
+                         ranks.rank, ranks.world)  # fmt: skip
     producer = Producer(stream, workers, pin=device.type == "cuda")
     pool = Pool(cfg.pool_images, device)
     while pool.size < min(cfg.min_fill, cfg.pool_images):
@@ -746,13 +881,23 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = parse_args(argv)
     t0 = time.perf_counter()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ranks, device = Ranks.start(cfg)
+    try:
+        return _run(cfg, argv, ranks, device, t0)
+    finally:
+        ranks.finish()
+
+
+def _run(cfg: RunConfig, argv: list[str] | None, ranks: Ranks, device: torch.device, t0: float) -> dict:
+    """main() in one process of one or several (rank 0 writes the state, the log and the export)."""
     torch.manual_seed(cfg.seed)
-    device = torch.device(cfg.device)
     state_dir = Path(cfg.state) if cfg.state else None
-    if state_dir is not None:
+    if state_dir is not None and ranks.main:
         state_dir.mkdir(parents=True, exist_ok=True)
     arch = _architecture(cfg, state_dir)
     modules = build_demo_base(cfg.seed, arch)
+    if ranks.world > 1:  # the same initial weights on every rank; then each its own noise, timesteps and draws
+        torch.manual_seed(cfg.seed + 1000 * ranks.rank)
     tokenizer = modules["tokenizer"]
     vae_state = load_state(state_dir / "vae.pt") if state_dir else None
     unet_state = load_state(state_dir / "unet.pt") if state_dir else None
@@ -767,7 +912,7 @@ def main(argv: list[str] | None = None) -> dict:
         unet_state = {"unet": _cpu_state(modules["unet"]), "text_encoder": _cpu_state(modules["text_encoder"]),
                       "ema": [p.detach().float().clone() for p in params], "ema_n": 10_000, "opt": None,
                       **done["unet"], "init_base": cfg.init_base}  # fmt: skip
-        if state_dir is not None:  # later calls of this state (a VAE call first, say) resume both from here
+        if state_dir is not None and ranks.main:  # later calls of this state (a VAE call first, say) resume from here
             save_state(state_dir / "vae.pt", vae_state)
             save_state(state_dir / "unet.pt", unet_state)
     if vae_state is not None:
@@ -776,15 +921,16 @@ def main(argv: list[str] | None = None) -> dict:
     if unet_state is not None:
         modules["unet"].load_state_dict(unet_state["unet"])
         modules["text_encoder"].load_state_dict(unet_state["text_encoder"])
-    if state_dir is not None:
+    if state_dir is not None and ranks.main:
         (state_dir / "demo_config.json").write_text(json.dumps(arch.to_dict(), indent=2) + "\n", encoding="utf-8")
-    run_log: dict[str, Any] = {"run": asdict(cfg), "architecture": arch.to_dict(), "parameters": count_parameters(modules)}
+    run_log: dict[str, Any] = {"run": asdict(cfg), "architecture": arch.to_dict(), "parameters": count_parameters(modules),
+                               "processes": ranks.world}  # fmt: skip
 
     if cfg.phase in ("all", "vae", "unet"):
         if cfg.phase == "unet" and scale is None:
             raise SystemExit("--phase unet needs a trained VAE in the state (run --phase vae first, or --init-base)")
         done_before = (vae_state or {}).get("steps", 0) * cfg.batch_vae + (unet_state or {}).get("steps", 0) * 64
-        producer, pool, fill_s = _start_data(cfg, tokenizer, device, offset=done_before % len(world.TRAIN_SEEDS))
+        producer, pool, fill_s = _start_data(cfg, tokenizer, device, done_before % len(world.TRAIN_SEEDS), ranks)
         run_log["pool_fill_s"] = fill_s
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -794,26 +940,29 @@ def main(argv: list[str] | None = None) -> dict:
             modules[name].to(device)
             if device.type == "cuda" and name != "text_encoder":
                 modules[name].to(memory_format=torch.channels_last)
-        run_log["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        run_log["device"] = (f"{ranks.world}× " if ranks.world > 1 else "") + (
+            torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
         try:
             if cfg.phase in ("all", "vae"):
-                vae_state = train_vae(modules["vae"], pool, producer, cfg, device, vae_state)
-                scale = scaling_factor(modules["vae"], pool, device)
+                vae_state = train_vae(modules["vae"], pool, producer, cfg, device, vae_state, ranks)
+                scale = ranks.broadcast(scaling_factor(modules["vae"], pool, device))
                 modules["vae"].register_to_config(scaling_factor=scale)
                 vae_state["scaling_factor"] = scale
                 logger.info("latent scaling factor %.5f", scale)
-                if state_dir is not None:
+                if state_dir is not None and ranks.main:
                     save_state(state_dir / "vae.pt", vae_state)
                 run_log["vae"] = {k: v for k, v in vae_state.items() if k not in ("vae", "opt")}
             if cfg.phase in ("all", "unet"):
-                unet_state = train_unet(modules, pool, producer, cfg, device, scale, unet_state)
-                if state_dir is not None:
+                unet_state = train_unet(modules, pool, producer, cfg, device, scale, unet_state, ranks)
+                if state_dir is not None and ranks.main:
                     save_state(state_dir / "unet.pt", unet_state)
                 run_log["unet"] = {k: v for k, v in unet_state.items() if k not in ("unet", "text_encoder", "ema", "opt")}
         finally:
             run_log["scenes_generated"] = producer.produced
             producer.close()
     run_log["versions"] = {"torch": torch.__version__, "python": sys.version.split()[0], **_versions()}
+    if not ranks.main:  # the other ranks only trained
+        return run_log
     if state_dir is not None:  # one line per call, so every call of a long training is on record
         with open(state_dir / "calls.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps({"phase": cfg.phase, "wall_s": time.perf_counter() - t0,
@@ -864,5 +1013,6 @@ def _versions() -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun the other ranks log warnings only
+    logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     main()

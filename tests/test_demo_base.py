@@ -222,3 +222,67 @@ def test_a_failing_compiled_unet_falls_back_and_the_call_trains_on(fails_in: str
     assert calls == ["reduce-overhead", "default", "default"]  # 2 steps: the failed step reruns under the default
     assert "compiled UNet failed; falling back to torch.compile's default mode" in caplog.text
     assert log["unet"]["steps"] == 2 and np.isfinite(log["unet"]["final_loss"])
+
+
+def _torchrun(args: list[str], cwd: Path, n: int = 2) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node n` (gloo on the CPU), one thread per process."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT / "scripts")]), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", *args]
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_ranks_average_gradients_as_one_process_on_both_batches(tmp_path: Path) -> None:
+    """Two processes, each its own half of a batch: after Ranks.average_gradients both hold the gradient that one
+    process computes on the whole batch (the mean loss), and Ranks.mean/broadcast agree."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(
+        "import os, sys, torch\n"
+        "import train_demo_base as m\n"
+        "cfg = m.parse_args(['--out', 'x', '--device', 'cpu', '--batch-unet', '4', '--batch-vae', '2'])\n"
+        "ranks, device = m.Ranks.start(cfg)\n"
+        "torch.manual_seed(0)\n"
+        "net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))\n"
+        "x, y = torch.randn(8, 3), torch.randn(8, 2)\n"
+        "share = ranks.batch(8)\n"
+        "part = slice(ranks.rank * share, (ranks.rank + 1) * share)\n"
+        "torch.nn.functional.mse_loss(net(x[part]), y[part]).backward()\n"
+        "ranks.average_gradients(list(net.parameters()))\n"
+        "mean = ranks.mean(torch.tensor([float(ranks.rank)]))\n"
+        "value = ranks.broadcast(3.5 if ranks.main else -1.0)\n"
+        "torch.save({'grads': [p.grad for p in net.parameters()], 'mean': mean, 'value': value}, f'rank{ranks.rank}.pt')\n"
+        "ranks.finish()\n"
+    )
+    _torchrun([str(worker)], tmp_path)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+    x, y = torch.randn(8, 3), torch.randn(8, 2)
+    torch.nn.functional.mse_loss(net(x), y).backward()
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for g, ref in zip(got["grads"], [p.grad for p in net.parameters()], strict=True):
+            torch.testing.assert_close(g, ref, rtol=1e-6, atol=1e-7)
+        assert float(got["mean"]) == 0.5 and got["value"] == 3.5
+
+
+def test_training_under_torchrun_keeps_ranks_in_step_and_exports_once(tmp_path: Path) -> None:
+    """vae → unet → export of the smoke model with two processes: every rank ends each phase with the same
+    weights (checked by the script), rank 0 alone writes the state and the export, which diffusers loads."""
+    from diffusers import StableDiffusionPipeline
+
+    state, out = tmp_path / "state", tmp_path / "base"
+    script = str(ROOT / SCRIPT)
+    logs = [_torchrun([script, "--smoke", "--device", "cpu", "--state", str(state), "--phase", phase], tmp_path).stderr
+            for phase in ("vae", "unet")]  # fmt: skip
+    assert "VAE: all 2 ranks hold the same weights" in logs[0]
+    assert "UNet and text encoder: all 2 ranks hold the same weights" in logs[1]
+    calls = [json.loads(line) for line in (state / "calls.jsonl").read_text().splitlines()]
+    assert [c["phase"] for c in calls] == ["vae", "unet"]  # one line per call: rank 0 alone writes
+    assert calls[1]["unet"]["steps"] == 2 and calls[1]["unet"]["samples_per_step"] == 2
+    _torchrun([script, "--smoke", "--device", "cpu", "--state", str(state), "--phase", "export", "--out", str(out)],
+              tmp_path)  # fmt: skip
+    saved = json.loads((out / "train_log.json").read_text())
+    assert saved["unet"]["steps"] == 2 and saved["processes"] == 2
+    pipe = StableDiffusionPipeline.from_pretrained(str(out), safety_checker=None, requires_safety_checker=False)
+    assert abs(pipe.vae.config.scaling_factor - saved["scaling_factor"]) < 1e-6
