@@ -11,6 +11,12 @@ The report gives images/s, p50/p95 latency and the server's mean batch size (fro
     # issue 17 on a GPU: SD1.5-sized random base, 512², 20 steps, fast mode, 32 clients; batching vs none
     python benchmarks/load_test.py --arch sd15 --size 512 --steps 20 --fast --concurrency 32 --queue-size 64 \
         --requests 640 --max-batch 16 --batch-wait-ms 20 --compare-batch1 [--devices cuda:0,cuda:1]
+    # a fresh machine compiles batches 1, 2, 4, 8, 16 at start-up (minutes); within a 10-minute call limit,
+    # compile them first in a call of their own (the cache key is the architecture, not the random weights):
+    python -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; import load_test as t; \
+        t.write_models(Path('/root/lt'), 'sd15')"
+    t2iadapter compile --base /root/lt/sd15-random --adapter sketch=/root/lt/sketch.safetensors --size 512x512 \
+        --batch 16 --serve
 """
 from __future__ import annotations
 
