@@ -107,6 +107,7 @@ class RunConfig:
     lowfreq_weight: float = 2.0  # VAE: L1 between 16×16-pooled images (background tints; 0 = off)
     compile: bool = False  # torch.compile the UNet training forward
     compile_mode: str = "default"  # torch.compile's mode; "reduce-overhead" replays CUDA graphs (the step is host-bound)
+    channels_last: bool = True  # CUDA: VAE and UNet weights and inputs channels-last (False: leave layouts to Inductor)
     compile_cache: str = ""  # torch's portable compile artefacts: loaded before compiling, written once compiled
     profile: str = ""  # write a torch.profiler table of UNet steps 30-39 to this file (where the step time goes)
 
@@ -142,6 +143,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     p.add_argument("--compile-mode", default=RunConfig.compile_mode, choices=COMPILE_MODES,
                    help="torch.compile mode of the UNet (reduce-overhead: CUDA graphs, for a host-bound step)")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                   help="keep NCHW layouts on CUDA (the profile shows layout copies around the convolutions' backward)")
     p.add_argument("--compile-cache", default="", help="file of torch's compile artefacts (read if present, then written)")
     p.add_argument("--profile", default="", help="write a profiler table of UNet steps 30-39 to this file")
     a = p.parse_args(argv)
@@ -153,7 +156,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         tiny=a.tiny, min_fill=min(RunConfig.min_fill, a.pool_images), state=a.state, phase=a.phase,
         init_base=a.init_base, plan_unet_minutes=a.plan_unet_minutes, topk_weight=a.topk_weight,
         lowfreq_weight=a.lowfreq_weight, compile=a.compile, compile_mode=a.compile_mode, compile_cache=a.compile_cache,
-        profile=a.profile,
+        profile=a.profile, channels_last=a.channels_last,
     )  # fmt: skip
     if a.smoke:
         cfg = RunConfig(
@@ -516,7 +519,7 @@ def train_vae(vae: torch.nn.Module, pool: Pool, producer: Producer, cfg: RunConf
         x = _as_float(pool.sample(ranks.batch(cfg.batch_vae))["image"])
         flip = torch.rand(x.shape[0], 1, 1, 1, device=device) < 0.5
         x = torch.where(flip, x.flip(-1), x)
-        if device.type == "cuda":
+        if device.type == "cuda" and cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         for group in opt.param_groups:
             group["lr"] = sched.lr(step)
@@ -668,7 +671,7 @@ def train_unet(modules: dict[str, Any], pool: Pool, producer: Producer, cfg: Run
         t = torch.randint(0, len(acp), (z.shape[0],), device=device)
         a = acp[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z + (1.0 - a).sqrt() * noise
-        if device.type == "cuda":
+        if device.type == "cuda" and cfg.channels_last:
             zt = zt.contiguous(memory_format=torch.channels_last)
         for group in opt.param_groups:
             group["lr"] = sched.lr(step)
@@ -938,7 +941,7 @@ def _run(cfg: RunConfig, argv: list[str] | None, ranks: Ranks, device: torch.dev
             torch.backends.cudnn.benchmark = True
         for name in ("vae", "unet", "text_encoder"):
             modules[name].to(device)
-            if device.type == "cuda" and name != "text_encoder":
+            if device.type == "cuda" and cfg.channels_last and name != "text_encoder":
                 modules[name].to(memory_format=torch.channels_last)
         run_log["device"] = (f"{ranks.world}× " if ranks.world > 1 else "") + (
             torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")

@@ -199,6 +199,7 @@ def test_a_failing_compiled_unet_falls_back_and_the_call_trains_on(fails_in: str
     cfg = dataclasses.replace(module.parse_args(argv), compile=True, compile_mode="reduce-overhead", preview_scenes=0)
     assert module.parse_args([*argv, "--compile", "--compile-mode", "reduce-overhead"]).compile_mode == "default"  # smoke
     assert module.parse_args(["--out", "x", "--compile-mode", "reduce-overhead"]).compile_mode == "reduce-overhead"
+    assert module.parse_args(["--out", "x"]).channels_last and not module.parse_args(["--out", "x", "--no-channels-last"]).channels_last
     with pytest.raises(SystemExit):
         module.parse_args(["--out", "x", "--compile-mode", "fastest"])
     calls: list[str] = []
