@@ -500,7 +500,8 @@ def train_vae(vae: torch.nn.Module, pool: Pool, producer: Producer, cfg: RunConf
     small per pixel to compete with edges in the other terms.
     """
     vae.train().requires_grad_(True)
-    opt = _optimizer(list(vae.parameters()), cfg.lr_vae, 0.0, device)
+    params = list(vae.parameters())
+    opt = _optimizer(params, cfg.lr_vae, 0.0, device)
     before_s, before_steps, log, rewarm = 0.0, 0, [], 0
     if resume is not None:
         if resume.get("opt") is not None:
@@ -538,8 +539,8 @@ def train_vae(vae: torch.nn.Module, pool: Pool, producer: Producer, cfg: RunConf
         loss = l1 + l2 + 0.5 * grad + cfg.topk_weight * topk + cfg.lowfreq_weight * low + cfg.kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        ranks.average_gradients(list(vae.parameters()))
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        ranks.average_gradients(params)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         acc += torch.stack([loss.detach(), l1.detach(), l2.detach(), topk.detach(), kl.detach(), low.detach()])
         step += 1
@@ -553,7 +554,7 @@ def train_vae(vae: torch.nn.Module, pool: Pool, producer: Producer, cfg: RunConf
             log.append(entry)
             logger.info("vae %s", " ".join(f"{k}={v:.4g}" for k, v in entry.items()))
     vae.eval().requires_grad_(False)
-    ranks.check_in_step(list(vae.parameters()), "VAE")
+    ranks.check_in_step(params, "VAE")
     return {"vae": _cpu_state(vae), "opt": opt.state_dict(), "steps": before_steps + step,
             "seconds": before_s + sched.elapsed(), "log": log, "call_steps": step, "call_seconds": sched.elapsed(),
             "final_loss": log[-1]["loss"] if log else float("nan")}  # fmt: skip
@@ -644,14 +645,14 @@ def train_unet(modules: dict[str, Any], pool: Pool, producer: Producer, cfg: Run
     sched = Schedule(cfg.lr_unet, cfg.warmup_steps, cfg.minutes_unet * 60, cfg.max_steps_unet,
                      plan_seconds=cfg.plan_unet_minutes * 60, before_seconds=before_s, before_steps=before_steps,
                      rewarm=rewarm)  # fmt: skip
-    # what the step runs, best first; a compiled forward that fails falls back to the next (compile errors
-    # surface at the first call), so a call never loses its minutes to a compiler problem
+    # what the step runs, best first; a compiled step that fails (forward or backward) falls back to the next
+    # (compile errors surface at the first call), so a call never loses its minutes to a compiler problem
     forwards: list[Any] = [unet]
     if cfg.compile:
         load_compile_cache(cfg.compile_cache)
         forwards[:0] = [torch.compile(unet, mode=m) for m in dict.fromkeys((cfg.compile_mode, "default"))]
     forward = forwards.pop(0)
-    graphs = forward is not unet and cfg.compile_mode == "reduce-overhead" and device.type == "cuda"
+    graphed = forward if forward is not unet and cfg.compile_mode == "reduce-overhead" and device.type == "cuda" else None
     acc = torch.zeros(1, device=device)
     step = 0
     profiler = StepProfiler(cfg.profile if ranks.main else "", first=30, steps=10)
@@ -660,7 +661,7 @@ def train_unet(modules: dict[str, Any], pool: Pool, producer: Producer, cfg: Run
         if sched.done(step):
             break
         profiler.at(step)
-        if graphs:  # a new iteration: the previous step's graph outputs may be overwritten
+        if forward is graphed:  # CUDA graphs: a new iteration, the previous step's graph outputs may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
         _refresh(latents, producer, cfg.refresh_batches_unet, encode)
         b = latents.sample(ranks.batch(cfg.batch_unet))
@@ -684,7 +685,7 @@ def train_unet(modules: dict[str, Any], pool: Pool, producer: Producer, cfg: Run
             except Exception:  # noqa: BLE001 - a compile failure (forward or backward): fall back, keep the call
                 if not forwards:
                     raise
-                forward, graphs = forwards.pop(0), False
+                forward = forwards.pop(0)
                 logger.exception("compiled UNet failed; falling back to %s",
                                  "eager" if forward is unet else "torch.compile's default mode")  # fmt: skip
         ranks.average_gradients(params)

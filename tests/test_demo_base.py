@@ -134,15 +134,21 @@ def test_schedule_continues_across_calls(monkeypatch: pytest.MonkeyPatch) -> Non
     assert fresh.lr(9) == pytest.approx(resumed.lr(9), rel=1e-3)
 
 
+def _python(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    """This interpreter in a new process (the package and scripts/ importable, one thread), which must succeed."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT / "scripts")]), OMP_NUM_THREADS="1",
+               **env)  # fmt: skip
+    done = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 def _script_in_new_process(code: str, inductor_cache: Path) -> str:
     """Run `code` with the script imported as `m` in a fresh interpreter (torch's compile caches are per process
     and on disk: a fresh inductor folder each, so nothing leaks into this process or between the two); its log."""
     prelude = ("import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout, format='%(message)s'); "
-               "sys.path.insert(0, 'scripts'); import torch; import train_demo_base as m\n")  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1", TORCHINDUCTOR_CACHE_DIR=str(inductor_cache))
-    done = subprocess.run([sys.executable, "-c", prelude + code], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
+               "import torch; import train_demo_base as m\n")  # fmt: skip
+    return _python(["-c", prelude + code], ROOT, TORCHINDUCTOR_CACHE_DIR=str(inductor_cache)).stdout
 
 
 def test_compile_artefacts_travel_to_a_new_process(tmp_path: Path) -> None:
@@ -227,11 +233,7 @@ def test_a_failing_compiled_unet_falls_back_and_the_call_trains_on(fails_in: str
 
 def _torchrun(args: list[str], cwd: Path, n: int = 2) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc-per-node n` (gloo on the CPU), one thread per process."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT / "scripts")]), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", *args]
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
+    return _python(["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", *args], cwd)
 
 
 def test_ranks_average_gradients_as_one_process_on_both_batches(tmp_path: Path) -> None:

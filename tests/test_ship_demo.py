@@ -54,8 +54,8 @@ def test_ships_the_files_checked_and_replaces_only_with_force(inputs: dict[str, 
     assert "controlnets/controlnet-sketch.safetensors" in shipped
     assert {f"adapters/{n}.safetensors" for n in module.ADAPTERS} <= set(shipped)
     for rel in shipped:  # byte for byte what was handed in
-        src = inputs["controlnets"] / Path(rel).name if rel.startswith("controlnets/") else (
-            inputs["base"] / Path(*Path(rel).parts[1:]) if rel.startswith("base/") else inputs["adapters"] / Path(rel).name)
+        top, rest = rel.split("/", 1)
+        src = {"base": inputs["base"], "adapters": inputs["adapters"], "controlnets": inputs["controlnets"]}[top] / rest
         assert (dest / rel).read_bytes() == src.read_bytes(), rel
     out = capsys.readouterr().out
     total = sum((dest / rel).stat().st_size for rel in shipped)

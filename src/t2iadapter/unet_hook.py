@@ -204,7 +204,7 @@ def transformer_linears(unet: UNet2DConditionModel) -> list[str]:
             continue
         parent, _, leaf = name.rpartition(".")
         attn = unet.get_submodule(parent)
-        if getattr(attn, "fused_projections", False) and leaf in ("to_q", "to_k", "to_v"):
+        if getattr(attn, "fused_projections", False):
             fused = ("to_k", "to_v") if getattr(attn, "is_cross_attention", False) else ("to_q", "to_k", "to_v")
             if leaf in fused:
                 continue  # replaced by to_qkv / to_kv in the call

@@ -8,6 +8,13 @@ from t2iadapter.errors import ConfigError
 DEMO_BASE = "demo"  # the --base every command defaults to: the embedded demo base (assets/demo)
 
 
+def add_base_arguments(p) -> None:
+    """`--base` and `--config-dir` of the commands that load any base (an offline single file needs its configs)."""
+    p.add_argument("--base", default=DEMO_BASE,
+                   help="base model: demo (default), tiny, tiny-xl, a diffusers folder, .safetensors/.ckpt or a hub id")
+    p.add_argument("--config-dir", default=None, help="diffusers configs for an offline single-file base")
+
+
 def add_threads_argument(p) -> None:
     """`--threads N` on every command that runs a model; `t2iadapter.cli` applies it before the command runs."""
     p.add_argument("--threads", type=int, default=None, metavar="N",

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from t2iadapter.commands import (DEMO_BASE, FAST_CHOICES, add_threads_argument, fast_precision, parse_adapters)
+from t2iadapter.commands import FAST_CHOICES, add_base_arguments, add_threads_argument, fast_precision, parse_adapters
 from t2iadapter.errors import ConfigError
 
 
@@ -20,9 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "same --adapter set and --fast precision the later runs use. A cache folder copied to another machine with "
         "the same GPU and torch is used there as is.",
     )
-    p.add_argument("--base", default=DEMO_BASE,
-                   help="base model: demo (default), tiny, tiny-xl, a diffusers folder, .safetensors/.ckpt or a hub id")
-    p.add_argument("--config-dir", default=None, help="diffusers configs for an offline single-file base")
+    add_base_arguments(p)
     p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
                    help="adapter the later runs load (file, folder, demo/NAME or hub id); repeatable, in their order")
     p.add_argument("--size", action="append", type=parse_size, default=[], required=True, metavar="WxH",

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from t2iadapter.commands import DEMO_BASE, add_fast_arguments, add_threads_argument, fast_precision, parse_adapters
+from t2iadapter.commands import add_base_arguments, add_fast_arguments, add_threads_argument, fast_precision, parse_adapters
 from t2iadapter.commands import _batch_jobs as batch_jobs
 from t2iadapter.errors import ConfigError
 from t2iadapter.generation.request import FUSER_WINDOW_MODES, defaults
@@ -56,9 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "adapters then the style adapter) or not at all, --controlnet-weight and --controlnet-window likewise per "
         "ControlNet.",
     )
-    p.add_argument("--base", default=DEMO_BASE,
-                   help="base model: demo (default), tiny, tiny-xl, a diffusers folder, .safetensors/.ckpt or a hub id")
-    p.add_argument("--config-dir", default=None, help="diffusers configs for an offline single-file base")
+    add_base_arguments(p)
     p.add_argument("--adapter", action=_Paired, default=[], metavar="[NAME=]PATH",
                    help="adapter file, folder, demo/NAME or hub id, optionally named NAME= (repeatable)")
     p.add_argument("--controlnet", action=_Paired, default=[], metavar="[NAME=]PATH",

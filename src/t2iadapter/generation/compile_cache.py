@@ -197,8 +197,9 @@ class Event:
         return f"fast mode: compiled {self.shape.describe()} in {self.seconds:.1f} s{ignored}{saved}"
 
 
-def _counts() -> dict[str, int]:
-    """torch's compile counters: new dynamo graphs, and inductor / AOTAutograd cache hits and misses."""
+def compile_counts() -> dict[str, int]:
+    """torch's compile counters: new dynamo graphs, inductor / AOTAutograd / dynamo cache hits and misses (the cache
+    checks what a call compiled with them; tests and benchmarks check cache hits)."""
     from torch._dynamo.utils import counters
 
     return {"graphs": counters["stats"]["unique_graphs"],
@@ -206,11 +207,6 @@ def _counts() -> dict[str, int]:
             "hit": counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"],
             "dynamo_hit": counters["dynamo_cache"]["dynamo_cache_hit"],
             "dynamo_miss": counters["dynamo_cache"]["dynamo_cache_miss"]}
-
-
-def compile_counts() -> dict[str, int]:
-    """Public view of torch's counters (tests and benchmarks check cache hits with it)."""
-    return _counts()
 
 
 class CompileCache:
@@ -350,14 +346,14 @@ class CompileCache:
             yield
             return
         status, why = ("loaded", "") if shape in self._preloaded else self.load(shape)
-        before = _counts()
+        before = compile_counts()
         if status != "loaded":
             self._say(f"fast mode: compiling for {shape.describe()} (once; later runs load it from {self.folder})")
         started = time.perf_counter()
         yield
         seconds = time.perf_counter() - started
         self._done.add(shape)
-        after = _counts()
+        after = compile_counts()
         missed = after["miss"] - before["miss"]
         if self.setup.precompile:  # dynamo traced after all (no entry, or one it could not use): the file lacks it
             missed += max(after["dynamo_miss"] - before["dynamo_miss"], after["graphs"] - before["graphs"])

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from t2iadapter.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 # The modes torch.compile knows; "reduce-overhead" and "max-autotune" add CUDA graphs.
@@ -60,8 +62,6 @@ def precision_name(dtype: torch.dtype) -> str:
 
 def resolve_precision(precision: str | None, dtype: torch.dtype | None, device: torch.device) -> tuple[str, torch.dtype]:
     """(precision name, networks' dtype) of `optimize(precision=, dtype=)`: fp8 is refused where it cannot run."""
-    from t2iadapter.errors import ConfigError
-
     if precision is None:
         target = dtype or default_dtype(device)
         if target not in PRECISIONS.values():
@@ -85,8 +85,6 @@ def compile_kwargs(backend: Any, mode: str | None, *, cudagraphs: bool) -> dict[
         return {"backend": backend}
     mode = mode or "default"
     if mode not in COMPILE_MODES:
-        from t2iadapter.errors import ConfigError
-
         raise ConfigError(f"unknown compile mode {mode!r}; choose one of {', '.join(COMPILE_MODES)}")
     import torch._inductor
 
@@ -178,14 +176,10 @@ def optimize_base(base: Any, settings: FastSettings) -> None:
     if previous is not None:
         log.info("re-optimizing a base already prepared with other fast settings: its modules compile again")
         if previous.fp8 and not settings.fp8:
-            from t2iadapter.errors import ConfigError
-
             raise ConfigError("this base's UNet runs in fp8 (its bf16 weights were let go); load the base again for "
                               f"{settings.precision}")
     quantized = previous is not None and previous.fp8  # attention already set up and quantized: keep it as it is
     if quantized and previous.fuse_qkv != settings.fuse_qkv:
-        from t2iadapter.errors import ConfigError
-
         raise ConfigError(f"this base's fp8 UNet was made with fuse_qkv={previous.fuse_qkv}; load the base again to change it")
     unet, vae = base.unet, base.vae
     if not quantized:

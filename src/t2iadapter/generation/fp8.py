@@ -50,14 +50,6 @@ def check_supported(device: str | torch.device) -> None:
                           f"Blackwell); {name} has {capability[0]}.{capability[1]} (use --fast bf16 there)")
 
 
-def _version(text: str) -> tuple[int, ...]:
-    parts = []
-    for part in text.split("+")[0].split(".")[:3]:
-        digits = "".join(c for c in part if c.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
-
-
 def quantization_config() -> tuple[Any, Any]:
     """torchao's `quantize_` and the float8 config (per-row scales, no global inductor settings); a clear ConfigError
     when torchao is missing or too old."""
