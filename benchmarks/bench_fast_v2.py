@@ -18,11 +18,17 @@ as in bench_inference.py; no downloads):
   demo IoU bf16 vs fp8       the shipped demo model and sketch adapter, held-out scenes, 25 steps: structure IoU in
                              both precisions (must agree within 0.01).
 
-GPU command (diffusers and torchao come as wheels in .whl/: diffusers-0.42.1 and torchao-0.18.0; about 7-9 minutes):
+GPU command (diffusers and torchao come as wheels in .whl/: diffusers-0.42.1 and torchao-0.18.0). The whole run
+needs more than one 10-minute device call (on an H100 the first one spent 275 s on cold compiles and ran out of
+budget before the fp8 and precompile rows), so it runs in parts, one call each (`--part eager|start|fp8`; ~2, ~8
+and ~6 minutes):
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \\
       && export PYTHONPATH=/tmp/site:$PWD/src || exit; \\
-      HF_HUB_OFFLINE=1 python3 benchmarks/bench_fast_v2.py 2>&1 | tee $OUT/bench_fast_v2_log.txt | tail -n 40
+      HF_HUB_OFFLINE=1 python3 benchmarks/bench_fast_v2.py --part start 2>&1 | tee $OUT/bench_fast_v2_log.txt | tail -n 40
+
+Each first-image row also says where its seconds went (torch's compile timers: dynamo's tracing, of it the
+backend's AOTAutograd + inductor part with its cache loads; the rest runs the steps and records the CUDA graphs).
 
 CPU smoke run (tiny bases, 2 steps, a no-codegen compile backend, fp8 refused as it must be; a test runs it):
 
@@ -50,6 +56,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 STEPS = 30
 GUIDANCE = 7.5
+WHERES = {"same": "cache folder", "copy": "copied cache folder", "same-1thread": "cache folder, compile threads 1"}
+PARTS = {"all": ("eager", "start", "fp8"), "eager": ("eager",), "start": ("start",), "fp8": ("fp8",)}
 CASES = {  # name: (architecture, side, images per call)
     "sd15": ("sd15", 512, 1), "sd15x4": ("sd15", 512, 4), "sdxl": ("sdxl", 1024, 1),
     "tiny": ("tiny", 64, 1), "tinyx2": ("tiny", 64, 2), "tiny-xl": ("tiny-xl", 128, 1),
@@ -161,9 +169,18 @@ def work_first(args) -> dict[str, Any]:
     _image(pipe, side, images, args.steps)
     _sync(device)
     first = time.perf_counter() - t2
+    from t2iadapter.generation import compile_cache as cc
+
+    timers = cc.compile_timers()
     out = {"build_s": built, "optimize_s": optimize_s, "first_image_s": first,
            "status": [e.status for e in pipe.compile_cache.events],
-           "process_to_first_image_s": time.time() - args.started}
+           "process_to_first_image_s": time.time() - args.started,
+           # where the first image's seconds went: dynamo's tracing (all of it; `backend` its AOTAutograd + inductor
+           # part, cache loads included), one tracing per compiled frame (UNet, VAE decoder, adapter), torch's
+           # other timers; the rest is running the 30 steps and recording the CUDA graphs
+           "tracing_s": timers.get(cc.TRACING, 0.0), "backend_s": timers.get(cc.BACKEND, 0.0),
+           "frames_s": _frame_seconds(), "timers": cc.timer_delta({}, timers, floor=0.05),
+           "compile_threads": os.environ.get("TORCHINDUCTOR_COMPILE_THREADS", "default")}
     if args.steady:
         steps, walls = [], []
         for _ in range(3):
@@ -176,6 +193,13 @@ def work_first(args) -> dict[str, Any]:
             steps.append(_ms_per_step(marks, device))
         out.update(ms_step=statistics.median(steps), ms_image=statistics.median(walls) * 1e3 / images)
     return out
+
+
+def _frame_seconds() -> list[float]:
+    """Seconds of each frame dynamo compiled in this process, in order (torch's `_compile.compile_inner` timer)."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    return [round(s, 3) for s in compilation_time_metrics.get("_compile.compile_inner", [])]
 
 
 def _capture_unet_inputs(unet) -> tuple[list, Any]:
@@ -368,12 +392,13 @@ class Run:
     def say(self, text: str) -> None:
         print(f"[{time.perf_counter() - self.t0:6.1f}s] {text}", flush=True)
 
-    def spawn(self, name: str, job: str, *extra: str, fresh_torch_caches: bool = True,
-              share: int = 1) -> tuple[subprocess.Popen, Path]:
+    def spawn(self, name: str, job: str, *extra: str, fresh_torch_caches: bool = True, share: int = 1,
+              env_extra: dict[str, str] | None = None) -> tuple[subprocess.Popen, Path]:
         """A worker subprocess with its own empty torch caches (as a fresh machine has); `share`: processes running
-        at once (each gets that part of the CPU's compile threads)."""
+        at once (each gets that part of the CPU's compile threads); `env_extra`: more environment."""
         result = self.work / f"{name}.json"
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])))
+        env.update(env_extra or {})
         if share > 1:
             env["TORCHINDUCTOR_COMPILE_THREADS"] = str(max(1, (os.cpu_count() or 2) // share))
         if fresh_torch_caches:
@@ -405,9 +430,9 @@ class Run:
         self.write()
         return data
 
-    def run(self, name: str, job: str, *extra: str) -> dict[str, Any]:
+    def run(self, name: str, job: str, *extra: str, env_extra: dict[str, str] | None = None) -> dict[str, Any]:
         started = time.perf_counter()
-        proc, result = self.spawn(name, job, *extra)
+        proc, result = self.spawn(name, job, *extra, env_extra=env_extra)
         return self.wait(name, proc, result, started)
 
     def parallel(self, jobs: list[tuple[str, str, tuple[str, ...]]]) -> None:
@@ -479,15 +504,17 @@ def markdown(meta: dict[str, Any], r: dict[str, Any]) -> str:
             if cold:
                 row(f"cold compile into a fresh cache ({kind})", case, f"{_fmt(cold.get('compile_s'), '.1f')} s",
                     "–", None)
-            for where in ("same", "copy"):
+            for where, label in WHERES.items():
                 w = r.get(f"first-{case}-{kind}-{where}", {})
                 if not w:
                     continue
                 value = w.get("first_image_s")
                 status = ",".join(w.get("status", [])) or w.get("error", "?")
-                label = "cache folder" if where == "same" else "copied cache folder"
+                split = "" if "tracing_s" not in w else (f"; of it tracing {_fmt(w['tracing_s'], '.1f')} s, backend "
+                                                         f"{_fmt(w.get('backend_s'), '.1f')} s")
                 row(f"first image, new process, {label} ({kind}; {status})", case,
-                    f"{_fmt(value)} s (+{_fmt(w.get('build_s'), '.1f')} s build, process {_fmt(w.get('process_to_first_image_s'), '.1f')} s)",
+                    f"{_fmt(value)} s (+{_fmt(w.get('build_s'), '.1f')} s build, process "
+                    f"{_fmt(w.get('process_to_first_image_s'), '.1f')} s{split})",
                     f"≤ {limit:g} s", None if value is None else value <= limit)
     for case, target, bf16_issue in ((large, 22.0, 30.5), (small + ("x2" if meta.get("smoke") else "x4"), 13.0, 18.7)):
         f8 = r.get(f"fp8-{case}", {})
@@ -532,6 +559,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--kinds", default="inductor,precompile", help="cache kinds to time (inductor, precompile)")
     p.add_argument("--large", action=argparse.BooleanOptionalAction, default=None,
                    help="the large case too (SDXL; --smoke: tiny-xl); default: on, off with --smoke")
+    p.add_argument("--part", choices=list(PARTS), default="all",
+                   help="what to measure: all (default), or one device call's share: eager (ours-eager vs diffusers, "
+                        "demo IoU bf16 vs fp8), start (cold compiles, first images), fp8 (fp8 vs bf16 ms/step)")
     p.add_argument("--budget-s", type=float, default=540.0, help="skip later phases that would pass this")
     p.add_argument("--parallel", type=int, default=4, help="cold-compile processes at once (default 4)")
     p.add_argument("--out", default=os.environ.get("OUT", "out"))
@@ -555,28 +585,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cases = (small, large) if (args.large if args.large is not None else not args.smoke) else (small,)
     caches = {(case, kind): run.work / f"cache-{case}-{kind}" for case in cases for kind in kinds}
     fp8_cache = run.work / "cache-fp8"
+    parts = PARTS[args.part]
     # 1. ours-eager against diffusers, and the demo IoU in both precisions: first, while nothing else runs (a
     #    launch-bound eager step is timed on a quiet CPU)
-    run.run(f"eager-{small}", "eager", "--case", small)
-    run.run("iou-demo", "iou", "--scenes", str(args.scenes), "--steps", "25" if not args.smoke else "2")
+    if "eager" in parts:
+        run.run(f"eager-{small}", "eager", "--case", small)
+        run.run("iou-demo", "iou", "--scenes", str(args.scenes), "--steps", "25" if not args.smoke else "2")
     # 2. cold compiles, in parallel (CPU-bound; their times are reported, not targeted); fp8's own cache with them
-    fp8_cases = [c for c in (large, multi) if c != large or large in cases]
+    fp8_cases = [c for c in (large, multi) if c != large or large in cases] if "fp8" in parts else []
     jobs = []
     for (case, kind), folder in caches.items():
-        batches = "1,4" if case == "sd15" and kind == "inductor" else "1"
+        if "start" in parts:  # (sd15's batch 4 only where the fp8 rows need bf16's graphs of it)
+            batches = "1,4" if case == small and kind == kinds[0] and fp8_cases else "1"
+        elif kind == kinds[0] and (case == large or multi in fp8_cases):  # only bf16's side of the fp8 rows
+            batches = "1" if case == large else str(CASES[multi][2])
+        else:
+            continue
         jobs.append((f"cold-{case}-{kind}", "compile", ("--case", case, "--cache", str(folder), "--batches", batches,
                                                         *(("--precompile",) if kind == "precompile" else ()))))
     fp8_ok = run.meta["torchao"][:1].isdigit() and args.device != "cpu"
     for case in fp8_cases if fp8_ok else ():  # (else refused below, with the reason)
         jobs.append((f"cold-fp8-{case}", "compile", ("--case", case, "--cache", str(fp8_cache), "--precision", "fp8",
                                                      "--batches", str(CASES[case][2]))))
-    run.say(f"cold compiles ({len(jobs)} processes, {args.parallel} at a time)")
-    run.parallel(jobs)
+    if jobs:
+        run.say(f"cold compiles ({len(jobs)} processes, {args.parallel} at a time)")
+        run.parallel(jobs)
 
-    # 3. first image in new processes: the cache folder, then a copy of it elsewhere (inductor kind first)
+    # 3. first image in new processes: the cache folder, then a copy of it elsewhere (as on another machine), and
+    #    the folder again with inductor's compile worker pool off (is its start-up part of the first image?)
     def first(case: str, kind: str) -> None:
         folder = caches[(case, kind)]
-        for where in ("same", "copy"):
+        wheres = ["same", "copy"] + (["same-1thread"] if kind == kinds[0] and case == small else [])
+        for where in wheres:
             if run.left() < 30:
                 run.say(f"first-{case}-{kind}-{where}: skipped (budget)")
                 continue
@@ -587,10 +627,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     shutil.copytree(folder, target, dirs_exist_ok=True)
             steady = where == "same" and kind == kinds[0]
             run.run(f"first-{case}-{kind}-{where}", "first", "--case", case, "--cache", str(target),
-                    *(("--precompile",) if kind == "precompile" else ()), *(("--steady",) if steady else ()))
+                    *(("--precompile",) if kind == "precompile" else ()), *(("--steady",) if steady else ()),
+                    env_extra={"TORCHINDUCTOR_COMPILE_THREADS": "1"} if where == "same-1thread" else None)
 
-    for case in cases:
-        first(case, kinds[0])
+    if "start" in parts:
+        for case in cases:
+            first(case, kinds[0])
     # 4. fp8 against bf16 (both from caches: bf16's from step 2, fp8's own)
     for case in fp8_cases:
         if run.left() < 40:
@@ -600,9 +642,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if bf16_cache.is_dir():
             shutil.copytree(bf16_cache, fp8_cache, dirs_exist_ok=True)
         run.run(f"fp8-{case}", "fp8", "--case", case, "--cache", str(fp8_cache))
-    for kind in kinds[1:]:
-        for case in cases:
-            first(case, kind)
+    if "start" in parts:
+        for kind in kinds[1:]:
+            for case in cases:
+                first(case, kind)
     run.meta["total_s"] = time.perf_counter() - run.t0
     run.write()
     logs = run.out / "bench_fast_v2_logs"

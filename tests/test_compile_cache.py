@@ -90,7 +90,7 @@ ROUND_TRIP = textwrap.dedent("""
         y = compiled(torch.ones(2, 8))
     event = cache.events[0]
     print(json.dumps({"status": event.status, "saved": event.saved, "counts": cc.compile_counts(),
-                      "y": y.tolist()}))
+                      "timers": event.timers, "line": event.line(), "y": y.tolist()}))
 """)
 
 
@@ -111,6 +111,8 @@ def test_saved_graphs_load_in_a_new_process_from_a_copied_folder(tmp_path, preco
 
     first = run(tmp_path / "cache", tmp_path / "inductor-1")
     assert first["status"] == "compiled" and first["saved"] and first["counts"]["miss"] > 0
+    # where the first call's seconds went, from torch's own timers: dynamo's tracing, of it the backend's part
+    assert first["timers"][cc.TRACING] >= first["timers"][cc.BACKEND] > 0, first["timers"]
     files = sorted(p.name for p in (tmp_path / "cache").rglob("*") if p.is_file())
     assert files == ["8x8-b1.bin", "8x8-b1.json"]
     shutil.copytree(tmp_path / "cache", tmp_path / "copied")
@@ -121,6 +123,8 @@ def test_saved_graphs_load_in_a_new_process_from_a_copied_folder(tmp_path, preco
         assert second["counts"]["dynamo_hit"] > 0 and second["counts"]["graphs"] == 0, second
     else:
         assert second["counts"]["hit"] > 0
+        timers = second["timers"]  # traced again, the backend's part now a cache load
+        assert timers[cc.TRACING] >= timers[cc.BACKEND] > 0 and "tracing" in second["line"], second
 
 
 def fake_torch_cache(monkeypatch):
@@ -277,5 +281,14 @@ def test_fast_v2_benchmark_smoke_run(tmp_path, monkeypatch):
     assert results["first-tiny-inductor-copy"]["first_image_s"] > 0 and results["eager-tiny"]["speedup"] > 0
     assert "compute capability 8.9" in results["fp8-tinyx2"]["refused"]  # refused on the CPU, as it must be
     assert 0 <= results["iou-demo"]["bf16"]["iou"] <= 1 and "refused" in results["iou-demo"]["fp8"]
+    same, one_thread = results["first-tiny-inductor-same"], results["first-tiny-inductor-same-1thread"]
+    assert one_thread["compile_threads"] == "1" and same["compile_threads"] != "1"
+    # the first image's seconds split by torch's timers: one dynamo tracing per compiled frame (UNet, decoder, adapter)
+    assert same["tracing_s"] >= same["backend_s"] >= 0 and len(same["frames_s"]) == 3
+    assert abs(sum(same["frames_s"]) - same["tracing_s"]) < 0.01
     table = (tmp_path / "bench_fast_v2.md").read_text()
     assert "| first image, new process, copied cache folder" in table and "Machine: CPU" in table
+    assert "compile threads 1" in table and "of it tracing" in table
+    # one device call's part: only the fp8 rows and the bf16 graphs they compare with
+    part = bench.main(["--smoke", "--part", "fp8", "--out", str(tmp_path / "fp8")])["results"]
+    assert sorted(part) == ["cold-tiny-inductor", "fp8-tinyx2"] and "refused" in part["fp8-tinyx2"]

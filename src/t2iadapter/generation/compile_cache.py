@@ -186,15 +186,40 @@ class Event:
     seconds: float = 0.0  # the first call's wall time (compilation included)
     saved: bool = False
     reason: str = ""  # why a file was ignored
+    timers: dict[str, float] = dataclasses.field(default_factory=dict)  # torch's compile timers during the call
 
     def line(self) -> str:
         """One line for a person (the CLI prints it)."""
         where = self.path.parent
         if self.status == "loaded":
-            return f"fast mode: compiled graphs for {self.shape.describe()} loaded from {where} (first call {self.seconds:.1f} s)"
+            tracing = self.timers.get(TRACING)
+            split = "" if tracing is None else (f": tracing {tracing:.1f} s, of it the compiler backend "
+                                                 f"{self.timers.get(BACKEND, 0.0):.1f} s")
+            return (f"fast mode: compiled graphs for {self.shape.describe()} loaded from {where} "
+                    f"(first call {self.seconds:.1f} s{split})")
         ignored = f" (the cached file was ignored: {self.reason})" if self.reason else ""
         saved = f"; saved to {where}" if self.saved else "; nothing to save (torch's caches off, or not inductor)"
         return f"fast mode: compiled {self.shape.describe()} in {self.seconds:.1f} s{ignored}{saved}"
+
+
+TRACING = "_compile.compile_inner"  # torch's timer of dynamo's whole work on a frame (backend included)
+BACKEND = "OutputGraph.call_user_compiler"  # its backend's part (AOTAutograd and inductor, cache loads included)
+
+
+def compile_timers() -> dict[str, float]:
+    """torch's cumulative compile timers of this process, seconds by timer name (`dynamo_timed`; `TRACING` and
+    `BACKEND` among them). Empty where this torch keeps none."""
+    try:
+        from torch._dynamo.utils import compilation_time_metrics
+    except ImportError:
+        return {}
+    return {name: float(sum(values)) for name, values in compilation_time_metrics.items()}
+
+
+def timer_delta(before: Mapping[str, float], after: Mapping[str, float], floor: float = 0.01) -> dict[str, float]:
+    """The timers that grew by at least `floor` seconds between two `compile_timers()`, largest first."""
+    grown = {name: after[name] - before.get(name, 0.0) for name in after}
+    return {name: round(s, 3) for name, s in sorted(grown.items(), key=lambda kv: -kv[1]) if s >= floor}
 
 
 def compile_counts() -> dict[str, int]:
@@ -346,7 +371,7 @@ class CompileCache:
             yield
             return
         status, why = ("loaded", "") if shape in self._preloaded else self.load(shape)
-        before = compile_counts()
+        before, timers = compile_counts(), compile_timers()
         if status != "loaded":
             self._say(f"fast mode: compiling for {shape.describe()} (once; later runs load it from {self.folder})")
         started = time.perf_counter()
@@ -357,11 +382,12 @@ class CompileCache:
         missed = after["miss"] - before["miss"]
         if self.setup.precompile:  # dynamo traced after all (no entry, or one it could not use): the file lacks it
             missed += max(after["dynamo_miss"] - before["dynamo_miss"], after["graphs"] - before["graphs"])
+        grown = timer_delta(timers, compile_timers())
         if status == "loaded" and not missed:
-            event = Event(shape, "loaded", self.path(shape), seconds)
+            event = Event(shape, "loaded", self.path(shape), seconds, timers=grown)
         else:  # no file, a bad one, or graphs it lacked: write what this process has (a key without new graphs too)
             path = self.save(shape, seconds)
-            event = Event(shape, "compiled", self.path(shape), seconds, saved=path is not None, reason=why)
+            event = Event(shape, "compiled", self.path(shape), seconds, saved=path is not None, reason=why, timers=grown)
         self.events.append(event)
         self._say(event.line())
 
