@@ -176,6 +176,10 @@ class Shape:
         return f"{self.width}x{self.height}, {images}" + ("" if self.cfg else ", no CFG") + (", batched" if self.batched else "")
 
 
+TRACING = "_compile.compile_inner"  # torch's timer of dynamo's whole work on a frame (backend included)
+BACKEND = "OutputGraph.call_user_compiler"  # its backend's part (AOTAutograd and inductor, cache loads included)
+
+
 @dataclass
 class Event:
     """What one key's first call did: `loaded` (its graphs came from the file) or `compiled` (and saved)."""
@@ -200,10 +204,6 @@ class Event:
         ignored = f" (the cached file was ignored: {self.reason})" if self.reason else ""
         saved = f"; saved to {where}" if self.saved else "; nothing to save (torch's caches off, or not inductor)"
         return f"fast mode: compiled {self.shape.describe()} in {self.seconds:.1f} s{ignored}{saved}"
-
-
-TRACING = "_compile.compile_inner"  # torch's timer of dynamo's whole work on a frame (backend included)
-BACKEND = "OutputGraph.call_user_compiler"  # its backend's part (AOTAutograd and inductor, cache loads included)
 
 
 def compile_timers() -> dict[str, float]:
