@@ -7,8 +7,10 @@ as in bench_inference.py; no downloads):
                              compiles into a fresh cache folder (cold), then a NEW process with its own empty torch
                              caches (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR) times its first image from the folder,
                              then another from a copy of the folder at another path (as on another machine).
-                             Two cache kinds: `inductor` (torch's compile-cache artefacts) and `precompile` (the same
-                             plus dynamo's traced bytecode, torch's experimental caching precompile).
+                             Three cache kinds: `inductor` (torch's compile-cache artefacts), `aot` (the UNet as an
+                             AOTInductor package, `optimize(aot=True)`: no tracing in the new process, no CUDA graphs)
+                             and `precompile` (inductor's plus dynamo's traced bytecode, torch's experimental caching
+                             precompile).
                              Targets: SD1.5 ≤ 3 s, SDXL ≤ 5 s.
   fp8 vs bf16 ms/step        SDXL 1024² batch 1 (target ≤ 22; bf16 30.5) and SD1.5 512² batch 4 (≤ 13; bf16 18.7),
                              both compiled (CUDA graphs), median of 3 images, device events per step; and the UNet's
@@ -56,6 +58,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 STEPS = 30
 GUIDANCE = 7.5
+KIND_FLAGS = {"inductor": (), "aot": ("--aot",), "precompile": ("--precompile",)}  # cache kinds: worker flags
 WHERES = {"same": "cache folder", "copy": "copied cache folder", "same-1thread": "cache folder, compile threads 1"}
 PARTS = {"all": ("eager", "start", "fp8"), "eager": ("eager",), "start": ("start",), "fp8": ("fp8",)}
 CASES = {  # name: (architecture, side, images per call)
@@ -149,7 +152,7 @@ def _ms_per_step(marks: list, device) -> float:
 def work_compile(args) -> dict[str, Any]:
     """Cold: build, optimize into --cache, one short call per batch (compiles and saves)."""
     pipe, device, side, _, built = _built(args)
-    pipe.optimize(precision=args.precision, cache_dir=args.cache, precompile=args.precompile)
+    pipe.optimize(precision=args.precision, cache_dir=args.cache, precompile=args.precompile, aot=args.aot)
     for n in args.batches:
         _sync(device)
         _image(pipe, side, n, 2)
@@ -162,7 +165,7 @@ def work_first(args) -> dict[str, Any]:
     """Warm: a new process with the cache folder; the first 30-step image, then (--steady) ms/step of 3 more."""
     pipe, device, side, images, built = _built(args)
     t1 = time.perf_counter()
-    pipe.optimize(precision=args.precision, cache_dir=args.cache, precompile=args.precompile)
+    pipe.optimize(precision=args.precision, cache_dir=args.cache, precompile=args.precompile, aot=args.aot)
     optimize_s = time.perf_counter() - t1
     _sync(device)
     t2 = time.perf_counter()
@@ -351,6 +354,7 @@ def worker_main(argv: list[str]) -> None:
     p.add_argument("--cache", default=None)
     p.add_argument("--precision", default=None)
     p.add_argument("--precompile", action="store_true")
+    p.add_argument("--aot", action="store_true")
     p.add_argument("--batches", type=lambda s: [int(v) for v in s.split(",")], default=[1])
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--scenes", type=int, default=8)
@@ -499,7 +503,7 @@ def markdown(meta: dict[str, Any], r: dict[str, Any]) -> str:
 
     small, large = ("tiny", "tiny-xl") if meta.get("smoke") else ("sd15", "sdxl")
     for case, limit in ((small, 3.0), (large, 5.0)):
-        for kind in ("inductor", "precompile"):
+        for kind in KIND_FLAGS:
             cold = r.get(f"cold-{case}-{kind}", {})
             if cold:
                 row(f"cold compile into a fresh cache ({kind})", case, f"{_fmt(cold.get('compile_s'), '.1f')} s",
@@ -512,6 +516,7 @@ def markdown(meta: dict[str, Any], r: dict[str, Any]) -> str:
                 status = ",".join(w.get("status", [])) or w.get("error", "?")
                 split = "" if "tracing_s" not in w else (f"; of it tracing {_fmt(w['tracing_s'], '.1f')} s, backend "
                                                          f"{_fmt(w.get('backend_s'), '.1f')} s")
+                split += f"; then {_fmt(w['ms_step'])} ms/step" if "ms_step" in w else ""
                 row(f"first image, new process, {label} ({kind}; {status})", case,
                     f"{_fmt(value)} s (+{_fmt(w.get('build_s'), '.1f')} s build, process "
                     f"{_fmt(w.get('process_to_first_image_s'), '.1f')} s{split})",
@@ -556,7 +561,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--smoke", action="store_true", help="CPU smoke run: tiny bases, 2 steps, no code generation")
     p.add_argument("--steps", type=int, default=None, help=f"denoising steps (default {STEPS}; --smoke 2)")
     p.add_argument("--scenes", type=int, default=None, help="demo scenes for the IoU (default 8; --smoke 1)")
-    p.add_argument("--kinds", default="inductor,precompile", help="cache kinds to time (inductor, precompile)")
+    p.add_argument("--kinds", default="inductor,aot,precompile",
+                   help="cache kinds to time, the first also at steady state and without compile workers "
+                        "(inductor, aot, precompile)")
     p.add_argument("--large", action=argparse.BooleanOptionalAction, default=None,
                    help="the large case too (SDXL; --smoke: tiny-xl); default: on, off with --smoke")
     p.add_argument("--part", choices=list(PARTS), default="all",
@@ -576,6 +583,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.steps = args.steps or (2 if args.smoke else STEPS)
     args.scenes = args.scenes or (1 if args.smoke else 8)
     kinds = [k for k in args.kinds.split(",") if k]
+    if not kinds or set(kinds) - set(KIND_FLAGS):
+        p.error(f"--kinds: a comma-separated list of {', '.join(KIND_FLAGS)}")
     run = Run(args)
     run.meta = {**versions(args.device), "steps": args.steps, "scenes": args.scenes, "smoke": args.smoke,
                 "argv": argv}
@@ -602,7 +611,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else:
             continue
         jobs.append((f"cold-{case}-{kind}", "compile", ("--case", case, "--cache", str(folder), "--batches", batches,
-                                                        *(("--precompile",) if kind == "precompile" else ()))))
+                                                        *KIND_FLAGS[kind])))
     fp8_ok = run.meta["torchao"][:1].isdigit() and args.device != "cpu"
     for case in fp8_cases if fp8_ok else ():  # (else refused below, with the reason)
         jobs.append((f"cold-fp8-{case}", "compile", ("--case", case, "--cache", str(fp8_cache), "--precision", "fp8",
@@ -625,14 +634,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 target = run.work / f"copied-{case}-{kind}"
                 if folder.is_dir():  # (absent when nothing was saved: --smoke's backend makes no artefacts)
                     shutil.copytree(folder, target, dirs_exist_ok=True)
-            steady = where == "same" and kind == kinds[0]
+            steady = where == "same" and kind in (kinds[0], "aot")  # aot: no CUDA graphs, so its own ms/step
             run.run(f"first-{case}-{kind}-{where}", "first", "--case", case, "--cache", str(target),
-                    *(("--precompile",) if kind == "precompile" else ()), *(("--steady",) if steady else ()),
+                    *KIND_FLAGS[kind], *(("--steady",) if steady else ()),
                     env_extra={"TORCHINDUCTOR_COMPILE_THREADS": "1"} if where == "same-1thread" else None)
 
-    if "start" in parts:
-        for case in cases:
-            first(case, kinds[0])
+    if "start" in parts:  # (the first kind's rows here, before fp8's; in the start part alone the others first)
+        for kind in ([kinds[0]] if "fp8" in parts else [*kinds[1:], kinds[0]]):
+            for case in cases:
+                first(case, kind)
     # 4. fp8 against bf16 (both from caches: bf16's from step 2, fp8's own)
     for case in fp8_cases:
         if run.left() < 40:
@@ -642,7 +652,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if bf16_cache.is_dir():
             shutil.copytree(bf16_cache, fp8_cache, dirs_exist_ok=True)
         run.run(f"fp8-{case}", "fp8", "--case", case, "--cache", str(fp8_cache))
-    if "start" in parts:
+    if "start" in parts and "fp8" in parts:
         for kind in kinds[1:]:
             for case in cases:
                 first(case, kind)

@@ -247,6 +247,8 @@ def test_optimize_makes_a_cache_for_inductor_only(tmp_path, monkeypatch):
     (["generate", "--base", "tiny", "--prompt", "x", "--fast", "fp8", "--device", "cpu", "--out", "x.png"],
      "compute capability 8.9"),
     (["serve", "--base", "tiny", "--fast", "fp8", "--device", "cpu"], "compute capability 8.9"),
+    (["generate", "--base", "tiny", "--prompt", "x", "--aot", "--device", "cpu", "--out", "x.png"], "add --fast"),
+    (["serve", "--base", "tiny", "--aot", "--device", "cpu"], "add --fast"),
 ])
 def test_cli_errors_are_one_line_and_exit_2(argv, expect, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -25,14 +25,24 @@ FAST_CHOICES = ("auto", "bf16", "fp16", "fp32", "fp8")  # --fast [PRECISION]; au
 
 
 def add_fast_arguments(p, what: str) -> None:
-    """`--fast [PRECISION]` and `--cache-dir DIR` (issue 18): fast mode and where its compiled graphs are kept."""
+    """`--fast [PRECISION]`, `--aot` and `--cache-dir DIR` (issue 18): fast mode, how it compiles the UNet, where its
+    compiled graphs are kept."""
     p.add_argument("--fast", nargs="?", const="auto", default=None, choices=FAST_CHOICES, metavar="PRECISION",
                    help=f"fast mode {what}: half precision, channels-last, torch.compile; PRECISION is auto (default: "
                    "bf16/fp16 on a GPU, fp32 on the CPU), bf16, fp16, fp32 or fp8 (GPUs of compute capability 8.9+, "
                    "needs torchao)")
+    p.add_argument("--aot", action="store_const", const=True, default=None,
+                   help="with --fast: the UNet as an AOTInductor package (a new process loads it without tracing; "
+                   "no CUDA graphs, VAE decoder and adapters eager; default: $T2IADAPTER_AOT)")
     p.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="folder of fast mode's compiled graphs (default: $T2IADAPTER_COMPILE_CACHE, else "
                    "~/.cache/t2iadapter/compiled); written after a compile, loaded before the next one")
+
+
+def check_fast_arguments(args) -> None:
+    """--aot only means something in fast mode: one clear line otherwise."""
+    if args.aot and not args.fast:
+        raise ConfigError("--aot compiles fast mode's UNet with AOTInductor; add --fast")
 
 
 def fast_precision(value: str | None) -> str | None:

@@ -201,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
     if args.fast:
         from t2iadapter.commands import fast_precision
 
-        pipe.optimize(precision=fast_precision(args.fast), cache_dir=args.cache_dir)
+        pipe.optimize(precision=fast_precision(args.fast), cache_dir=args.cache_dir, aot=args.aot)
         if pipe.compile_cache is not None:
             pipe.compile_cache.report = lambda line: print(f"{rank}: {line}", file=sys.stderr, flush=True)
     out.mkdir(parents=True, exist_ok=True)

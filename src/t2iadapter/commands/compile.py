@@ -32,6 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "fp32 or fp8")
     p.add_argument("--guidance", type=float, default=None,
                    help="guidance scale of the later runs: above 1 (default 7.5) both CFG branches, 1 or less one")
+    p.add_argument("--aot", action="store_const", const=True, default=None,
+                   help="the UNet as an AOTInductor package (a new process loads it without tracing; "
+                   "no CUDA graphs, VAE decoder and adapters eager; default: $T2IADAPTER_AOT)")
     p.add_argument("--serve", action="store_true",
                    help="compile what `serve --fast` runs: batched calls of 1, 2, 4, ... up to the largest --batch images")
     p.add_argument("--cache-dir", default=None, metavar="DIR",
@@ -66,10 +69,10 @@ def run(args: argparse.Namespace) -> int:
     resolve_precision(precision, None, torch.device(device))  # fp8 where it cannot run: one line, before loading
     folder = compile_cache.cache_dir(args.cache_dir)
     pipe = AdapterPipeline.from_pretrained(args.base, named, device=device, config_dir=args.config_dir)
-    pipe.optimize(precision=precision, cache_dir=folder)
+    pipe.optimize(precision=precision, cache_dir=folder, aot=args.aot)
     pipe.compile_cache.report = lambda line: print(line, flush=True)
     pipe.warm_up(args.size, batches, batched=args.serve, guidance_scale=args.guidance)
-    files = sorted(pipe.compile_cache.folder.glob("*.bin"))
+    files = sorted(f for f in pipe.compile_cache.folder.glob("*") if f.suffix in (".bin", ".pt2"))
     size = sum(f.stat().st_size for f in files) / 1e6
     print(f"{len(pipe.compile_cache.events)} shape(s) ready in {pipe.compile_cache.folder} "
           f"({len(files)} file(s), {size:.1f} MB)")

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from t2iadapter.commands import add_base_arguments, add_fast_arguments, add_threads_argument, fast_precision, parse_adapters
+from t2iadapter.commands import (add_base_arguments, add_fast_arguments, add_threads_argument, check_fast_arguments,
+                                 fast_precision, parse_adapters)
 from t2iadapter.commands import _batch_jobs as batch_jobs
 from t2iadapter.errors import ConfigError
 from t2iadapter.generation.request import FUSER_WINDOW_MODES, defaults
@@ -168,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
         if len(named) != len(args.adapter) + 1:
             raise ConfigError(f"--style-adapter {args.style_adapter}: its name is already used by an --adapter")
     device, dtype = resolve_device(args.device, args.dtype)
+    check_fast_arguments(args)
     if args.fast:
         import torch
 
@@ -184,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     for source, scale in loras:
         pipe.load_lora(source, scale=scale)
     if args.fast:
-        pipe.optimize(precision=fast_precision(args.fast), cache_dir=args.cache_dir)  # after the LoRAs: fused in
+        pipe.optimize(precision=fast_precision(args.fast), cache_dir=args.cache_dir, aot=args.aot)  # after the LoRAs: fused in
         if pipe.compile_cache is not None:
             pipe.compile_cache.report = lambda line: print(line, flush=True)
     uses = tuple(AdapterUse(name, cond, **({"weight": args.weight[i]} if args.weight else {}),  # else the request's

@@ -5,7 +5,8 @@ import argparse
 import logging
 import os
 
-from t2iadapter.commands import DEMO_BASE, add_fast_arguments, add_threads_argument, fast_precision, parse_adapters
+from t2iadapter.commands import (DEMO_BASE, add_fast_arguments, add_threads_argument, check_fast_arguments, fast_precision,
+                                 parse_adapters)
 from t2iadapter.server.limits import Limits
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ def settings_from(args: argparse.Namespace):
     from t2iadapter.generation.pipeline import resolve_device
 
     device, _ = resolve_device(args.device, args.dtype)  # a bad --device is one line now, not a traceback at startup
+    check_fast_arguments(args)
     if args.fast:
         import torch
 
@@ -106,7 +108,7 @@ def settings_from(args: argparse.Namespace):
                     batch_wait_ms=args.batch_wait_ms)
     settings = ServerSettings(base=args.base, adapters=adapters, fuser=fuser, device=args.device, dtype=args.dtype,
                               devices=args.devices, fast=args.fast or False, warmup=args.warmup,
-                              cache_dir=args.cache_dir,
+                              cache_dir=args.cache_dir, aot=args.aot,
                               controlnets=controlnets)
     return settings, limits
 

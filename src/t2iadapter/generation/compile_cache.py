@@ -191,19 +191,22 @@ class Event:
     saved: bool = False
     reason: str = ""  # why a file was ignored
     timers: dict[str, float] = dataclasses.field(default_factory=dict)  # torch's compile timers during the call
+    kind: str = ""  # "aot": an AOTInductor package of the UNet (`generation.aot`); "": torch.compile's graphs
 
     def line(self) -> str:
         """One line for a person (the CLI prints it)."""
         where = self.path.parent
+        mode = "fast mode (aot)" if self.kind == "aot" else "fast mode"
+        what = "the UNet's package" if self.kind == "aot" else "compiled graphs"
         if self.status == "loaded":
             tracing = self.timers.get(TRACING)
             split = "" if tracing is None else (f": tracing {tracing:.1f} s, of it the compiler backend "
                                                  f"{self.timers.get(BACKEND, 0.0):.1f} s")
-            return (f"fast mode: compiled graphs for {self.shape.describe()} loaded from {where} "
-                    f"(first call {self.seconds:.1f} s{split})")
+            first = "loading" if self.kind == "aot" else "first call"
+            return f"{mode}: {what} for {self.shape.describe()} loaded from {where} ({first} {self.seconds:.1f} s{split})"
         ignored = f" (the cached file was ignored: {self.reason})" if self.reason else ""
         saved = f"; saved to {where}" if self.saved else "; nothing to save (torch's caches off, or not inductor)"
-        return f"fast mode: compiled {self.shape.describe()} in {self.seconds:.1f} s{ignored}{saved}"
+        return f"{mode}: compiled {self.shape.describe()} in {self.seconds:.1f} s{ignored}{saved}"
 
 
 def compile_timers() -> dict[str, float]:

@@ -49,6 +49,7 @@ class FastSettings:
     compile_adapters: bool = True
     precision: str = ""  # bf16 | fp16 | fp32 | fp8 ("" : the dtype's name)
     precompile: bool = False  # torch's caching precompile (compile_cache.enable_precompile) was on when compiled
+    aot: bool = False  # the UNet through AOTInductor packages (`generation.aot`); decoder and adapters eager
 
     @property
     def fp8(self) -> bool:
@@ -125,9 +126,11 @@ class CompiledForward:
 
 
 def eager_forward(module: torch.nn.Module):
-    """The module's own forward, under any CompiledForward wrapper."""
+    """The module's own forward, under any CompiledForward or AotUnet wrapper."""
+    from t2iadapter.generation.aot import AotUnet
+
     fwd = module.forward
-    return fwd.eager if isinstance(fwd, CompiledForward) else fwd
+    return fwd.eager if isinstance(fwd, (CompiledForward, AotUnet)) else fwd
 
 
 def compile_module(module: torch.nn.Module, name: str, settings: FastSettings, *, cudagraphs: bool) -> CompiledForward:
@@ -149,7 +152,10 @@ def compiled_modules(base: Any, adapters: Mapping[str, torch.nn.Module] = {}) ->
 
 def status(pipe: Any) -> dict[str, Any]:
     """What fast mode did to a pipeline: settings, compiled modules and any compile failure (for logs/benchmarks)."""
+    from t2iadapter.generation.aot import AotUnet
+
     settings = pipe.base.extras.get("fast")
+    aot = pipe.base.unet.forward if isinstance(pipe.base.unet.forward, AotUnet) else None
     return {
         "fast": bool(getattr(pipe, "fast", False)),
         "dtype": str(pipe.dtype).replace("torch.", ""),
@@ -157,6 +163,7 @@ def status(pipe: Any) -> dict[str, Any]:
                                                    "backend": str(settings.backend), "fuse_qkv": settings.fuse_qkv,
                                                    "precision": settings.precision},
         "compiled": {n: (w.error or "ok") for n, w in compiled_modules(pipe.base, pipe.adapters).items()},
+        "aot": None if aot is None else (aot.error or "ok"),  # the UNet through AOTInductor: ok or its failure
     }
 
 
@@ -166,8 +173,9 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def optimize_base(base: Any, settings: FastSettings) -> None:
-    """Fast mode for the shared base (once per base and settings): SDPA, fused QKV, channels-last, compile."""
+def optimize_base(base: Any, settings: FastSettings, aot_store: Any = None) -> None:
+    """Fast mode for the shared base (once per base and settings): SDPA, fused QKV, channels-last, compile (the UNet
+    through `aot_store`'s AOTInductor packages when `settings.aot`)."""
     from t2iadapter import unet_hook
 
     previous = base.extras.get("fast")
@@ -193,7 +201,11 @@ def optimize_base(base: Any, settings: FastSettings) -> None:
         # it, is let go with them)
         base.unet, _ = fp8.quantize_unet(unet)
         unet = base.unet
-    if settings.compile:
+    if settings.compile and settings.aot:
+        from t2iadapter.generation.aot import AotUnet
+
+        unet.forward = AotUnet(eager_forward(unet), unet, aot_store)
+    elif settings.compile:
         cudagraphs = unet.device.type == "cuda"
         compile_module(unet, "unet", settings, cudagraphs=cudagraphs)
         if settings.compile_vae:
@@ -207,7 +219,7 @@ def optimize_adapters(adapters: Mapping[str, Any], settings: FastSettings) -> No
         if module.kind not in ("full", "full_xl", "light"):
             continue  # style adapter and fuser: small transformers on a few tokens, run once; eager is fine
         module.to(memory_format=torch.channels_last)
-        if settings.compile and settings.compile_adapters and not isinstance(module.forward, CompiledForward):
+        if settings.compile and settings.compile_adapters and not settings.aot and not isinstance(module.forward, CompiledForward):
             compile_module(module, f"adapter:{name}", settings, cudagraphs=False)
 
 

@@ -33,6 +33,7 @@ from t2iadapter.errors import ConditionError, ConfigError
 from t2iadapter.formats import load_adapter
 from t2iadapter.generation import (compile_cache, conditions, controlnet, fast, img2img, latents, lora, loop,
                                    schedulers, text)
+from t2iadapter.generation.aot import AotStore, aot_default
 from t2iadapter.generation.composition import Composition
 from t2iadapter.generation.request import OUTPUT_TYPES, AdapterUse, ControlNetUse, GenerationRequest, Window
 from t2iadapter.models import TASKS, AdapterModule
@@ -236,7 +237,7 @@ class AdapterPipeline:
     def optimize(self, *, compile: bool = True, dtype: torch.dtype | None = None, precision: str | None = None,
                  mode: str = "reduce-overhead", backend: Any = "inductor", fuse_qkv: bool = True, compile_vae: bool = True,
                  compile_adapters: bool = True, cache_dir: str | os.PathLike | bool | None = None,
-                 precompile: bool | None = None) -> "AdapterPipeline":
+                 precompile: bool | None = None, aot: bool | None = None) -> "AdapterPipeline":
         """Fast mode (see `t2iadapter.generation.fast`): bf16/fp16 on GPU, channels-last, SDPA with fused q/k/v,
         compiled UNet (CUDA graphs on GPU), VAE decoder and adapters, and a loop without host syncs.
 
@@ -249,23 +250,34 @@ class AdapterPipeline:
         compiled graphs are saved to `cache_dir` (default `compile_cache.cache_dir()`, False: no files) and loaded
         by later processes (`generation.compile_cache`, `t2iadapter compile`). `precompile` (default
         $T2IADAPTER_PRECOMPILE) turns on torch's experimental caching precompile, process-wide, so the files also
-        spare the next process dynamo's tracing.
+        spare the next process dynamo's tracing. `aot` (default $T2IADAPTER_AOT) compiles the UNet with AOTInductor
+        instead (`generation.aot`): a new process loads it without tracing, at the price of CUDA graphs; the VAE
+        decoder and the adapters then run eagerly.
         """
         name, target = fast.resolve_precision(precision, dtype, self.device)
+        aot = aot_default() if aot is None else aot
+        if aot and (not compile or backend != "inductor"):
+            raise ConfigError("aot=True compiles the UNet with AOTInductor: it needs compile=True and the inductor backend")
+        if aot and name == "fp8":
+            raise ConfigError("fp8 runs through torch.compile only; with aot=True choose bf16, fp16 or fp32")
         self.to(dtype=target)
         self.loras.fuse()  # LoRA layers merged into the weights before fusing q/k/v and compiling
         folder = compile_cache.folder_for(cache_dir) if compile and backend == "inductor" else None
         if precompile is None:
             precompile = compile_cache.precompile_default()
-        precompile = bool(precompile and folder is not None and compile_cache.enable_precompile())
+        precompile = bool(precompile and not aot and folder is not None and compile_cache.enable_precompile())
         settings = fast.FastSettings(dtype=target, compile=compile, mode=mode, backend=backend, fuse_qkv=fuse_qkv,
                                      compile_vae=compile_vae, compile_adapters=compile_adapters, precision=name,
-                                     precompile=precompile)
-        cache = None if folder is None else compile_cache.CompileCache(
-            folder, compile_cache.Setup.of(self.base, self.adapters, self.device, target, name, mode, precompile))
+                                     precompile=precompile, aot=aot)
+        setup = compile_cache.Setup.of(self.base, self.adapters, self.device, target, name, "aoti" if aot else mode,
+                                       precompile)
+        if aot:  # the packages' store (a temporary folder without cache_dir)
+            cache = AotStore(folder, setup)
+        else:
+            cache = None if folder is None else compile_cache.CompileCache(folder, setup)
         if precompile:
             cache.preload()  # dynamo looks its cache up when torch.compile wraps a module (next lines)
-        fast.optimize_base(self.base, settings)
+        fast.optimize_base(self.base, settings, aot_store=cache if aot else None)
         fast.optimize_adapters(self.adapters, settings)
         self.fast = True
         self.compile_cache = cache

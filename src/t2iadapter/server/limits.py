@@ -67,6 +67,7 @@ class ServerSettings:
     fast: bool | str = False  # AdapterPipeline.optimize() on each worker: True/"auto" or a precision (bf16, fp8, ...)
     warmup: tuple[tuple[int, int], ...] = ()  # (width, height)s each worker runs once at start-up (compiles, in fast mode)
     cache_dir: str | None = None  # fast mode's compiled-graph files (None: compile_cache.cache_dir())
+    aot: bool | None = None  # fast mode's UNet through AOTInductor (None: $T2IADAPTER_AOT)
 
     def load_pipeline(self, device: str | None = None):
         """The AdapterPipeline these settings describe (loads weights; seconds to minutes)."""
@@ -78,7 +79,7 @@ class ServerSettings:
         if not self.fast:
             return pipe
         precision = None if self.fast is True or self.fast == "auto" else str(self.fast)
-        return pipe.optimize(precision=precision, cache_dir=self.cache_dir)
+        return pipe.optimize(precision=precision, cache_dir=self.cache_dir, aot=self.aot)
 
     def load_pipelines(self) -> list[tuple[str, object]]:
         """(worker name, pipeline) per device: a copy of the models on each; names are unique (cpu, cpu#1)."""

@@ -1,0 +1,277 @@
+"""Fast mode's UNet through AOTInductor (issue 18, `optimize(aot=True)`): a new process loads it in about a second.
+
+A torch.compile'd UNet loaded from the compiled-graph cache (`generation.compile_cache`) still makes a new process
+trace the UNet and load inductor's generated Python before its first image (12 s for SD1.5 on an H100 in the first
+benchmark run). With `aot=True` the UNet's forward becomes an `AotUnet`: the first call of each input signature
+(the shapes, dtypes and strides of its tensors, and which optional inputs it has) exports the UNet with
+`torch.export` and compiles it with AOTInductor into a package (`.pt2`, torch's own format) in the cache folder;
+a later process — or another machine with the same GPU and torch — loads the package (a shared library and its
+kernels: no tracing, no code generation) and runs it from C++.
+
+Weights are not in the package. The live module's tensors are handed to it (`load_constants`, user-managed: no copy)
+and torch folds what it derives from them (transposed matmul weights, ...) when they are handed over, so a package
+built from one checkpoint runs any other of the same architecture exactly, and weights changed in place after a
+call (tensor version counters) are handed over again before the next one.
+
+What `aot=True` gives up: CUDA graphs (AOTInductor launches its kernels from C++, one by one), and compiling the VAE
+decoder and the adapters (they run once per image; eager, so nothing is traced at start). fp8 runs through
+torch.compile only. Any failure (export, compile, load) logs one warning and the UNet runs eagerly from then on.
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from t2iadapter.generation.compile_cache import FORMAT, Event, Setup, Shape, _digest
+
+log = logging.getLogger(__name__)
+
+ENV = "T2IADAPTER_AOT"  # 1: `optimize()` uses AOTInductor for the UNet unless told otherwise
+# the package holds code, not weights; what it derives from weights is folded when they are handed over
+INDUCTOR_CONFIG = {"aot_inductor.package_constants_in_so": False, "aot_inductor.use_runtime_constant_folding": True,
+                   "conv_1x1_as_mm": True}
+POSITIONAL = ("sample", "timestep", "encoder_hidden_states")  # the UNet forward's leading parameters
+
+
+def aot_default() -> bool:
+    """`optimize(aot=None)`: on when $T2IADAPTER_AOT is 1."""
+    import os
+
+    return os.environ.get(ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+# ---------------------------------------------------------------------------------------------- call layout
+
+
+def flatten(args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[tuple, list[torch.Tensor]] | None:
+    """A UNet call as (layout, tensors): the layout names each input and its structure (a tensor, a list or tuple of
+    them, a dict of them), the tensors are its leaves in order. None for a call the package cannot take (a Python
+    number as timestep, return_dict=True, an argument of another kind): it runs eagerly."""
+    if len(args) > len(POSITIONAL):
+        return None
+    named = {**dict(zip(POSITIONAL, args)), **kwargs}
+    if named.pop("return_dict", True) is not False:
+        return None
+    layout, tensors = [], []
+    for name in sorted(named):
+        value = named[name]
+        if value is None:
+            continue
+        if isinstance(value, torch.Tensor):
+            layout.append((name, "tensor", None))
+            tensors.append(value)
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, torch.Tensor) for v in value):
+            layout.append((name, type(value).__name__, len(value)))
+            tensors.extend(value)
+        elif isinstance(value, dict) and all(isinstance(v, torch.Tensor) for v in value.values()):
+            keys = tuple(sorted(value))
+            layout.append((name, "dict", keys))
+            tensors.extend(value[k] for k in keys)
+        else:
+            return None
+    return tuple(layout), tensors
+
+
+def rebuild(layout: tuple, tensors: Sequence[torch.Tensor]) -> dict[str, Any]:
+    """The keyword arguments `flatten` took apart."""
+    out: dict[str, Any] = {}
+    at = 0
+    for name, kind, extra in layout:
+        if kind == "tensor":
+            out[name], at = tensors[at], at + 1
+        elif kind == "dict":
+            out[name], at = dict(zip(extra, tensors[at:at + len(extra)])), at + len(extra)
+        else:
+            part = list(tensors[at:at + extra])
+            out[name], at = (part if kind == "list" else tuple(part)), at + extra
+    return out
+
+
+def signature(layout: tuple, tensors: Sequence[torch.Tensor]) -> dict[str, Any]:
+    """What a package is compiled for: the layout and every tensor's shape, stride, dtype and device."""
+    return {"layout": [list(entry) for entry in layout],
+            "tensors": [[list(t.shape), list(t.stride()), str(t.dtype).replace("torch.", ""), t.device.type]
+                        for t in tensors]}
+
+
+class _Flat(torch.nn.Module):
+    """The UNet as a function of positional tensors (what torch.export and the package take)."""
+
+    def __init__(self, unet: torch.nn.Module, forward: Callable[..., Any], layout: tuple) -> None:
+        super().__init__()
+        self.unet = unet  # registered: its parameters and buffers are the package's constants, `unet.<name>`
+        self.forward_fn = forward
+        self.layout = layout
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return self.forward_fn(**rebuild(self.layout, tensors), return_dict=False)[0]
+
+
+# ---------------------------------------------------------------------------------------------- packages on disk
+
+
+class AotStore:
+    """The UNet packages of one setup: `<folder>/unet-<digest of the signature>.pt2`, each with a manifest (`.json`:
+    the key and a checksum). Without a folder (`cache_dir=False`) packages go to a temporary folder, removed at exit.
+    Has the compiled-graph cache's interface for the pipeline and the CLI (`events`, `folder`, `first_call`,
+    `report`)."""
+
+    def __init__(self, folder: str | Path | None, setup: Setup, report: Callable[[str], None] | None = None) -> None:
+        self.persistent = folder is not None
+        if folder is None:
+            folder = tempfile.mkdtemp(prefix="t2iadapter-aot-")
+            atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        self.root = Path(folder)
+        self.setup = setup
+        self.report = report
+        self.events: list[Event] = []
+        self.shape: Shape | None = None  # the call under way (for the events' lines)
+
+    @property
+    def folder(self) -> Path:
+        return self.root / self.setup.folder
+
+    def path(self, sig: dict[str, Any]) -> Path:
+        return self.folder / f"unet-{_digest(sig, 16)}.pt2"
+
+    def key(self, sig: dict[str, Any]) -> dict[str, Any]:
+        return {**dataclasses.asdict(self.setup), "adapters": list(self.setup.adapters), "signature": sig}
+
+    @contextlib.contextmanager
+    def first_call(self, shape: Shape) -> Iterator[None]:
+        """Around a call (the pipeline's hook, as for the compiled-graph cache): which shape the events belong to."""
+        self.shape = shape
+        yield
+
+    def check(self, sig: dict[str, Any]) -> str:
+        """"" when a sound package for `sig` is there; else why not ("absent" when there is none)."""
+        path = self.path(sig)
+        manifest_path = path.with_suffix(".json")
+        if not path.exists() and not manifest_path.exists():
+            return "absent"
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        except (OSError, ValueError) as exc:
+            return f"unreadable ({type(exc).__name__}: {exc})"
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            return "manifest of another format"
+        want, got = self.key(sig), manifest.get("key") or {}
+        stale = sorted(k for k in want if got.get(k) != want[k])
+        if stale:
+            return "written for another " + ", ".join(f"{k} ({got.get(k)!r}, here {want[k]!r})" for k in stale[:3])
+        if digest != manifest.get("sha256"):
+            return "checksum mismatch (a corrupt or truncated file)"
+        return ""
+
+    def get(self, sig: dict[str, Any], build: Callable[[Path], None]) -> Any:
+        """The loaded package for `sig`: from its file when sound, else built (`build(path)` writes the package) and
+        saved. A file that cannot be used is ignored with one warning."""
+        from t2iadapter.models.saving import _atomic_write_text
+
+        path, started = self.path(sig), time.perf_counter()
+        why = self.check(sig)
+        if not why:
+            try:
+                model = torch._inductor.aoti_load_package(str(path))
+                self._event("loaded", path, started)
+                return model
+            except Exception as exc:  # noqa: BLE001 - any failure: build as if there were no file
+                why = f"torch could not load it ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+        if why != "absent":
+            log.warning("ignoring AOTInductor package %s: %s; compiling instead", path, why)
+        self._say(f"fast mode (aot): compiling the UNet for {self._shape()} (once; later runs load it from {self.folder})")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial.pt2")
+        build(partial)
+        blob = partial.read_bytes()
+        partial.replace(path)
+        manifest = {"format": FORMAT, "key": self.key(sig), "sha256": hashlib.sha256(blob).hexdigest(),
+                    "bytes": len(blob), "compile_seconds": round(time.perf_counter() - started, 2),
+                    "shape": self._shape(), "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        _atomic_write_text(json.dumps(manifest, indent=1), path.with_suffix(".json"))
+        model = torch._inductor.aoti_load_package(str(path))
+        self._event("compiled", path, started, reason="" if why == "absent" else why)
+        return model
+
+    def _shape(self) -> str:
+        return self.shape.describe() if self.shape is not None else "this input"
+
+    def _event(self, status: str, path: Path, started: float, reason: str = "") -> None:
+        shape = self.shape or Shape(0, 0)
+        event = Event(shape, status, path, time.perf_counter() - started, saved=status == "compiled" and self.persistent,
+                      reason=reason, kind="aot")
+        self.events.append(event)
+        self._say(event.line())
+
+    def _say(self, line: str) -> None:
+        log.info(line)
+        if self.report is not None:
+            self.report(line)
+
+
+# ---------------------------------------------------------------------------------------------- the UNet's forward
+
+
+class AotUnet:
+    """A UNet's forward through AOTInductor packages, one per input signature; eager for calls a package cannot take,
+    and from the first failure on (one warning)."""
+
+    def __init__(self, eager: Callable[..., Any], unet: torch.nn.Module, store: AotStore) -> None:
+        self.eager = eager
+        self.unet = unet
+        self.store = store
+        self.models: dict[str, Any] = {}
+        self.handed: dict[str, tuple[int, ...]] = {}  # per package: the weights' version counters when handed over
+        self.error: str | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.error is None:
+            flat = flatten(args, kwargs)
+            if flat is not None:
+                try:
+                    return (self._run(*flat),)
+                except Exception as exc:  # noqa: BLE001 - any export/compile/load failure: keep generating, eagerly
+                    self.error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+                    log.warning("AOTInductor UNet failed (%s); it runs eagerly from now on", self.error)
+        return self.eager(*args, **kwargs)
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {f"unet.{n}": t for n, t in [*self.unet.named_parameters(), *self.unet.named_buffers()]}
+
+    def _run(self, layout: tuple, tensors: list[torch.Tensor]) -> torch.Tensor:
+        sig = signature(layout, tensors)
+        name = _digest(sig, 16)
+        model = self.models.get(name)
+        if model is None:
+            model = self.models[name] = self.store.get(sig, lambda path: self._build(layout, tensors, path))
+        weights = self._tensors()
+        versions = tuple(t._version for t in weights.values())
+        if self.handed.get(name) != versions:  # first use, or weights changed in place since: hand them over
+            wanted = model.get_constant_fqns()
+            missing = [n for n in wanted if n not in weights and not n.startswith("_FOLDED_CONST")]
+            if missing:
+                raise RuntimeError(f"the package wants constants this UNet lacks: {', '.join(missing[:3])}")
+            model.load_constants({n: weights[n] for n in wanted if n in weights}, check_full_update=False,
+                                 user_managed=True)
+            self.handed[name] = versions
+        with torch.no_grad():
+            return model(*tensors)
+
+    def _build(self, layout: tuple, tensors: list[torch.Tensor], path: Path) -> None:
+        flat = _Flat(self.unet, self.eager, layout)
+        with torch.no_grad():
+            program = torch.export.export(flat, tuple(tensors), strict=False)
+            torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=INDUCTOR_CONFIG)

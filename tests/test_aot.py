@@ -1,0 +1,150 @@
+"""Fast mode's UNet through AOTInductor (issue 18, `optimize(aot=True)`): the same images as the eager UNet, a package
+built once and loaded by a new process with other weights of the same architecture, weights changed in place, bad
+files, refusals."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from t2iadapter.bases import load_base
+from t2iadapter.errors import ConfigError
+from t2iadapter.generation import aot
+from t2iadapter.generation import compile_cache as cc
+from t2iadapter.pipeline import AdapterPipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+RUN = textwrap.dedent("""
+    import json, sys, numpy as np, torch
+    from t2iadapter.bases import load_base
+    from t2iadapter.generation import fast
+    from t2iadapter.pipeline import AdapterPipeline
+    from tiny_models import PROMPT, condition, random_adapter
+    torch.set_num_threads(1)
+    folder, other_weights = sys.argv[1], sys.argv[2] == "1"
+    base = load_base("tiny")
+    if other_weights:  # another checkpoint of the same architecture: the package must not carry the first one's
+        g = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for p in base.unet.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    pipe = AdapterPipeline(base, {"sketch": random_adapter(base, 1, 3)})
+    cond = {"sketch": condition(64, "L", 4)}
+
+    def image():
+        return np.asarray(pipe(PROMPT, cond, steps=2, size=(64, 64), seed=1, progress=False, output_type="np").image)
+
+    pipe.optimize(compile=False, dtype=torch.float32)  # the same fast loop, the UNet eager: the reference
+    eager = image()
+    pipe.optimize(aot=True, dtype=torch.float32, cache_dir=folder)
+    first = image()
+    out = {"status": [e.status for e in pipe.compile_cache.events], "lines": [e.line() for e in pipe.compile_cache.events],
+           "diff": float(np.abs(first - eager).max()), "fast": fast.status(pipe)}
+    with torch.no_grad():  # weights changed in place after a call (as a LoRA fused later would)
+        for p in base.unet.parameters():
+            p.mul_(1.01)
+    changed = image()
+    unet = base.unet.forward
+    base.unet.forward = unet.eager
+    out["diff_changed"] = float(np.abs(changed - image()).max())
+    out["change_seen"] = float(np.abs(changed - first).max())
+    print(json.dumps(out))
+""")
+
+
+def run(folder: Path, other_weights: bool) -> dict:
+    script = folder.parent / "aot_run.py"
+    script.write_text(RUN)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]), OMP_NUM_THREADS="1",
+               TORCHINDUCTOR_CACHE_DIR=str(folder.parent / f"inductor-{int(other_weights)}"))
+    done = subprocess.run([sys.executable, str(script), str(folder), "1" if other_weights else "0"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_aot_unet_equals_eager_and_a_new_process_loads_it_for_other_weights(tmp_path):
+    """Process 1 exports and compiles the tiny UNet (AOTInductor, CPU) and saves the package: its image equals the
+    eager UNet's. Process 2, other weights of the same architecture, loads the package (no compile) and gets its own
+    weights' image — the package holds code, not weights, and what torch folds from the weights is folded at load.
+    In both, weights changed in place after a call are seen by the next call."""
+    folder = tmp_path / "cache"
+    first = run(folder, other_weights=False)
+    assert first["status"] == ["compiled"] and first["diff"] < 1e-4, first
+    assert first["fast"]["aot"] == "ok" and first["fast"]["compiled"] == {}  # decoder and adapter eager with aot
+    assert "fast mode (aot): compiled 64x64, 1 image" in first["lines"][0]
+    packages = sorted(p.name for p in folder.rglob("*") if p.is_file())
+    assert len(packages) == 2 and packages[0].startswith("unet-") and packages[0].endswith(".json")
+    second = run(folder, other_weights=True)
+    assert second["status"] == ["loaded"] and second["diff"] < 1e-4, second
+    for out in (first, second):
+        assert out["diff_changed"] < 1e-4 and out["change_seen"] > 1e-3, out
+
+
+def test_layout_round_trip_and_signature():
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor(3), torch.randn(2, 5, 7)
+    feats = [torch.randn(2, 3, 8, 8), torch.randn(2, 3, 4, 4)]
+    added = {"time_ids": torch.randn(2, 6), "text_embeds": torch.randn(2, 9)}
+    layout, tensors = aot.flatten((x, t), dict(encoder_hidden_states=ctx, return_dict=False, timestep_cond=None,
+                                               down_intrablock_additional_residuals=feats, added_cond_kwargs=added))
+    back = aot.rebuild(layout, tensors)
+    assert set(back) == {"sample", "timestep", "encoder_hidden_states", "down_intrablock_additional_residuals",
+                         "added_cond_kwargs"}
+    assert back["sample"] is x and back["down_intrablock_additional_residuals"][1] is feats[1]
+    assert back["added_cond_kwargs"]["time_ids"] is added["time_ids"] and len(tensors) == 7
+    assert aot.flatten((x, 5), dict(encoder_hidden_states=ctx, return_dict=False)) is None  # a number as timestep
+    assert aot.flatten((x, t), dict(encoder_hidden_states=ctx)) is None  # return_dict defaults to True: eager
+    sig = aot.signature(layout, tensors)
+    i = next(k for k, v in enumerate(tensors) if v is x)
+    for other in (x.contiguous(memory_format=torch.channels_last), x[:1], x.double()):  # strides, shape, dtype
+        assert sig != aot.signature(layout, [*tensors[:i], other, *tensors[i + 1:]])
+
+
+def test_bad_package_files_are_ignored_with_the_reason(tmp_path):
+    setup = cc.Setup(torch=torch.__version__, triton=None, python="3", device="cpu (x86_64)", base="b", family="sd",
+                     dtype="float32", precision="fp32", mode="aoti", adapters=())
+    store = aot.AotStore(tmp_path, setup)
+    sig = {"layout": [["sample", "tensor", None]], "tensors": [[[1, 4, 8, 8], [256, 64, 8, 1], "float32", "cpu"]]}
+    assert store.check(sig) == "absent"
+    path = store.path(sig)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"package")
+    path.with_suffix(".json").write_text("{not json")
+    assert store.check(sig).startswith("unreadable")
+    import hashlib
+
+    manifest = {"format": cc.FORMAT, "key": store.key(sig), "sha256": hashlib.sha256(b"package").hexdigest()}
+    path.with_suffix(".json").write_text(json.dumps(manifest))
+    assert store.check(sig) == ""
+    path.write_bytes(b"packag")
+    assert store.check(sig) == "checksum mismatch (a corrupt or truncated file)"
+    other = aot.AotStore(tmp_path, setup.__class__(**{**setup.__dict__, "torch": "9.9"}))
+    other.folder.mkdir(parents=True)
+    (other.folder / path.name).write_bytes(b"package")
+    (other.folder / path.with_suffix(".json").name).write_text(json.dumps(manifest))
+    assert other.check(sig).startswith("written for another torch")
+
+
+def test_aot_refusals():
+    pipe = AdapterPipeline(load_base("tiny"))
+    with pytest.raises(ConfigError, match="needs compile=True and the inductor backend"):
+        pipe.optimize(aot=True, compile=False, dtype=torch.float32)
+    with pytest.raises(ConfigError, match="needs compile=True and the inductor backend"):
+        pipe.optimize(aot=True, backend="eager", dtype=torch.float32)
+
+
+def test_aot_options_reach_optimize():
+    """`--aot` on generate, serve and compile (a one-line error without --fast is in test_compile_cache.py)."""
+    from t2iadapter.cli import build_parser
+    from t2iadapter.commands.serve import settings_from
+
+    parser = build_parser()
+    assert settings_from(parser.parse_args(["serve", "--base", "tiny", "--fast", "--aot", "--device", "cpu"]))[0].aot is True
+    assert settings_from(parser.parse_args(["serve", "--base", "tiny", "--fast", "--device", "cpu"]))[0].aot is None
+    assert parser.parse_args(["compile", "--base", "tiny", "--size", "64x64", "--aot"]).aot is True
+    assert parser.parse_args(["generate", "--prompt", "x", "--out", "x.png", "--fast", "--aot"]).aot is True
