@@ -59,6 +59,7 @@ ROOT = HERE.parent
 STEPS = 30
 GUIDANCE = 7.5
 KIND_FLAGS = {"inductor": (), "aot": ("--aot",), "precompile": ("--precompile",)}  # cache kinds: worker flags
+ROWS = {"inductor": ("same", "same-1thread", "copy"), "aot": ("same", "copy"), "precompile": ("same", "copy")}
 WHERES = {"same": "cache folder", "copy": "copied cache folder", "same-1thread": "cache folder, compile threads 1"}
 PARTS = {"all": ("eager", "start", "fp8"), "eager": ("eager",), "start": ("start",), "fp8": ("fp8",)}
 CASES = {  # name: (architecture, side, images per call)
@@ -562,8 +563,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--steps", type=int, default=None, help=f"denoising steps (default {STEPS}; --smoke 2)")
     p.add_argument("--scenes", type=int, default=None, help="demo scenes for the IoU (default 8; --smoke 1)")
     p.add_argument("--kinds", default="inductor,aot,precompile",
-                   help="cache kinds to time, the first also at steady state and without compile workers "
-                        "(inductor, aot, precompile)")
+                   help="cache kinds to time, in this order (inductor, aot, precompile)")
     p.add_argument("--large", action=argparse.BooleanOptionalAction, default=None,
                    help="the large case too (SDXL; --smoke: tiny-xl); default: on, off with --smoke")
     p.add_argument("--part", choices=list(PARTS), default="all",
@@ -585,6 +585,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     kinds = [k for k in args.kinds.split(",") if k]
     if not kinds or set(kinds) - set(KIND_FLAGS):
         p.error(f"--kinds: a comma-separated list of {', '.join(KIND_FLAGS)}")
+    if "fp8" in PARTS[args.part] and "inductor" not in kinds:
+        kinds.append("inductor")  # the fp8 rows compare with bf16's compiled graphs
     run = Run(args)
     run.meta = {**versions(args.device), "steps": args.steps, "scenes": args.scenes, "smoke": args.smoke,
                 "argv": argv}
@@ -605,8 +607,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     jobs = []
     for (case, kind), folder in caches.items():
         if "start" in parts:  # (sd15's batch 4 only where the fp8 rows need bf16's graphs of it)
-            batches = "1,4" if case == small and kind == kinds[0] and fp8_cases else "1"
-        elif kind == kinds[0] and (case == large or multi in fp8_cases):  # only bf16's side of the fp8 rows
+            batches = "1,4" if case == small and kind == "inductor" and fp8_cases else "1"
+        elif kind == "inductor" and (case == large or multi in fp8_cases):  # only bf16's side of the fp8 rows
             batches = "1" if case == large else str(CASES[multi][2])
         else:
             continue
@@ -621,11 +623,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         run.parallel(jobs)
 
     # 3. first image in new processes: the cache folder, then a copy of it elsewhere (as on another machine), and
-    #    the folder again with inductor's compile worker pool off (is its start-up part of the first image?)
+    #    (inductor) the folder again with inductor's compile worker pool off (is its start-up in the first image?)
     def first(case: str, kind: str) -> None:
         folder = caches[(case, kind)]
-        wheres = ["same", "copy"] + (["same-1thread"] if kind == kinds[0] and case == small else [])
-        for where in wheres:
+        for where in [w for w in ROWS[kind] if w != "same-1thread" or case == small]:
             if run.left() < 30:
                 run.say(f"first-{case}-{kind}-{where}: skipped (budget)")
                 continue
@@ -634,13 +635,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 target = run.work / f"copied-{case}-{kind}"
                 if folder.is_dir():  # (absent when nothing was saved: --smoke's backend makes no artefacts)
                     shutil.copytree(folder, target, dirs_exist_ok=True)
-            steady = where == "same" and kind in (kinds[0], "aot")  # aot: no CUDA graphs, so its own ms/step
+            steady = where == "same" and kind != "precompile"  # (precompile runs inductor's graphs: same speed)
             run.run(f"first-{case}-{kind}-{where}", "first", "--case", case, "--cache", str(target),
                     *KIND_FLAGS[kind], *(("--steady",) if steady else ()),
                     env_extra={"TORCHINDUCTOR_COMPILE_THREADS": "1"} if where == "same-1thread" else None)
 
-    if "start" in parts:  # (the first kind's rows here, before fp8's; in the start part alone the others first)
-        for kind in ([kinds[0]] if "fp8" in parts else [*kinds[1:], kinds[0]]):
+    later = [k for k in kinds if k != "inductor"] if "fp8" in parts else []  # (with fp8: inductor's rows first)
+    if "start" in parts:
+        for kind in (k for k in kinds if k not in later):
             for case in cases:
                 first(case, kind)
     # 4. fp8 against bf16 (both from caches: bf16's from step 2, fp8's own)
@@ -648,12 +650,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if run.left() < 40:
             run.say(f"fp8-{case}: skipped (budget)")
             continue
-        bf16_cache = caches[(small if case == multi else large, kinds[0])]
+        bf16_cache = caches[(small if case == multi else large, "inductor")]
         if bf16_cache.is_dir():
             shutil.copytree(bf16_cache, fp8_cache, dirs_exist_ok=True)
         run.run(f"fp8-{case}", "fp8", "--case", case, "--cache", str(fp8_cache))
-    if "start" in parts and "fp8" in parts:
-        for kind in kinds[1:]:
+    if "start" in parts:
+        for kind in later:
             for case in cases:
                 first(case, kind)
     run.meta["total_s"] = time.perf_counter() - run.t0
