@@ -15,6 +15,7 @@ from t2iadapter.bases import load_base
 from t2iadapter.errors import ConfigError
 from t2iadapter.generation import aot
 from t2iadapter.generation import compile_cache as cc
+from t2iadapter.generation.fast import status as fast_status
 from t2iadapter.pipeline import AdapterPipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,8 +131,14 @@ def test_bad_package_files_are_ignored_with_the_reason(tmp_path):
     assert other.check(sig).startswith("written for another torch")
 
 
-def test_aot_refusals():
+def test_aot_refusals_and_the_environment_default(monkeypatch, tmp_path):
     pipe = AdapterPipeline(load_base("tiny"))
+    monkeypatch.setenv(aot.ENV, "1")  # a default where it applies: nothing to refuse without compiling
+    pipe.optimize(compile=False, dtype=torch.float32)
+    assert pipe.compile_cache is None and fast_status(pipe)["aot"] is None
+    pipe.optimize(dtype=torch.float32, cache_dir=tmp_path)  # (nothing compiles before a call)
+    assert isinstance(pipe.compile_cache, aot.AotStore) and isinstance(pipe.base.unet.forward, aot.AotUnet)
+    monkeypatch.delenv(aot.ENV)
     with pytest.raises(ConfigError, match="needs compile=True and the inductor backend"):
         pipe.optimize(aot=True, compile=False, dtype=torch.float32)
     with pytest.raises(ConfigError, match="needs compile=True and the inductor backend"):

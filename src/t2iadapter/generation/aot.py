@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -47,8 +48,6 @@ POSITIONAL = ("sample", "timestep", "encoder_hidden_states")  # the UNet forward
 
 def aot_default() -> bool:
     """`optimize(aot=None)`: on when $T2IADAPTER_AOT is 1."""
-    import os
-
     return os.environ.get(ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 

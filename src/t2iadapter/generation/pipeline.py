@@ -255,7 +255,8 @@ class AdapterPipeline:
         decoder and the adapters then run eagerly.
         """
         name, target = fast.resolve_precision(precision, dtype, self.device)
-        aot = aot_default() if aot is None else aot
+        if aot is None:  # $T2IADAPTER_AOT: where it applies (an explicit aot=True elsewhere is an error below)
+            aot = aot_default() and compile and backend == "inductor" and name != "fp8"
         if aot and (not compile or backend != "inductor"):
             raise ConfigError("aot=True compiles the UNet with AOTInductor: it needs compile=True and the inductor backend")
         if aot and name == "fp8":
