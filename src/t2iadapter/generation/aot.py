@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from t2iadapter.generation.compile_cache import FORMAT, Event, Setup, Shape, _digest
+from t2iadapter.generation.compile_cache import FORMAT, Event, Reporter, Setup, Shape, _digest, read_checked
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class _Flat(torch.nn.Module):
 # ---------------------------------------------------------------------------------------------- packages on disk
 
 
-class AotStore:
+class AotStore(Reporter):
     """The UNet packages of one setup: `<folder>/unet-<digest of the signature>.pt2`, each with a manifest (`.json`:
     the key and a checksum). Without a folder (`cache_dir=False`) packages go to a temporary folder, removed at exit.
     Has the compiled-graph cache's interface for the pipeline and the CLI (`events`, `folder`, `first_call`,
@@ -156,24 +156,8 @@ class AotStore:
 
     def check(self, sig: dict[str, Any]) -> str:
         """"" when a sound package for `sig` is there; else why not ("absent" when there is none)."""
-        path = self.path(sig)
-        manifest_path = path.with_suffix(".json")
-        if not path.exists() and not manifest_path.exists():
-            return "absent"
-        try:
-            manifest = json.loads(manifest_path.read_text())
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        except (OSError, ValueError) as exc:
-            return f"unreadable ({type(exc).__name__}: {exc})"
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            return "manifest of another format"
-        want, got = self.key(sig), manifest.get("key") or {}
-        stale = sorted(k for k in want if got.get(k) != want[k])
-        if stale:
-            return "written for another " + ", ".join(f"{k} ({got.get(k)!r}, here {want[k]!r})" for k in stale[:3])
-        if digest != manifest.get("sha256"):
-            return "checksum mismatch (a corrupt or truncated file)"
-        return ""
+        blob, why = read_checked(self.path(sig), self.key(sig))
+        return "" if blob is not None else (why or "absent")
 
     def get(self, sig: dict[str, Any], build: Callable[[Path], None]) -> Any:
         """The loaded package for `sig`: from its file when sound, else built (`build(path)` writes the package) and
@@ -215,10 +199,6 @@ class AotStore:
         self.events.append(event)
         self._say(event.line())
 
-    def _say(self, line: str) -> None:
-        log.info(line)
-        if self.report is not None:
-            self.report(line)
 
 
 # ---------------------------------------------------------------------------------------------- the UNet's forward

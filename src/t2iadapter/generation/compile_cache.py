@@ -237,7 +237,40 @@ def compile_counts() -> dict[str, int]:
             "dynamo_miss": counters["dynamo_cache"]["dynamo_cache_miss"]}
 
 
-class CompileCache:
+def read_checked(path: Path, want: Mapping[str, Any]) -> tuple[bytes | None, str]:
+    """A cache file and its manifest (`.json` beside it): (the file's bytes, "") when both are there, the manifest is
+    of this format, its key is `want` and the checksum matches; (None, why) otherwise ("" when neither exists)."""
+    manifest_path = path.with_suffix(".json")
+    if not path.exists() and not manifest_path.exists():
+        return None, ""
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        blob = path.read_bytes()
+    except (OSError, ValueError) as exc:
+        return None, f"unreadable ({type(exc).__name__}: {exc})"
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        return None, f"manifest format {manifest.get('format') if isinstance(manifest, dict) else '?'}, not {FORMAT}"
+    got = manifest.get("key") or {}
+    stale = sorted(k for k in want if got.get(k) != want[k])
+    if stale:
+        return None, "written for another " + ", ".join(f"{k} ({got.get(k)!r}, here {want[k]!r})" for k in stale[:3])
+    if hashlib.sha256(blob).hexdigest() != manifest.get("sha256"):
+        return None, "checksum mismatch (a corrupt or truncated file)"
+    return blob, ""
+
+
+class Reporter:
+    """Says a line to the log (INFO) and to `report`, when set (the CLI sets `print`)."""
+
+    report: Callable[[str], None] | None = None
+
+    def _say(self, line: str) -> None:
+        log.info(line)
+        if self.report is not None:
+            self.report(line)
+
+
+class CompileCache(Reporter):
     """One pipeline's compiled-graph files: loaded before a key's first compiled call, saved after one that compiled.
 
     One line is logged (INFO) before a compilation starts and one when a key's first call ends; `report` (the
@@ -267,25 +300,7 @@ class CompileCache:
 
     def check(self, shape: Shape) -> tuple[bytes | None, str]:
         """(the artefact's bytes, "") when the file is there and sound; (None, why) otherwise ("" when absent)."""
-        path = self.path(shape)
-        manifest_path = path.with_suffix(".json")
-        if not path.exists() and not manifest_path.exists():
-            return None, ""
-        try:
-            manifest = json.loads(manifest_path.read_text())
-            blob = path.read_bytes()
-        except (OSError, ValueError) as exc:
-            return None, f"unreadable ({type(exc).__name__}: {exc})"
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            return None, f"manifest format {manifest.get('format') if isinstance(manifest, dict) else '?'}, not {FORMAT}"
-        want = self.key(shape)
-        got = manifest.get("key") or {}
-        stale = sorted(k for k in want if got.get(k) != want[k])
-        if stale:
-            return None, "written for another " + ", ".join(f"{k} ({got.get(k)!r}, here {want[k]!r})" for k in stale[:3])
-        if hashlib.sha256(blob).hexdigest() != manifest.get("sha256"):
-            return None, "checksum mismatch (a corrupt or truncated file)"
-        return blob, ""
+        return read_checked(self.path(shape), self.key(shape))
 
     def load(self, shape: Shape) -> tuple[str, str]:
         """Give a key's file to torch: ("loaded", ""), ("absent", "") or ("ignored", why) — one warning, never raises."""
@@ -394,10 +409,6 @@ class CompileCache:
         self.events.append(event)
         self._say(event.line())
 
-    def _say(self, line: str) -> None:
-        log.info(line)
-        if self.report is not None:
-            self.report(line)
 
 
 def _version() -> str:
