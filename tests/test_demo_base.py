@@ -197,7 +197,8 @@ def test_a_failing_compiled_unet_falls_back_and_the_call_trains_on(fails_in: str
                                                                    monkeypatch: pytest.MonkeyPatch,
                                                                    caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
     """--compile-mode reduce-overhead that fails at its first step (forward or backward): the step reruns under the
-    default mode, and the call trains on."""
+    default mode, and the call trains on; a compiled VAE encoder (fresh images, every step) that fails encodes
+    eagerly from then on."""
     import dataclasses
 
     module = load_script(SCRIPT, monkeypatch)
@@ -210,7 +211,14 @@ def test_a_failing_compiled_unet_falls_back_and_the_call_trains_on(fails_in: str
         module.parse_args(["--out", "x", "--compile-mode", "fastest"])
     calls: list[str] = []
 
-    def fake_compile(model: torch.nn.Module, mode: str = "default") -> object:
+    def fake_compile(model: torch.nn.Module, mode: str = "default", **_kw: object) -> object:
+        if not isinstance(model, torch.nn.Module):  # the VAE encoder's posterior
+            def failing(*args: object) -> object:
+                calls.append("encoder")
+                raise RuntimeError("no encoder graphs here")
+
+            return failing
+
         def run(*args: object) -> object:
             calls.append(mode)
             if mode == "reduce-overhead" and fails_in == "forward":
@@ -226,8 +234,9 @@ def test_a_failing_compiled_unet_falls_back_and_the_call_trains_on(fails_in: str
     monkeypatch.setattr(torch, "compile", fake_compile)
     with caplog.at_level("INFO"):
         log = module.main(argv)
-    assert calls == ["reduce-overhead", "default", "default"]  # 2 steps: the failed step reruns under the default
+    assert [c for c in calls if c != "encoder"] == ["reduce-overhead", "default", "default"]  # the failed step reruns
     assert "compiled UNet failed; falling back to torch.compile's default mode" in caplog.text
+    assert calls.count("encoder") == 1 and "compiled VAE encoder failed; encoding eagerly" in caplog.text
     assert log["unet"]["steps"] == 2 and np.isfinite(log["unet"]["final_loss"])
 
 
