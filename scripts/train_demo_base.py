@@ -681,12 +681,13 @@ def train_unet(modules: dict[str, Any], pool: Pool, producer: Producer, cfg: Run
                      rewarm=rewarm)  # fmt: skip
     # what the step runs, best first; a compiled step that fails (forward or backward) falls back to the next
     # (compile errors surface at the first call), so a call never loses its minutes to a compiler problem
-    forwards: list[Any] = [unet]
+    denoiser = Denoiser(unet, text)  # the text encoder inside the compiled graph too (its casts and ~200 launches)
+    forwards: list[Any] = [denoiser]
     if cfg.compile:
         load_compile_cache(cfg.compile_cache)
-        forwards[:0] = [torch.compile(unet, mode=m) for m in dict.fromkeys((cfg.compile_mode, "default"))]
+        forwards[:0] = [torch.compile(denoiser, mode=m) for m in dict.fromkeys((cfg.compile_mode, "default"))]
     forward = forwards.pop(0)
-    graphed = forward if forward is not unet and cfg.compile_mode == "reduce-overhead" and device.type == "cuda" else None
+    graphed = forward if forward is not denoiser and cfg.compile_mode == "reduce-overhead" and device.type == "cuda" else None
     acc = torch.zeros(1, device=device)
     step = 0
     profiler = StepProfiler(cfg.profile if ranks.main else "", first=30, steps=10)
@@ -712,7 +713,7 @@ def train_unet(modules: dict[str, Any], pool: Pool, producer: Producer, cfg: Run
             group["lr"] = sched.lr(step)
         while True:
             try:
-                loss = _unet_loss(forward, text, zt, t, ids, noise, snr_all, cfg.snr_gamma, device)
+                loss = _unet_loss(forward, zt, t, ids, noise, snr_all, cfg.snr_gamma, device)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 break
@@ -721,14 +722,14 @@ def train_unet(modules: dict[str, Any], pool: Pool, producer: Producer, cfg: Run
                     raise
                 forward = forwards.pop(0)
                 logger.exception("compiled UNet failed; falling back to %s",
-                                 "eager" if forward is unet else "torch.compile's default mode")  # fmt: skip
+                                 "eager" if forward is denoiser else "torch.compile's default mode")  # fmt: skip
         ranks.average_gradients(params)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         ema.update()
         acc += loss.detach()
         step += 1
-        if step == 3 and forward is not unet and ranks.main:  # forward and backward graphs exist now
+        if step == 3 and forward is not denoiser and ranks.main:  # forward and backward graphs exist now
             save_compile_cache(cfg.compile_cache)
         if step % cfg.log_every == 0 or sched.done(step):
             n = step % cfg.log_every or cfg.log_every
@@ -746,11 +747,24 @@ def train_unet(modules: dict[str, Any], pool: Pool, producer: Producer, cfg: Run
             "final_loss": log[-1]["loss"] if log else float("nan")}  # fmt: skip
 
 
-def _unet_loss(forward: Any, text: torch.nn.Module, zt: torch.Tensor, t: torch.Tensor, ids: torch.Tensor,
-               noise: torch.Tensor, snr_all: torch.Tensor, snr_gamma: float, device: torch.device) -> torch.Tensor:
-    """ε-prediction MSE of one batch, min-SNR-γ weighted (γ = 0: plain MSE)."""
+class Denoiser(torch.nn.Module):
+    """Text encoder and UNet as one module (what the training step compiles): (noisy latents, timesteps, token ids) →
+    the UNet's output."""
+
+    def __init__(self, unet: torch.nn.Module, text: torch.nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+        self.text = text
+
+    def forward(self, zt: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> Any:
+        return self.unet(zt, t, self.text(ids)[0])
+
+
+def _unet_loss(forward: Any, zt: torch.Tensor, t: torch.Tensor, ids: torch.Tensor, noise: torch.Tensor,
+               snr_all: torch.Tensor, snr_gamma: float, device: torch.device) -> torch.Tensor:
+    """ε-prediction MSE of one batch (`forward`: a `Denoiser`, maybe compiled), min-SNR-γ weighted (γ = 0: plain MSE)."""
     with _autocast(device):
-        pred = forward(zt, t, text(ids)[0]).sample.float()
+        pred = forward(zt, t, ids).sample.float()
     per = (pred - noise).pow(2).mean(dim=(1, 2, 3))
     if snr_gamma > 0:
         snr = snr_all[t]
