@@ -11,7 +11,7 @@ kernels: no tracing, no code generation) and runs it from C++.
 Weights are not in the package. The live module's tensors are handed to it (`load_constants`, user-managed: no copy)
 and torch folds what it derives from them (transposed matmul weights, ...) when they are handed over, so a package
 built from one checkpoint runs any other of the same architecture exactly, and weights changed in place after a
-call (tensor version counters) are handed over again before the next one.
+call, or moved to new storage, are handed over again before the next one (version counters, data pointers).
 
 What `aot=True` gives up: CUDA graphs (AOTInductor launches its kernels from C++, one by one), and compiling the VAE
 decoder and the adapters (they run once per image; eager, so nothing is traced at start). fp8 runs through
@@ -213,8 +213,11 @@ class AotUnet:
         self.unet = unet
         self.store = store
         self.models: dict[str, Any] = {}
-        self.handed: dict[str, tuple[int, ...]] = {}  # per package: the weights' version counters when handed over
+        self.handed: dict[str, tuple] = {}  # per package: the weights' state when they were handed over
         self.error: str | None = None
+        self._weights: dict[str, torch.Tensor] | None = None
+        self._state: tuple = ()  # the weights' (version, data pointer) pairs last seen
+        self._kinds: list[str] = []  # the weights' dtypes and devices
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.error is None:
@@ -228,24 +231,31 @@ class AotUnet:
         return self.eager(*args, **kwargs)
 
     def _tensors(self) -> dict[str, torch.Tensor]:
-        return {f"unet.{n}": t for n, t in [*self.unet.named_parameters(), *self.unet.named_buffers()]}
+        """The UNet's parameters and buffers by the package's constant names (collected once: a walk of the module
+        each step would cost ~1 ms on SD1.5; dtype changes and fusing keep the same tensor objects)."""
+        if self._weights is None:
+            self._weights = {f"unet.{n}": t for n, t in [*self.unet.named_parameters(), *self.unet.named_buffers()]}
+        return self._weights
 
     def _run(self, layout: tuple, tensors: list[torch.Tensor]) -> torch.Tensor:
-        sig = signature(layout, tensors)
+        weights = self._tensors()
+        state = tuple((t._version, t.data_ptr()) for t in weights.values())  # changed in place, or moved
+        if state != self._state:
+            self._state = state
+            self._kinds = sorted({f"{str(t.dtype).replace('torch.', '')}/{t.device.type}" for t in weights.values()})
+        sig = {**signature(layout, tensors), "weights": self._kinds}  # (a package is built for its weights' dtypes)
         name = _digest(sig, 16)
         model = self.models.get(name)
         if model is None:
             model = self.models[name] = self.store.get(sig, lambda path: self._build(layout, tensors, path))
-        weights = self._tensors()
-        versions = tuple(t._version for t in weights.values())
-        if self.handed.get(name) != versions:  # first use, or weights changed in place since: hand them over
+        if self.handed.get(name) != state:  # first use, or weights changed since: hand them over
             wanted = model.get_constant_fqns()
             missing = [n for n in wanted if n not in weights and not n.startswith("_FOLDED_CONST")]
             if missing:
                 raise RuntimeError(f"the package wants constants this UNet lacks: {', '.join(missing[:3])}")
             model.load_constants({n: weights[n] for n in wanted if n in weights}, check_full_update=False,
                                  user_managed=True)
-            self.handed[name] = versions
+            self.handed[name] = state
         with torch.no_grad():
             return model(*tensors)
 
