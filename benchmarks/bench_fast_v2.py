@@ -170,7 +170,7 @@ def work_first(args) -> dict[str, Any]:
     optimize_s = time.perf_counter() - t1
     _sync(device)
     t2 = time.perf_counter()
-    _image(pipe, side, images, args.steps)
+    fast_images = _image(pipe, side, images, args.steps).images
     _sync(device)
     first = time.perf_counter() - t2
     from t2iadapter.generation import compile_cache as cc
@@ -196,7 +196,23 @@ def work_first(args) -> dict[str, Any]:
             walls.append(time.perf_counter() - t)
             steps.append(_ms_per_step(marks, device))
         out.update(ms_step=statistics.median(steps), ms_image=statistics.median(walls) * 1e3 / images)
+    out["max_px_diff_vs_eager"] = _diff_vs_eager(pipe, side, images, args.steps, fast_images)
     return out
+
+
+def _diff_vs_eager(pipe, side: int, images: int, steps: int, fast_images: list) -> float:
+    """The same call with every module's own (eager) forward, after the timings: the largest pixel difference (0-255)
+    from what the compiled or AOTInductor modules made (a guard on their numbers, not only their speed)."""
+    import torch
+
+    from t2iadapter.generation import fast
+
+    for module in [pipe.base.unet, pipe.base.vae.decoder, *pipe.adapters.values()]:
+        if "forward" in vars(module):
+            module.forward = fast.eager_forward(module)
+    eager = _image(pipe, side, images, steps).images
+    return max(float((torch.as_tensor(a).float() - torch.as_tensor(b).float()).abs().max()) * 255
+               for a, b in zip(fast_images, eager))
 
 
 def _frame_seconds() -> list[float]:
@@ -518,6 +534,7 @@ def markdown(meta: dict[str, Any], r: dict[str, Any]) -> str:
                 split = "" if "tracing_s" not in w else (f"; of it tracing {_fmt(w['tracing_s'], '.1f')} s, backend "
                                                          f"{_fmt(w.get('backend_s'), '.1f')} s")
                 split += f"; then {_fmt(w['ms_step'])} ms/step" if "ms_step" in w else ""
+                split += f"; max px diff vs eager {_fmt(w['max_px_diff_vs_eager'], '.1f')}" if "max_px_diff_vs_eager" in w else ""
                 row(f"first image, new process, {label} ({kind}; {status})", case,
                     f"{_fmt(value)} s (+{_fmt(w.get('build_s'), '.1f')} s build, process "
                     f"{_fmt(w.get('process_to_first_image_s'), '.1f')} s{split})",

@@ -288,6 +288,7 @@ def test_fast_v2_benchmark_smoke_run(tmp_path, monkeypatch):
     # the first image's seconds split by torch's timers: one dynamo tracing per compiled frame (UNet, decoder, adapter)
     assert same["tracing_s"] >= same["backend_s"] >= 0 and len(same["frames_s"]) == 3
     assert abs(sum(same["frames_s"]) - same["tracing_s"]) < 0.01
+    assert same["max_px_diff_vs_eager"] < 1.0  # the compiled modules' image, against every module eager
     table = (tmp_path / "bench_fast_v2.md").read_text()
     assert "| first image, new process, copied cache folder" in table and "Machine: CPU" in table
     assert "compile threads 1" in table and "of it tracing" in table
