@@ -87,6 +87,25 @@ def test_aot_unet_equals_eager_and_a_new_process_loads_it_for_other_weights(tmp_
         assert out["diff_changed"] < 1e-4 and out["change_seen"] > 1e-3, out
 
 
+def test_aot_sdxl_unet_with_added_conditions_equals_eager(tmp_path):
+    """SDXL's UNet (pooled text embeddings and time ids as a dict of inputs) through a package, in this process."""
+    from tiny_models import PROMPT, condition, random_adapter
+
+    torch.set_num_threads(1)
+    base = load_base("tiny-xl")
+    pipe = AdapterPipeline(base, {"sketch": random_adapter(base, 1, 3)})
+    cond = {"sketch": condition(128, "L", 4)}
+
+    def image():
+        return pipe(PROMPT, cond, steps=2, size=(128, 128), seed=1, progress=False, output_type="np").image
+
+    pipe.optimize(compile=False, dtype=torch.float32)
+    eager = image()
+    pipe.optimize(aot=True, dtype=torch.float32, cache_dir=tmp_path)
+    assert abs(image() - eager).max() < 1e-4
+    assert [e.status for e in pipe.compile_cache.events] == ["compiled"] and fast_status(pipe)["aot"] == "ok"
+
+
 def test_layout_round_trip_and_signature():
     x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor(3), torch.randn(2, 5, 7)
     feats = [torch.randn(2, 3, 8, 8), torch.randn(2, 3, 4, 4)]
