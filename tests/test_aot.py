@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from t2iadapter import unet_hook
 from t2iadapter.bases import load_base
 from t2iadapter.errors import ConfigError
 from t2iadapter.generation import aot
@@ -22,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 RUN = textwrap.dedent("""
     import json, sys, numpy as np, torch
-    from t2iadapter.bases import load_base
+    from t2iadapter import unet_hook
+from t2iadapter.bases import load_base
     from t2iadapter.generation import fast
     from t2iadapter.pipeline import AdapterPipeline
     from tiny_models import PROMPT, condition, random_adapter
@@ -87,23 +89,25 @@ def test_aot_unet_equals_eager_and_a_new_process_loads_it_for_other_weights(tmp_
         assert out["diff_changed"] < 1e-4 and out["change_seen"] > 1e-3, out
 
 
-def test_aot_sdxl_unet_with_added_conditions_equals_eager(tmp_path):
-    """SDXL's UNet (pooled text embeddings and time ids as a dict of inputs) through a package, in this process."""
-    from tiny_models import PROMPT, condition, random_adapter
-
-    torch.set_num_threads(1)
-    base = load_base("tiny-xl")
-    pipe = AdapterPipeline(base, {"sketch": random_adapter(base, 1, 3)})
-    cond = {"sketch": condition(128, "L", 4)}
-
-    def image():
-        return pipe(PROMPT, cond, steps=2, size=(128, 128), seed=1, progress=False, output_type="np").image
-
-    pipe.optimize(compile=False, dtype=torch.float32)
-    eager = image()
-    pipe.optimize(aot=True, dtype=torch.float32, cache_dir=tmp_path)
-    assert abs(image() - eager).max() < 1e-4
-    assert [e.status for e in pipe.compile_cache.events] == ["compiled"] and fast_status(pipe)["aot"] == "ok"
+def test_sdxl_unet_with_added_conditions_exports_as_the_package_takes_it():
+    """SDXL's UNet call (pooled text embeddings and time ids: a dict of inputs; adapter features) flattened, exported
+    as AotUnet exports it, and run: the eager numbers. (The AOTInductor compile after export is the SD1 test's.)"""
+    torch.manual_seed(0)
+    unet = load_base("tiny-xl").unet.eval()
+    features = [torch.randn_like(f) for f in unet_hook.no_features(unet, 2, (16, 16), dtype=torch.float32,
+                                                                    device=torch.device("cpu"))]
+    kwargs = dict(encoder_hidden_states=torch.randn(2, 77, unet.config.cross_attention_dim), return_dict=False,
+                  added_cond_kwargs={"text_embeds": torch.randn(2, unet.config.projection_class_embeddings_input_dim
+                                                                - 6 * unet.config.addition_time_embed_dim),
+                                     "time_ids": torch.randn(2, 6)},
+                  down_intrablock_additional_residuals=features)
+    layout, tensors = aot.flatten((torch.randn(2, 4, 16, 16), torch.tensor(500)), kwargs)
+    flat = aot._Flat(unet, unet.forward, layout)
+    with torch.no_grad():
+        program = torch.export.export(flat, tuple(tensors), strict=False)
+        out = program.module()(*tensors)
+        ref = unet(**aot.rebuild(layout, tensors), return_dict=False)[0]
+    assert torch.allclose(out, ref, atol=1e-5) and {n.split(".")[0] for n in program.state_dict} == {"unet"}
 
 
 def test_layout_round_trip_and_signature():
