@@ -23,8 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 RUN = textwrap.dedent("""
     import json, sys, numpy as np, torch
-    from t2iadapter import unet_hook
-from t2iadapter.bases import load_base
+    from t2iadapter.bases import load_base
     from t2iadapter.generation import fast
     from t2iadapter.pipeline import AdapterPipeline
     from tiny_models import PROMPT, condition, random_adapter
