@@ -22,7 +22,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -35,7 +34,7 @@ from typing import Any
 
 import torch
 
-from t2iadapter.generation.compile_cache import FORMAT, Event, Reporter, Setup, Shape, _digest, read_checked
+from t2iadapter.generation.compile_cache import Event, Reporter, Setup, Shape, _digest, manifest_of, read_checked
 
 log = logging.getLogger(__name__)
 
@@ -181,9 +180,7 @@ class AotStore(Reporter):
         build(partial)
         blob = partial.read_bytes()
         partial.replace(path)
-        manifest = {"format": FORMAT, "key": self.key(sig), "sha256": hashlib.sha256(blob).hexdigest(),
-                    "bytes": len(blob), "compile_seconds": round(time.perf_counter() - started, 2),
-                    "shape": self._shape(), "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        manifest = manifest_of(self.key(sig), blob, time.perf_counter() - started, shape=self._shape())
         _atomic_write_text(json.dumps(manifest, indent=1), path.with_suffix(".json"))
         model = torch._inductor.aoti_load_package(str(path))
         self._event("compiled", path, started, reason="" if why == "absent" else why)

@@ -259,6 +259,14 @@ def read_checked(path: Path, want: Mapping[str, Any]) -> tuple[bytes | None, str
     return blob, ""
 
 
+def manifest_of(key: Mapping[str, Any], blob: bytes, seconds: float, **extra: Any) -> dict[str, Any]:
+    """The manifest written beside a cache file (what `read_checked` checks): format, key, checksum, and for a
+    person the size, the compile time, when and by what it was written."""
+    return {"format": FORMAT, "key": dict(key), "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob),
+            "compile_seconds": round(seconds, 2), **extra, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "writer": "t2iadapter " + _version()}
+
+
 class Reporter:
     """Says a line to the log (INFO) and to `report`, when set (the CLI sets `print`)."""
 
@@ -366,10 +374,7 @@ class CompileCache(Reporter):
             return None
         blob, info = saved
         path = self.path(shape)
-        manifest = {"format": FORMAT, "key": self.key(shape), "sha256": hashlib.sha256(blob).hexdigest(),
-                    "bytes": len(blob), "compile_seconds": round(seconds, 2),
-                    "artifacts": {k: len(v) for k, v in info.artifacts.items()},
-                    "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "writer": "t2iadapter " + _version()}
+        manifest = manifest_of(self.key(shape), blob, seconds, artifacts={k: len(v) for k, v in info.artifacts.items()})
         try:
             _atomic_write(path, lambda tmp: Path(tmp).write_bytes(blob))
             _atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
@@ -408,7 +413,6 @@ class CompileCache(Reporter):
             event = Event(shape, "compiled", self.path(shape), seconds, saved=path is not None, reason=why, timers=grown)
         self.events.append(event)
         self._say(event.line())
-
 
 
 def _version() -> str:
