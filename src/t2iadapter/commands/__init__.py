@@ -31,12 +31,17 @@ def add_fast_arguments(p, what: str) -> None:
                    help=f"fast mode {what}: half precision, channels-last, torch.compile; PRECISION is auto (default: "
                    "bf16/fp16 on a GPU, fp32 on the CPU), bf16, fp16, fp32 or fp8 (GPUs of compute capability 8.9+, "
                    "needs torchao)")
-    p.add_argument("--aot", action="store_const", const=True, default=None,
-                   help="with --fast: the UNet as an AOTInductor package (a new process loads it without tracing; "
-                   "no CUDA graphs, VAE decoder and adapters eager; default: $T2IADAPTER_AOT)")
+    add_aot_argument(p, "with --fast: ")
     p.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="folder of fast mode's compiled graphs (default: $T2IADAPTER_COMPILE_CACHE, else "
                    "~/.cache/t2iadapter/compiled); written after a compile, loaded before the next one")
+
+
+def add_aot_argument(p, when: str = "") -> None:
+    """`--aot`: fast mode's UNet as an AOTInductor package (`optimize(aot=True)`); unset: $T2IADAPTER_AOT decides."""
+    p.add_argument("--aot", action="store_const", const=True, default=None,
+                   help=f"{when}the UNet as an AOTInductor package (a new process loads it without tracing; "
+                   "no CUDA graphs, VAE decoder and adapters eager; default: $T2IADAPTER_AOT)")
 
 
 def check_fast_arguments(args) -> None:

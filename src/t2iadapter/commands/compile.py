@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from t2iadapter.commands import FAST_CHOICES, add_base_arguments, add_threads_argument, fast_precision, parse_adapters
+from t2iadapter.commands import (FAST_CHOICES, add_aot_argument, add_base_arguments, add_threads_argument, fast_precision,
+                                 parse_adapters)
 from t2iadapter.errors import ConfigError
 
 
@@ -32,9 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "fp32 or fp8")
     p.add_argument("--guidance", type=float, default=None,
                    help="guidance scale of the later runs: above 1 (default 7.5) both CFG branches, 1 or less one")
-    p.add_argument("--aot", action="store_const", const=True, default=None,
-                   help="the UNet as an AOTInductor package (a new process loads it without tracing; "
-                   "no CUDA graphs, VAE decoder and adapters eager; default: $T2IADAPTER_AOT)")
+    add_aot_argument(p)
     p.add_argument("--serve", action="store_true",
                    help="compile what `serve --fast` runs: batched calls of 1, 2, 4, ... up to the largest --batch images")
     p.add_argument("--cache-dir", default=None, metavar="DIR",

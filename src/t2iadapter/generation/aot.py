@@ -208,8 +208,8 @@ class AotUnet:
         self.eager = eager
         self.unet = unet
         self.store = store
-        self.models: dict[str, Any] = {}
-        self.handed: dict[str, tuple] = {}  # per package: the weights' state when they were handed over
+        self.models: dict[tuple, Any] = {}  # loaded packages by call layout, tensor shapes/strides/dtypes, weights' dtypes
+        self.handed: dict[tuple, tuple] = {}  # per package: the weights' state when they were handed over
         self.error: str | None = None
         self._weights: dict[str, torch.Tensor] | None = None
         self._state: tuple = ()  # the weights' (version, data pointer) pairs last seen
@@ -239,10 +239,12 @@ class AotUnet:
         if state != self._state:
             self._state = state
             self._kinds = sorted({f"{str(t.dtype).replace('torch.', '')}/{t.device.type}" for t in weights.values()})
-        sig = {**signature(layout, tensors), "weights": self._kinds}  # (a package is built for its weights' dtypes)
-        name = _digest(sig, 16)
+        # the loaded package of this call: found by a plain tuple each step; the JSON signature (the file's key,
+        # with the weights' dtypes a package is built for) is made only when it is not loaded yet
+        name = (layout, tuple((t.shape, t.stride(), t.dtype, t.device) for t in tensors), tuple(self._kinds))
         model = self.models.get(name)
         if model is None:
+            sig = {**signature(layout, tensors), "weights": self._kinds}
             model = self.models[name] = self.store.get(sig, lambda path: self._build(layout, tensors, path))
         if self.handed.get(name) != state:  # first use, or weights changed since: hand them over
             wanted = model.get_constant_fqns()

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from t2iadapter.errors import ConfigError
+from t2iadapter.generation.aot import AotUnet
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +128,6 @@ class CompiledForward:
 
 def eager_forward(module: torch.nn.Module):
     """The module's own forward, under any CompiledForward or AotUnet wrapper."""
-    from t2iadapter.generation.aot import AotUnet
-
     fwd = module.forward
     return fwd.eager if isinstance(fwd, (CompiledForward, AotUnet)) else fwd
 
@@ -152,8 +151,6 @@ def compiled_modules(base: Any, adapters: Mapping[str, torch.nn.Module] = {}) ->
 
 def status(pipe: Any) -> dict[str, Any]:
     """What fast mode did to a pipeline: settings, compiled modules and any compile failure (for logs/benchmarks)."""
-    from t2iadapter.generation.aot import AotUnet
-
     settings = pipe.base.extras.get("fast")
     aot = pipe.base.unet.forward if isinstance(pipe.base.unet.forward, AotUnet) else None
     return {
@@ -202,8 +199,6 @@ def optimize_base(base: Any, settings: FastSettings, aot_store: Any = None) -> N
         base.unet, _ = fp8.quantize_unet(unet)
         unet = base.unet
     if settings.compile and settings.aot:
-        from t2iadapter.generation.aot import AotUnet
-
         unet.forward = AotUnet(eager_forward(unet), unet, aot_store)
     elif settings.compile:
         cudagraphs = unet.device.type == "cuda"

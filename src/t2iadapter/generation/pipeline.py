@@ -270,12 +270,11 @@ class AdapterPipeline:
         settings = fast.FastSettings(dtype=target, compile=compile, mode=mode, backend=backend, fuse_qkv=fuse_qkv,
                                      compile_vae=compile_vae, compile_adapters=compile_adapters, precision=name,
                                      precompile=precompile, aot=aot)
-        setup = compile_cache.Setup.of(self.base, self.adapters, self.device, target, name, "aoti" if aot else mode,
-                                       precompile)
-        if aot:  # the packages' store (a temporary folder without cache_dir)
-            cache = AotStore(folder, setup)
-        else:
-            cache = None if folder is None else compile_cache.CompileCache(folder, setup)
+        cache = None  # the compiled-graph files, or the packages' store (a temporary folder without cache_dir)
+        if aot or folder is not None:
+            setup = compile_cache.Setup.of(self.base, self.adapters, self.device, target, name, "aoti" if aot else mode,
+                                           precompile)
+            cache = AotStore(folder, setup) if aot else compile_cache.CompileCache(folder, setup)
         if precompile:
             cache.preload()  # dynamo looks its cache up when torch.compile wraps a module (next lines)
         fast.optimize_base(self.base, settings, aot_store=cache if aot else None)
