@@ -961,12 +961,14 @@ def _run(cfg: RunConfig, argv: list[str] | None, ranks: Ranks, device: torch.dev
         done = _done_before(Path(cfg.init_base))  # its steps and seconds: the lr plan continues where it was
         vae_state = {"vae": _cpu_state(modules["vae"]), "opt": None, **done["vae"], "scaling_factor": scale,
                      "init_base": cfg.init_base}  # fmt: skip
-        unet_state = {"unet": _cpu_state(modules["unet"]), "text_encoder": _cpu_state(modules["text_encoder"]),
-                      "ema": [p.detach().float().clone() for p in params], "ema_n": 10_000, "opt": None,
-                      **done["unet"], "init_base": cfg.init_base}  # fmt: skip
+        if done["unet"]["steps"]:  # an export of a VAE-only state holds the UNet's initial weights: no EMA of those
+            unet_state = {"unet": _cpu_state(modules["unet"]), "text_encoder": _cpu_state(modules["text_encoder"]),
+                          "ema": [p.detach().float().clone() for p in params], "ema_n": 10_000, "opt": None,
+                          **done["unet"], "init_base": cfg.init_base}  # fmt: skip
         if state_dir is not None and ranks.main:  # later calls of this state (a VAE call first, say) resume from here
             save_state(state_dir / "vae.pt", vae_state)
-            save_state(state_dir / "unet.pt", unet_state)
+            if unet_state is not None:
+                save_state(state_dir / "unet.pt", unet_state)
     if vae_state is not None:
         modules["vae"].load_state_dict(vae_state["vae"])
         scale = vae_state.get("scaling_factor")
@@ -1024,8 +1026,8 @@ def _run(cfg: RunConfig, argv: list[str] | None, ranks: Ranks, device: torch.dev
     if cfg.phase not in ("all", "export"):
         logger.info("%s phase done in %.1f s", cfg.phase, time.perf_counter() - t0)
         return run_log
-    if unet_state is None or scale is None:
-        raise SystemExit("nothing to export: the state has no trained UNet")
+    if scale is None:
+        raise SystemExit("nothing to export: the state has no trained VAE (run --phase vae first)")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     final = dict(modules)
@@ -1033,18 +1035,20 @@ def _run(cfg: RunConfig, argv: list[str] | None, ranks: Ranks, device: torch.dev
     final["vae"].register_to_config(scaling_factor=scale)
     for name in ("unet", "text_encoder"):
         final[name] = copy.deepcopy(modules[name]).cpu()
-    for p, s in zip([p for m in (final["unet"], final["text_encoder"]) for p in m.parameters()], unet_state["ema"], strict=True):
-        p.data.copy_(s.to(p.dtype))
+    if unet_state is not None:  # else (a VAE-only state) the UNet and text encoder keep their initial weights
+        params = [p for m in (final["unet"], final["text_encoder"]) for p in m.parameters()]
+        for p, s in zip(params, unet_state["ema"], strict=True):
+            p.data.copy_(s.to(p.dtype))
     save_demo_base(final, out, torch.float16, arch)
     log: dict[str, Any] = {
         **run_log,
         "scaling_factor": scale,
         "vae": {k: v for k, v in (vae_state or {}).items() if k not in ("vae", "opt")},
-        "unet": {k: v for k, v in unet_state.items() if k not in ("unet", "text_encoder", "ema", "opt")},
+        "unet": {k: v for k, v in (unet_state or {}).items() if k not in ("unet", "text_encoder", "ema", "opt")},
     }
     log["train_wall_s"] = time.perf_counter() - t0
     (out / "train_log.json").write_text(json.dumps(log, indent=1, default=str) + "\n", encoding="utf-8")
-    if cfg.preview_scenes > 0:
+    if cfg.preview_scenes > 0 and unet_state is not None:
         try:  # the weights are saved already: a failing preview must not lose the run
             log["preview"] = preview(out, cfg, device)
         except Exception as exc:  # noqa: BLE001 - reported in the log, the run itself succeeded

@@ -76,14 +76,29 @@ def test_smoke_training_run_loads_in_diffusers(tmp_path: Path, monkeypatch: pyte
 
 
 def test_training_resumes_across_calls_from_its_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """vae → unet → unet → export as four calls: counters, loss log and the lr schedule continue; --init-base restarts."""
+    """vae → export → unet → unet → export as calls: counters, loss log and the lr schedule continue; --init-base restarts."""
     module = load_script(SCRIPT, monkeypatch)
     state = tmp_path / "state"
     common = ["--smoke", "--device", "cpu", "--state", str(state)]
     vae_log = module.main([*common, "--phase", "vae"])["vae"]["log"]
     assert vae_log and all(e["low"] >= 0 and e["topk"] >= e["l1"] for e in vae_log)  # every loss term is logged
-    with pytest.raises(SystemExit):  # no UNet trained yet: nothing to export
-        module.main([*common, "--phase", "export", "--out", str(tmp_path / "none")])
+    with pytest.raises(SystemExit, match="no trained VAE"):  # an empty state: nothing to export
+        module.main(["--smoke", "--device", "cpu", "--state", str(tmp_path / "empty"), "--phase", "export",
+                     "--out", str(tmp_path / "none")])  # fmt: skip
+    # a VAE-only state exports too (a call that trained only the VAE brings its result back) ...
+    vae_only = tmp_path / "vae-only"
+    module.main([*common, "--phase", "export", "--out", str(vae_only)])
+    from diffusers import AutoencoderKL
+
+    trained_vae = torch.load(state / "vae.pt", weights_only=True)
+    exported_vae = AutoencoderKL.from_pretrained(vae_only / "vae").state_dict()
+    assert all(torch.equal(exported_vae[k].float(), v.half().float()) for k, v in trained_vae["vae"].items())
+    assert json.loads((vae_only / "train_log.json").read_text())["unet"] == {}
+    # ... and a state started from it trains its UNet from the start (no EMA of initial weights)
+    from_vae = tmp_path / "from-vae-only"
+    module.main(["--smoke", "--device", "cpu", "--state", str(from_vae), "--phase", "unet", "--init-base", str(vae_only)])
+    fresh = torch.load(from_vae / "unet.pt", weights_only=True)
+    assert (fresh["steps"], fresh["ema_n"], [e["step"] for e in fresh["log"]]) == (2, 2, [1, 2])
     first = module.main([*common, "--phase", "unet", "--plan-unet-minutes", "10"])["unet"]
     second = module.main([*common, "--phase", "unet", "--plan-unet-minutes", "10"])["unet"]
     assert (first["steps"], second["steps"]) == (2, 4) and second["call_steps"] == 2
