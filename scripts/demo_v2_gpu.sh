@@ -36,9 +36,9 @@ case $phase in
         if [ -f "$STATE/profile-unet.txt" ]; then cp "$STATE/profile-unet.txt" "$OUT/"; fi ;;
     export)
         rm -rf /tmp/export && python3 scripts/train_demo_base.py --state "$STATE" --phase export --out /tmp/export 2>&1 | tail -3
-        tar -C /tmp -cf /tmp/export.tar export && split -b 15M -d /tmp/export.tar "$OUT/export.tar.part-"
-        cp "$STATE/calls.jsonl" "$OUT/" ;;
+        tar -C /tmp -cf /tmp/export.tar export && split -b 15M -d /tmp/export.tar "$OUT/export.tar.part-" ;;
 esac
+if [ -f "$STATE/calls.jsonl" ]; then cp "$STATE/calls.jsonl" "$OUT/"; fi  # every call's record, whatever the phase
 # at most 8 files come back from a call: the small ones travel as one logs.tar (added to by each phase)
 cd "$OUT"
 small=$(ls -- *.log *.json *.jsonl *.txt 2>/dev/null || true)
