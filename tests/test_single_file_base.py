@@ -6,6 +6,7 @@ numbering of `convert_ldm_unet_checkpoint` / `convert_ldm_vae_checkpoint`), so l
 forward conversion; every UNet, VAE and text-encoder tensor must come back equal.
 """
 import re
+import warnings
 
 import torch
 from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING, LDM_CLIP_PREFIX_TO_REMOVE, LDM_UNET_KEY
@@ -97,3 +98,20 @@ def test_ldm_single_file_loads_offline_with_config_dir(tmp_path):
         for k in ours:
             assert torch.equal(ours[k], theirs[k]), f"{name}: {k}"
     assert pipe.base.source == str(tmp_path / "model.safetensors")
+
+
+def test_a_dtype_loads_folders_and_single_files_without_deprecation_warnings(tmp_path):
+    """diffusers ≥ 0.40 warns on `torch_dtype`: the keyword follows the installed version; the weights come cast."""
+    base = load_base("tiny")
+    base.save_pretrained(tmp_path / "configs")
+    ckpt = {**unet_to_ldm(base.unet.state_dict(), base.unet.config), **vae_to_ldm(base.vae.state_dict(), base.vae.config)}
+    ckpt.update({LDM_CLIP_PREFIX_TO_REMOVE[0] + ("" if k.startswith("text_model.") else "text_model.") + k: v
+                 for k, v in base.text_encoder.state_dict().items()})
+    save_file({k: v.contiguous() for k, v in ckpt.items()}, str(tmp_path / "model.safetensors"))
+    for source, extra in ((tmp_path / "configs", {}), (tmp_path / "model.safetensors", {"config_dir": tmp_path / "configs"})):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*torch_dtype.*")
+            loaded = load_base(source, dtype=torch.float16, **extra)
+        for name in ("unet", "vae", "text_encoder"):
+            ours, theirs = getattr(loaded, name).state_dict(), getattr(base, name).state_dict()
+            assert all(torch.equal(ours[k], theirs[k].half()) for k in theirs), (source, name)

@@ -101,6 +101,16 @@ def _single_file_is_sdxl(path: Path) -> bool:
     return any(k.startswith("conditioner.embedders.1") for k in sd)
 
 
+def _dtype_keyword(dtype: torch.dtype | None) -> dict[str, torch.dtype]:
+    """diffusers' loading keyword for a dtype: `dtype` from 0.40 on (`torch_dtype` warns there), `torch_dtype` before."""
+    if dtype is None:
+        return {}
+    import diffusers
+    from packaging.version import Version
+
+    return {"dtype" if Version(diffusers.__version__).release >= (0, 40) else "torch_dtype": dtype}
+
+
 def load_base(
     source: str | os.PathLike,
     *,
@@ -123,7 +133,7 @@ def load_base(
         base = PRESETS[text]()
     else:
         path = Path(text).expanduser()
-        kwargs = dict(torch_dtype=dtype) if dtype is not None else {}
+        kwargs = _dtype_keyword(dtype)
         if not path.exists() and "/" in text and not text.startswith((".", "/")):
             from t2iadapter import hub
 
