@@ -82,14 +82,19 @@ def vae_to_ldm(sd: dict, config) -> dict:
     return out
 
 
-def test_ldm_single_file_loads_offline_with_config_dir(tmp_path):
-    base = load_base("tiny")
-    base.save_pretrained(tmp_path / "configs")
+def write_ldm_checkpoint(base, folder):
+    """`base` as diffusers configs (folder/configs) and one LDM-layout file (folder/model.safetensors)."""
+    base.save_pretrained(folder / "configs")
     ckpt = {**unet_to_ldm(base.unet.state_dict(), base.unet.config), **vae_to_ldm(base.vae.state_dict(), base.vae.config)}
     # LDM keeps transformers' `text_model.` level, which newer transformers flatten out of CLIPTextModel.
     ckpt.update({LDM_CLIP_PREFIX_TO_REMOVE[0] + ("" if k.startswith("text_model.") else "text_model.") + k: v
                  for k, v in base.text_encoder.state_dict().items()})
-    save_file({k: v.contiguous() for k, v in ckpt.items()}, str(tmp_path / "model.safetensors"))
+    save_file({k: v.contiguous() for k, v in ckpt.items()}, str(folder / "model.safetensors"))
+
+
+def test_ldm_single_file_loads_offline_with_config_dir(tmp_path):
+    base = load_base("tiny")
+    write_ldm_checkpoint(base, tmp_path)
 
     pipe = AdapterPipeline.from_pretrained(tmp_path / "model.safetensors", config_dir=tmp_path / "configs")
     for name in ("unet", "vae", "text_encoder"):
@@ -103,11 +108,7 @@ def test_ldm_single_file_loads_offline_with_config_dir(tmp_path):
 def test_a_dtype_loads_folders_and_single_files_without_deprecation_warnings(tmp_path):
     """diffusers ≥ 0.40 warns on `torch_dtype`: the keyword follows the installed version; the weights come cast."""
     base = load_base("tiny")
-    base.save_pretrained(tmp_path / "configs")
-    ckpt = {**unet_to_ldm(base.unet.state_dict(), base.unet.config), **vae_to_ldm(base.vae.state_dict(), base.vae.config)}
-    ckpt.update({LDM_CLIP_PREFIX_TO_REMOVE[0] + ("" if k.startswith("text_model.") else "text_model.") + k: v
-                 for k, v in base.text_encoder.state_dict().items()})
-    save_file({k: v.contiguous() for k, v in ckpt.items()}, str(tmp_path / "model.safetensors"))
+    write_ldm_checkpoint(base, tmp_path)
     for source, extra in ((tmp_path / "configs", {}), (tmp_path / "model.safetensors", {"config_dir": tmp_path / "configs"})):
         with warnings.catch_warnings():
             warnings.filterwarnings("error", message=".*torch_dtype.*")
