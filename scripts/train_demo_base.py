@@ -957,11 +957,11 @@ def _run(cfg: RunConfig, argv: list[str] | None, ranks: Ranks, device: torch.dev
     if vae_state is None and unet_state is None and cfg.init_base:
         scale = _load_pipeline_weights(modules, cfg.init_base)
         logger.info("new state from %s (its EMA weights become weights and EMA)", cfg.init_base)
-        params = [p for m in (modules["unet"], modules["text_encoder"]) for p in m.parameters()]
         done = _done_before(Path(cfg.init_base))  # its steps and seconds: the lr plan continues where it was
         vae_state = {"vae": _cpu_state(modules["vae"]), "opt": None, **done["vae"], "scaling_factor": scale,
                      "init_base": cfg.init_base}  # fmt: skip
         if done["unet"]["steps"]:  # an export of a VAE-only state holds the UNet's initial weights: no EMA of those
+            params = [p for m in (modules["unet"], modules["text_encoder"]) for p in m.parameters()]
             unet_state = {"unet": _cpu_state(modules["unet"]), "text_encoder": _cpu_state(modules["text_encoder"]),
                           "ema": [p.detach().float().clone() for p in params], "ema_n": 10_000, "opt": None,
                           **done["unet"], "init_base": cfg.init_base}  # fmt: skip

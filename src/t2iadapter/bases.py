@@ -106,9 +106,9 @@ def _dtype_keyword(dtype: torch.dtype | None) -> dict[str, torch.dtype]:
     if dtype is None:
         return {}
     import diffusers
-    from packaging.version import Version
 
-    return {"dtype" if Version(diffusers.__version__).release >= (0, 40) else "torch_dtype": dtype}
+    major_minor = tuple(int(part) for part in diffusers.__version__.split(".")[:2])
+    return {"dtype" if major_minor >= (0, 40) else "torch_dtype": dtype}
 
 
 def load_base(
