@@ -65,6 +65,12 @@ CASES: dict[str, tuple[Callable[[dict[str, Path]], list[str]], str]] = {
     "generate --window backwards": (lambda f: ["generate", "--prompt", "x", "--adapter", "demo/sketch", "--condition", str(f["image"]), "--window", "0.9:0.1", "--out", str(f["folder"] / "o.png")], "window"),
     "generate --adapter bad name": (lambda f: ["generate", "--prompt", "x", "--adapter", "a b=demo/sketch", "--condition", str(f["image"]), "--out", str(f["folder"] / "o.png")], "NAME=PATH"),
     "generate --weight nan": (lambda f: ["generate", "--prompt", "x", "--adapter", "demo/sketch", "--condition", str(f["image"]), "--weight", "nan", "--out", str(f["folder"] / "o.png")], "finite"),
+    # the CLI sweep: an input image named by its flag, a folder told from a missing file, before anything loads
+    "generate --condition a folder": (lambda f: ["generate", "--prompt", "x", "--adapter", "demo/sketch", "--condition", str(f["folder"]), "--out", str(f["folder"] / "o.png")], "--condition"),
+    "generate --style-image missing": (lambda f: ["generate", "--prompt", "x", "--style-adapter", "demo/color", "--style-image", str(f["folder"] / "no.png"), "--out", str(f["folder"] / "o.png")], "--style-image"),
+    "generate --init-image a folder": (lambda f: ["generate", "--prompt", "x", "--init-image", str(f["folder"]), "--out", str(f["folder"] / "o.png")], "is a folder"),
+    "generate --init-image not an image": (lambda f: ["generate", "--base", "tiny", "--prompt", "x", "--steps", "2", "--size", "64x64", "--init-image", str(f["plain"]), "--out", str(f["folder"] / "o.png")], "cannot read init_image"),
+    "generate --mask not an image": (lambda f: ["generate", "--base", "tiny", "--prompt", "x", "--steps", "2", "--size", "64x64", "--init-image", str(f["image"]), "--mask", str(f["plain"]), "--out", str(f["folder"] / "o.png")], "cannot read mask_image"),
     "eval --device bogus": (lambda f: ["eval", "--device", "bogus"], "bogus"),
     "serve --device bogus": (lambda f: ["serve", "--device", "bogus", "--port", "1"], "bogus"),
 }  # fmt: skip

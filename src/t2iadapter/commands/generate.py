@@ -92,6 +92,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run, paired=[])
 
 
+def check_image_file(flag: str, image: str | None) -> None:
+    """An input image a flag names is a file: one line saying which flag, and whether it is missing or a folder."""
+    if image is None or Path(image).is_file():
+        return
+    if Path(image).is_dir():
+        raise ConfigError(f"{flag} {image} is a folder; name an image file")
+    raise ConfigError(f"{flag} {image} does not exist")
+
+
 def output_paths(out: str, n: int, force: bool) -> list[Path]:
     base = Path(out)
     if base.is_dir():
@@ -137,12 +146,9 @@ def run(args: argparse.Namespace) -> int:
     for name, values in (("--weight", args.weight), ("--window", args.window)):
         if values and len(values) != n_adapters:
             raise ConfigError(f"got {len(values)} {name} for {n_adapters} adapters; give one per adapter or none")
-    for cond in args.condition + ([args.style_image] if args.style_image else []):
-        if not Path(cond).is_file():
-            raise ConfigError(f"condition image {cond} does not exist")
-    for flag, image in (("--init-image", args.init_image), ("--mask", args.mask)):
-        if image is not None and not Path(image).is_file():
-            raise ConfigError(f"{flag} {image} does not exist")
+    for flag, image in ([("--condition", c) for c in args.condition] + [("--style-image", args.style_image),
+                        ("--init-image", args.init_image), ("--mask", args.mask)]):
+        check_image_file(flag, image)
     from t2iadapter.generation.lora import parse_lora
 
     loras = [parse_lora(text) for text in args.lora]

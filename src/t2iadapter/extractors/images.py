@@ -34,6 +34,8 @@ def open_image(source: "str | Path | bytes | dict | Image.Image", what: str | No
         handle: Any = io.BytesIO(source)
     elif isinstance(source, (str, os.PathLike)):
         what = what or f"image {source}"
+        if Path(source).is_dir():
+            raise ConditionError(f"{what} is a folder; name an image file")
         if not Path(source).is_file():
             raise ConditionError(f"{what} does not exist")
         handle = source

@@ -22,10 +22,11 @@ from t2iadapter.extractors.images import open_image
 ConditionInput = Image.Image | np.ndarray | torch.Tensor | str | os.PathLike
 
 
-def load_condition(cond: ConditionInput) -> torch.Tensor | Image.Image:
-    """A PIL image (paths are read, images kept) or a float [C, H, W] tensor (arrays: uint8 /255)."""
+def load_condition(cond: ConditionInput, what: str = "condition image") -> torch.Tensor | Image.Image:
+    """A PIL image (paths are read, images kept) or a float [C, H, W] tensor (arrays: uint8 /255); `what` names the
+    image in errors (init_image, mask_image)."""
     if isinstance(cond, (str, os.PathLike)):
-        image = open_image(cond, what=f"condition image {cond}")
+        image = open_image(cond, what=f"{what} {cond}")
         return image.copy()
     if isinstance(cond, np.ndarray):
         if cond.ndim == 2:

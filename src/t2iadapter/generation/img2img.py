@@ -40,7 +40,7 @@ def _as_batch(item: Any) -> Any:
 
 def image_size(init_image: Any, vae_scale_factor: int) -> tuple[int, int]:
     """(w, h) of an init image, rounded down to the VAE's factor (diffusers' default height/width)."""
-    w, h = _size_of(load_condition(init_image))
+    w, h = _size_of(load_condition(init_image, "init_image"))
     return max(w - w % vae_scale_factor, vae_scale_factor), max(h - h % vae_scale_factor, vae_scale_factor)
 
 
@@ -124,7 +124,7 @@ def prepare(init_image: Any, mask_image: Any, strength: float, steps: int, size:
     inpaint_unet = unet_channels == INPAINT_UNET_CHANNELS
     if inpaint_unet and mask_image is None:
         raise ConfigError("this base has an inpainting UNet (9 input channels); give mask_image (white = repaint)")
-    image = _as_batch(load_condition(init_image))
+    image = _as_batch(load_condition(init_image, "init_image"))
     w, h = size
     pad = (0, canvas[0] - w, 0, canvas[1] - h)
     pixels = VaeImageProcessor(vae_scale_factor=vae_scale_factor).preprocess(image, height=h, width=w)
@@ -133,7 +133,7 @@ def prepare(init_image: Any, mask_image: Any, strength: float, steps: int, size:
     pixels = F.pad(pixels.float()[:, :3], pad)
     mask = None
     if mask_image is not None:
-        mask_item = _as_batch(load_condition(mask_image))
+        mask_item = _as_batch(load_condition(mask_image, "mask_image"))
         if _size_of(mask_item) != _size_of(image):
             raise ConditionError(f"mask_image is {'x'.join(map(str, _size_of(mask_item)))} but init_image is "
                                  f"{'x'.join(map(str, _size_of(image)))}; give a mask of the image's size")
