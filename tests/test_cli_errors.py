@@ -71,6 +71,9 @@ CASES: dict[str, tuple[Callable[[dict[str, Path]], list[str]], str]] = {
     "generate --init-image a folder": (lambda f: ["generate", "--prompt", "x", "--init-image", str(f["folder"]), "--out", str(f["folder"] / "o.png")], "is a folder"),
     "generate --init-image not an image": (lambda f: ["generate", "--base", "tiny", "--prompt", "x", "--steps", "2", "--size", "64x64", "--init-image", str(f["plain"]), "--out", str(f["folder"] / "o.png")], "cannot read init_image"),
     "generate --mask not an image": (lambda f: ["generate", "--base", "tiny", "--prompt", "x", "--steps", "2", "--size", "64x64", "--init-image", str(f["image"]), "--mask", str(f["plain"]), "--out", str(f["folder"] / "o.png")], "cannot read mask_image"),
+    "generate --lora missing file": (lambda f: ["generate", "--base", "tiny", "--prompt", "x", "--steps", "1", "--size", "64x64", "--lora", str(f["folder"] / "no.safetensors"), "--out", str(f["folder"] / "o.png")], "no such file"),
+    "generate --lora without a path": (lambda f: ["generate", "--prompt", "x", "--lora", ":2", "--out", str(f["folder"] / "o.png")], "name a LoRA"),
+    "generate --lora scale nan": (lambda f: ["generate", "--prompt", "x", "--lora", "style.safetensors:nan", "--out", str(f["folder"] / "o.png")], "finite"),
     "eval --device bogus": (lambda f: ["eval", "--device", "bogus"], "bogus"),
     "serve --device bogus": (lambda f: ["serve", "--device", "bogus", "--port", "1"], "bogus"),
 }  # fmt: skip

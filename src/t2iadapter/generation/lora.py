@@ -9,6 +9,7 @@ Fast mode fuses the LoRAs into the weights before compiling (`fuse()`); after th
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -19,12 +20,17 @@ from t2iadapter.errors import CheckpointError, ConfigError, MissingWeightsError
 def parse_lora(text: str) -> tuple[str, float]:
     """`PATH[:SCALE]` (the CLI's `--lora`) → (path, scale); a Windows drive or a hub id's colon is no scale."""
     head, sep, tail = text.rpartition(":")
-    if sep and head:
+    source, scale = text, 1.0
+    if sep:
         try:
-            return head, float(tail)
+            source, scale = head, float(tail)
         except ValueError:
             pass
-    return text, 1.0
+    if not source:
+        raise ConfigError(f"--lora {text!r}: name a LoRA file, folder or hub id, e.g. style.safetensors:0.8")
+    if not math.isfinite(scale):
+        raise ConfigError(f"--lora {text!r}: the scale must be a finite number, got {tail!r}")
+    return source, scale
 
 
 def _family(base: Any) -> str:
@@ -61,6 +67,10 @@ class Loras:
         if name in self.scales:
             raise ConfigError(f"a LoRA named {name!r} is already loaded; give another name= or unload it first")
         what = source if not isinstance(source, dict) else "(state dict)"
+        if not isinstance(source, dict) and not Path(source).expanduser().exists():
+            text = str(source)
+            if text.startswith((".", "/", "~")) or "/" not in text:  # a local path, not a hub id `org/repo[/file]`
+                raise MissingWeightsError(f"LoRA {text}: no such file or folder")
         host = self.host
         try:
             state_dict, _ = host.lora_state_dict(source.copy() if isinstance(source, dict) else source, **kwargs)
