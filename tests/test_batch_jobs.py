@@ -112,6 +112,20 @@ def test_generate_batch_errors_are_one_line(jobs, tmp_path, capsys):
     assert "--prompt is required" in capsys.readouterr().err
 
 
+def test_a_bad_adapter_option_names_its_line(jobs):
+    """A line's weight or window error says which line and which adapter (it was a bare "weight of 'sketch' ...")."""
+    import argparse
+
+    from t2iadapter.commands._batch_jobs import to_request
+
+    args = argparse.Namespace(prompt=None, size=None, negative_prompt=None, steps=2, guidance=7.5, seed=0,
+                              scheduler=None, num_images=1, fuser=None, fuser_windows="once")
+    for options, words in (({"weight": "x"}, "finite"), ({"window": "1:0"}, "window")):
+        job = {"prompt": "x", "conditions": {"sketch": "c0.png"}, "adapters": {"sketch": options}}
+        with pytest.raises(ConfigError, match=f"jobs.jsonl:3: adapters.sketch: .*{words}"):
+            to_request(job, 0, "jobs.jsonl:3", jobs[0].parent, args)
+
+
 def test_extract_input_dir_shards_across_ranks(tmp_path, monkeypatch, capsys):
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()

@@ -31,7 +31,12 @@ def files(tmp_path: Path) -> dict[str, Path]:
     (run / "train_config.json").write_text("{}")
     table = tmp_path / "table.json"
     table.write_text("[]")
-    return {"image": image, "existing": existing, "plain": plain, "folder": folder, "run": run, "table": table}
+    binary = tmp_path / "binary.jsonl"
+    binary.write_bytes(b"\xff\xfe\x00 not text")
+    two = tmp_path / "two.jsonl"
+    two.write_text('{"prompt": "a"}\n{"prompt": "b", "num_images": "two"}\n')
+    return {"image": image, "existing": existing, "plain": plain, "folder": folder, "run": run, "table": table,
+            "binary": binary, "two": two}
 
 
 # name → (argv from the files, what the one line must mention)
@@ -74,6 +79,9 @@ CASES: dict[str, tuple[Callable[[dict[str, Path]], list[str]], str]] = {
     "generate --lora missing file": (lambda f: ["generate", "--base", "tiny", "--prompt", "x", "--steps", "1", "--size", "64x64", "--lora", str(f["folder"] / "no.safetensors"), "--out", str(f["folder"] / "o.png")], "no such file"),
     "generate --lora without a path": (lambda f: ["generate", "--prompt", "x", "--lora", ":2", "--out", str(f["folder"] / "o.png")], "name a LoRA"),
     "generate --lora scale nan": (lambda f: ["generate", "--prompt", "x", "--lora", "style.safetensors:nan", "--out", str(f["folder"] / "o.png")], "finite"),
+    "generate --batch a folder": (lambda f: ["generate", "--batch", str(f["folder"]), "--out", str(f["folder"] / "o")], "is a folder"),
+    "generate --batch not UTF-8": (lambda f: ["generate", "--batch", str(f["binary"]), "--out", str(f["folder"] / "o")], "UTF-8"),
+    "generate --batch num_images text": (lambda f: ["generate", "--batch", str(f["two"]), "--out", str(f["folder"] / "o")], "two.jsonl:2: num_images"),
     "eval --device bogus": (lambda f: ["eval", "--device", "bogus"], "bogus"),
     "serve --device bogus": (lambda f: ["serve", "--device", "bogus", "--port", "1"], "bogus"),
 }  # fmt: skip

@@ -82,10 +82,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def read_jobs(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) of every non-blank line; one clear error for a line that is not a JSON object."""
+    if path.is_dir():
+        raise ConfigError(f"--batch {path} is a folder; name a JSONL file (one JSON object a line)")
     if not path.is_file():
         raise ConfigError(f"--batch {path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"--batch {path}: not UTF-8 text (byte {exc.start}); give a JSONL file") from None
     jobs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -97,6 +103,9 @@ def read_jobs(path: Path) -> list[tuple[int, dict[str, Any]]]:
         unknown = sorted(set(job) - set(FIELDS))
         if unknown:
             raise ConfigError(f"{path}:{number}: unknown fields {unknown}; known: {', '.join(FIELDS)}")
+        images = job.get("num_images", 1)  # names the line's output files, so checked before any line runs
+        if isinstance(images, bool) or not isinstance(images, int) or images < 1:
+            raise ConfigError(f"{path}:{number}: num_images must be a whole number >= 1, got {images!r}")
         jobs.append((number, job))
     if not jobs:
         raise ConfigError(f"--batch {path}: no jobs in it")
@@ -137,8 +146,11 @@ def to_request(job: dict[str, Any], index: int, where: str, root: Path, args: ar
         opts = options.get(name, {})
         if not isinstance(opts, dict) or set(opts) - {"weight", "window"}:
             raise ConfigError(f"{where}: adapters.{name} takes weight and window only")
-        kw = {k: (Window.parse(v) if k == "window" else v) for k, v in opts.items()}
-        uses.append(AdapterUse(name, condition(value, root, f"{where}: conditions.{name}"), **kw))
+        image = condition(value, root, f"{where}: conditions.{name}")
+        try:
+            uses.append(AdapterUse(name, image, **{k: (Window.parse(v) if k == "window" else v) for k, v in opts.items()}))
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: adapters.{name}: {exc}") from None
     width, height = job.get("width"), job.get("height")
     size = (width or (args.size or (0, 0))[0], height or (args.size or (0, 0))[1]) if (width or height or args.size) else None
     try:
