@@ -82,6 +82,12 @@ CASES: dict[str, tuple[Callable[[dict[str, Path]], list[str]], str]] = {
     "generate --batch a folder": (lambda f: ["generate", "--batch", str(f["folder"]), "--out", str(f["folder"] / "o")], "is a folder"),
     "generate --batch not UTF-8": (lambda f: ["generate", "--batch", str(f["binary"]), "--out", str(f["folder"] / "o")], "UTF-8"),
     "generate --batch num_images text": (lambda f: ["generate", "--batch", str(f["two"]), "--out", str(f["folder"] / "o")], "two.jsonl:2: num_images"),
+    "eval --steps 0": (lambda f: ["eval", "--steps", "0"], "steps must be between"),
+    "eval --guidance nan": (lambda f: ["eval", "--guidance", "nan"], "guidance_scale"),
+    "eval --out and --json one file": (lambda f: ["eval", "--out", str(f["folder"] / "t"), "--json", str(f["folder"] / "t")], "different files"),
+    "demo --scenes 0": (lambda f: ["demo", "--scenes", "0", "--out", str(f["folder"])], "--scenes"),
+    "demo --steps 0": (lambda f: ["demo", "--steps", "0", "--out", str(f["folder"])], "steps must be between"),
+    "demo --out a file": (lambda f: ["demo", "--out", str(f["plain"])], "is a file"),
     "eval --device bogus": (lambda f: ["eval", "--device", "bogus"], "bogus"),
     "serve --device bogus": (lambda f: ["serve", "--device", "bogus", "--port", "1"], "bogus"),
 }  # fmt: skip

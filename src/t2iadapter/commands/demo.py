@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from t2iadapter.commands import add_threads_argument
+from t2iadapter.errors import ConfigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,8 +19,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from t2iadapter import assets
+    from t2iadapter.generation.request import GenerationRequest
 
+    if args.scenes < 1:
+        raise ConfigError(f"--scenes must be at least 1, got {args.scenes}")
+    GenerationRequest("demo", steps=args.steps)  # the request's step check, before the model loads
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; name a folder")
     out.mkdir(parents=True, exist_ok=True)
     if not (assets.DEMO / "base" / "model_index.json").is_file():
         return _random_fallback(out)

@@ -58,13 +58,17 @@ def run(args: argparse.Namespace) -> int:
     from t2iadapter.evaluation.controllability import CONDITIONS, condition_of, default_settings, evaluate, format_table
     from t2iadapter.commands import parse_adapters
     from t2iadapter.generation.pipeline import AdapterPipeline, resolve_device
+    from t2iadapter.generation.request import GenerationRequest
 
     if args.scenes < 1:
         raise ConfigError("--scenes must be at least 1")
     if args.first_seed is not None and args.first_seed < 0:
         raise ConfigError(f"--first-seed must be >= 0, got {args.first_seed}")
+    GenerationRequest("eval", steps=args.steps, guidance_scale=args.guidance)  # the request's checks, before loading
     for flag, target in (("--out", args.out), ("--json", args.json)):
         check_writable_file(flag, target, force=args.force)
+    if args.out and args.json and Path(args.out).resolve() == Path(args.json).resolve():
+        raise ConfigError(f"--out and --json both name {args.out}; give them different files")
     pairs = parse_adapters(args.adapter)
     controlnets = parse_adapters(args.controlnet, "--controlnet")
     if not controlnets and args.base == DEMO_BASE:
