@@ -118,6 +118,8 @@ def run_one(extractor: Extractor, source: str, target: str, *, force: bool = Fal
     from t2iadapter.extractors.batch import load_input, save
 
     path = Path(source)
+    if path.is_dir():
+        raise ConfigError(f"IN {source} is a folder; name a file (or use --input-dir/--output-dir for folders)")
     if not path.is_file():
         raise ConfigError(f"no input file {source}")
     check_target(extractor, target, force=force)
@@ -148,6 +150,8 @@ def run_batch(extractor: Extractor, args: argparse.Namespace) -> int:
         raise ConfigError(f"no input folder {input_dir}")
     if output_dir.resolve() == input_dir.resolve():
         raise ConfigError("--output-dir must differ from --input-dir")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"--output-dir {output_dir} is a file; name a folder")
     sources = find_inputs(input_dir, extractor.input_suffixes)
     if not sources:
         raise ConfigError(f"no {extractor.input_kind} files ({' '.join(extractor.input_suffixes)}) under {input_dir}")

@@ -148,7 +148,8 @@ class PoseJson(Extractor):
         try:
             people, width, height = read_people(image, width=self.width, height=self.height, normalized=self.normalized)
         except json.JSONDecodeError as exc:
-            raise ConditionError(f"not valid JSON: {exc}") from None
+            where = f"{image}: " if isinstance(image, Path) else ""  # a file (the CLI's IN), not JSON text
+            raise ConditionError(f"{where}not valid JSON: {exc}") from None
         except (TypeError, ValueError) as exc:
             raise ConditionError(f"pose JSON has a malformed value: {exc}") from None
         return images.to_pil(draw_bodypose(people, width, height, self.draw))
