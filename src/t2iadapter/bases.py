@@ -77,6 +77,8 @@ class BaseModel:
     def save_pretrained(self, directory: str | Path, *, overwrite: bool = False) -> Path:
         """A diffusers pipeline folder (safetensors) that `load_base` and diffusers both read."""
         directory = Path(directory)
+        if directory.exists() and not directory.is_dir():  # even with overwrite: a folder never replaces a file
+            raise CheckpointError(f"{directory} is a file; a base is written as a folder: name a new one")
         if directory.exists() and any(directory.iterdir()) and not overwrite:
             raise CheckpointError(f"{directory} exists and is not empty; choose another folder or pass --force")
         self.diffusers_pipeline().save_pretrained(directory, safe_serialization=True)

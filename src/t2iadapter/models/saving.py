@@ -149,6 +149,9 @@ def diffusers_config(module: AdapterModule) -> dict[str, Any]:
 def save_pretrained(module: AdapterModule, directory: str | Path, *, overwrite: bool = False) -> Path:
     """A folder: diffusers' layout for full/light/full_xl (when expressible), ours for style/fuser."""
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():  # even with overwrite: a folder never replaces a file
+        raise CheckpointError(f"{directory} is a file, and this format is a folder; name a new folder (or a "
+                              ".safetensors/.pth file for the single-file formats)")
     if directory.exists() and any(directory.iterdir()) and not overwrite:
         raise CheckpointError(f"{directory} exists and is not empty; choose another folder or pass overwrite (--force)")
     directory.mkdir(parents=True, exist_ok=True)

@@ -232,6 +232,8 @@ def _plain(value: Any) -> Any:
 def read_file(path: str | Path) -> dict[str, Any]:
     """A config file as a nested dict (YAML, JSON or TOML, by suffix)."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; name a .yaml, .json or .toml file")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     text = path.read_text()
