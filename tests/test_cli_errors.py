@@ -97,6 +97,11 @@ CASES: dict[str, tuple[Callable[[dict[str, Path]], list[str]], str]] = {
     "demo --out a file": (lambda f: ["demo", "--out", str(f["plain"])], "is a file"),
     "eval --device bogus": (lambda f: ["eval", "--device", "bogus"], "bogus"),
     "serve --device bogus": (lambda f: ["serve", "--device", "bogus", "--port", "1"], "bogus"),
+    "serve --port -1": (lambda f: ["serve", "--base", "tiny", "--port", "-1"], "65535"),
+    "serve --port 70000": (lambda f: ["serve", "--base", "tiny", "--port", "70000"], "65535"),
+    "serve --warmup 0x0": (lambda f: ["serve", "--base", "tiny", "--warmup", "0x0", "--port", "1"], "warmup size 0x0"),
+    "serve --devices with a bogus one": (lambda f: ["serve", "--base", "tiny", "--devices", "cpu,bogus", "--port", "1"], "bogus"),
+    "serve --base an empty folder, no warning first": (lambda f: ["serve", "--base", str(f["folder"]), "--port", "1"], "model_index.json"),
 }  # fmt: skip
 
 
@@ -117,3 +122,9 @@ def test_user_error_is_one_line_exit_2_and_touches_nothing(name: str, files: dic
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
     assert mention in err, err
     assert snapshot(root) == before
+
+
+def test_serve_warns_nothing_before_a_base_that_cannot_load(tmp_path: Path, caplog) -> None:
+    """The "no adapters registered" warning comes after the models load, so a failed start is its one error line."""
+    assert cli(["serve", "--base", str(tmp_path), "--port", "1"]) == 2
+    assert not [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]

@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="register a diffusers ControlNet under NAME (folder, single file or hub id); repeatable")
     p.add_argument("--fuser", default=None, help="CoAdapter fuser checkpoint (enables compose=fuser)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--port", type=parse_port, default=7860, help="port (default 7860)")
     p.add_argument("--token", default=None, help="require `Authorization: Bearer TOKEN` (default: $T2IADAPTER_TOKEN)")
     d = Limits()  # the defaults are the Limits dataclass's
     p.add_argument("--max-upload-mb", type=float, default=d.max_upload_mb,
@@ -61,6 +61,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def parse_port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"port {text!r} must be a whole number, e.g. 7860") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} must be from 0 to 65535 (0: any free port)")
+    return port
+
+
 def parse_devices(text: str) -> tuple[str, ...]:
     devices = tuple(d.strip() for d in text.split(",") if d.strip())
     if not devices:
@@ -82,6 +92,8 @@ def settings_from(args: argparse.Namespace):
     from t2iadapter.generation.pipeline import resolve_device
 
     device, _ = resolve_device(args.device, args.dtype)  # a bad --device is one line now, not a traceback at startup
+    for dev in args.devices:  # and each of --devices, before any model loads
+        resolve_device(dev, args.dtype)
     check_fast_arguments(args)
     if args.fast:
         import torch
@@ -116,11 +128,6 @@ def settings_from(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     settings, limits = settings_from(args)
     token = args.token or os.environ.get("T2IADAPTER_TOKEN") or None
-    if not settings.adapters:
-        log.warning("no adapters registered: the server generates from text only")
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not token:
-        log.warning("listening on %s without a token: anyone who can reach it can use the model", args.host)
-
     if settings.fast:  # when compiling starts, how long it took, and whether the compiled-graph cache served
         logging.getLogger("t2iadapter.generation.compile_cache").setLevel(logging.INFO)
 
@@ -128,7 +135,11 @@ def run(args: argparse.Namespace) -> int:
 
     from t2iadapter.server import create_app
 
-    app = create_app(settings, limits=limits, token=token)
+    app = create_app(settings, limits=limits, token=token)  # a base that cannot load fails here: one line, no warnings
+    if not settings.adapters:
+        log.warning("no adapters registered: the server generates from text only")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not token:
+        log.warning("listening on %s without a token: anyone who can reach it can use the model", args.host)
     names = ", ".join(settings.adapters) or "none"
     print(f"serving {settings.base} with adapters {names} on http://{args.host}:{args.port}/ (API docs at /docs)",
           flush=True)

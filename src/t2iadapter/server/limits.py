@@ -69,6 +69,14 @@ class ServerSettings:
     cache_dir: str | None = None  # fast mode's compiled-graph files (None: compile_cache.cache_dir())
     aot: bool | None = None  # fast mode's UNet through AOTInductor (None: $T2IADAPTER_AOT)
 
+    def __post_init__(self) -> None:
+        from t2iadapter.generation.request import SIDE_RANGE
+
+        lo, hi = SIDE_RANGE
+        for w, h in self.warmup:  # a bad size fails here, not in a worker after the models have loaded
+            if not (lo <= w <= hi and lo <= h <= hi):
+                raise ConfigError(f"warmup size {w}x{h} is out of range ({lo}..{hi} pixels a side)")
+
     def load_pipeline(self, device: str | None = None):
         """The AdapterPipeline these settings describe (loads weights; seconds to minutes)."""
         from t2iadapter.generation.pipeline import AdapterPipeline, resolve_device
