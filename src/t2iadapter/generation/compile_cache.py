@@ -41,6 +41,8 @@ from typing import Any
 
 import torch
 
+from t2iadapter.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 ENV = "T2IADAPTER_COMPILE_CACHE"  # the cache folder (overrides the user cache folder; `cache_dir=` overrides it)
@@ -61,10 +63,14 @@ def user_cache_root() -> Path:
 def cache_dir(override: str | os.PathLike | None = None) -> Path:
     """Where compiled graphs live: `override`, else $T2IADAPTER_COMPILE_CACHE, else <user cache>/t2iadapter/compiled."""
     if override is not None and str(override):
-        return Path(override).expanduser()
-    if os.environ.get(ENV):
-        return Path(os.environ[ENV]).expanduser()
-    return user_cache_root() / "t2iadapter" / "compiled"
+        folder = Path(override).expanduser()
+    elif os.environ.get(ENV):
+        folder = Path(os.environ[ENV]).expanduser()
+    else:
+        folder = user_cache_root() / "t2iadapter" / "compiled"
+    if folder.exists() and not folder.is_dir():  # else a compile's minutes end in "could not write"
+        raise ConfigError(f"compiled-graph cache {folder} is a file; name a folder (--cache-dir or ${ENV})")
+    return folder
 
 
 def precompile_default() -> bool:
