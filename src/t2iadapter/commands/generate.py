@@ -92,15 +92,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run, paired=[])
 
 
-def check_image_file(flag: str, image: str | None) -> None:
-    """An input image a flag names is a file: one line saying which flag, and whether it is missing or a folder."""
-    if image is None or Path(image).is_file():
-        return
-    if Path(image).is_dir():
-        raise ConfigError(f"{flag} {image} is a folder; name an image file")
-    raise ConfigError(f"{flag} {image} does not exist")
-
-
 def output_paths(out: str, n: int, force: bool) -> list[Path]:
     base = Path(out)
     if base.is_dir():
@@ -146,9 +137,12 @@ def run(args: argparse.Namespace) -> int:
     for name, values in (("--weight", args.weight), ("--window", args.window)):
         if values and len(values) != n_adapters:
             raise ConfigError(f"got {len(values)} {name} for {n_adapters} adapters; give one per adapter or none")
+    from t2iadapter.extractors.images import require_file
+
     for flag, image in ([("--condition", c) for c in args.condition] + [("--style-image", args.style_image),
                         ("--init-image", args.init_image), ("--mask", args.mask)]):
-        check_image_file(flag, image)
+        if image is not None:  # named by its flag, before anything loads
+            require_file(image, f"{flag} {image}")
     from t2iadapter.generation.lora import parse_lora
 
     loras = [parse_lora(text) for text in args.lora]

@@ -15,6 +15,14 @@ from t2iadapter.errors import ConditionError
 ImageInput = Union[Image.Image, np.ndarray, str, Path]
 
 
+def require_file(path: "str | Path", what: str) -> None:
+    """An image path names a file: one line saying whether it is a folder or missing (`what` names it)."""
+    if Path(path).is_dir():
+        raise ConditionError(f"{what} is a folder; name an image file")
+    if not Path(path).is_file():
+        raise ConditionError(f"{what} does not exist")
+
+
 def open_image(source: "str | Path | bytes | dict | Image.Image", what: str | None = None,
                max_side: int | None = None) -> Image.Image:
     """The one image reader: a path, bytes, a `datasets` image dict or a PIL image, fully decoded.
@@ -34,10 +42,7 @@ def open_image(source: "str | Path | bytes | dict | Image.Image", what: str | No
         handle: Any = io.BytesIO(source)
     elif isinstance(source, (str, os.PathLike)):
         what = what or f"image {source}"
-        if Path(source).is_dir():
-            raise ConditionError(f"{what} is a folder; name an image file")
-        if not Path(source).is_file():
-            raise ConditionError(f"{what} does not exist")
+        require_file(source, what)
         handle = source
     else:
         raise ConditionError(f"expected an image file, bytes or PIL image, got {type(source).__name__}")
