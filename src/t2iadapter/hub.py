@@ -12,6 +12,11 @@ from typing import Any
 from t2iadapter.errors import CheckpointError
 
 
+def is_id(text: str) -> bool:
+    """`org/repo[/file]` rather than a local path (one that starts with `.`, `/` or `~`, or has no `/`)."""
+    return "/" in text and not text.startswith((".", "/", "~"))
+
+
 def offline() -> bool:
     """huggingface_hub's own offline switch (HF_HUB_OFFLINE, read when it is imported)."""
     from huggingface_hub import constants

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from t2iadapter import hub
 from t2iadapter.errors import CheckpointError, ConfigError
 from t2iadapter.generation.request import Window
 
@@ -69,11 +70,9 @@ def load_controlnet(source: Any) -> ControlNetModel:
             from t2iadapter import assets
 
             path = assets.demo_controlnet_path(text[len("demo/"):])
-        elif text.startswith((".", "/", "~")) or "/" not in text:  # a local path, not a hub id `org/repo[/file]`
+        elif not hub.is_id(text):
             raise CheckpointError(f"ControlNet {text}: no such file or folder")
         else:
-            from t2iadapter import hub
-
             path = hub.adapter_path(text)
     try:
         if path.is_dir():

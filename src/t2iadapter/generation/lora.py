@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from t2iadapter import hub
 from t2iadapter.errors import CheckpointError, ConfigError, MissingWeightsError
 
 
@@ -67,10 +68,8 @@ class Loras:
         if name in self.scales:
             raise ConfigError(f"a LoRA named {name!r} is already loaded; give another name= or unload it first")
         what = source if not isinstance(source, dict) else "(state dict)"
-        if not isinstance(source, dict) and not Path(source).expanduser().exists():
-            text = str(source)
-            if text.startswith((".", "/", "~")) or "/" not in text:  # a local path, not a hub id `org/repo[/file]`
-                raise MissingWeightsError(f"LoRA {text}: no such file or folder")
+        if not isinstance(source, dict) and not Path(source).expanduser().exists() and not hub.is_id(str(source)):
+            raise MissingWeightsError(f"LoRA {source}: no such file or folder")
         host = self.host
         try:
             state_dict, _ = host.lora_state_dict(source.copy() if isinstance(source, dict) else source, **kwargs)
