@@ -129,3 +129,24 @@ def test_serve_warns_nothing_before_a_base_that_cannot_load(tmp_path: Path, capl
     """The "no adapters registered" warning comes after the models load, so a failed start is its one error line."""
     assert cli(["serve", "--base", str(tmp_path), "--port", "1"]) == 2
     assert not [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+
+@pytest.mark.parametrize("memory", ["CPU", "GPU"])
+def test_out_of_memory_is_one_line_saying_what_to_ask_for(memory: str, files: dict[str, Path], monkeypatch, capsys) -> None:
+    """Asking for more than the machine holds fails in torch's allocator deep inside the loop: one line, exit 2."""
+    import torch
+
+    from t2iadapter.generation import loop
+
+    def start(self, *args):
+        if memory == "CPU":  # torch's real CPU allocator refusing, as a too-large batch makes it
+            return torch.empty(2**60, dtype=torch.uint8)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 40.00 GiB (GPU 0; 79.19 GiB total)")
+
+    monkeypatch.setattr(loop.Denoise, "start", start)
+    out = files["image"].parent / "new.png"
+    code = cli(["generate", "--base", "tiny", "--prompt", "a cat", "--steps", "2", "--size", "64x64", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"error: out of {memory} memory in `generate`: ask for less at once"), err
+    assert not out.exists()

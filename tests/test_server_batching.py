@@ -142,6 +142,8 @@ class Flaky:
     def generate_batch(self, requests, **kw):
         if any("boom" in r.prompt for r in requests):
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        if any("huge" in r.prompt for r in requests):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 40.00 GiB (GPU 0; 79.19 GiB total)")
         return self._inner.generate_batch(requests, **kw)
 
 
@@ -155,9 +157,13 @@ def test_a_failing_worker_answers_500_and_keeps_serving(pipe):
         r = c.post("/v1/generate", json=body("boom"))
         assert r.status_code == 500 and "model worker worker0 failed" in r.json()["detail"]
         assert c.post("/v1/generate", json=body("after")).status_code == 200
+        r = c.post("/v1/generate", json=body("huge"))  # out of memory: what to ask for instead, not torch's dump
+        assert r.status_code == 500 and r.json()["detail"] == ("the model worker worker0 ran out of GPU memory on this "
+                                                              "request: ask for fewer images or a smaller size")
+        assert c.post("/v1/generate", json=body("after that")).status_code == 200
         health = c.get("/health").json()
-        assert health["status"] == "ok" and health["workers"][0]["status"] == "up" and health["workers"][0]["failures"] == 2
-        assert scrape(c)[("t2iadapter_rejected_requests_total", (("reason", "server_error"),))] == 1
+        assert health["status"] == "ok" and health["workers"][0]["status"] == "up" and health["workers"][0]["failures"] == 3
+        assert scrape(c)[("t2iadapter_rejected_requests_total", (("reason", "server_error"),))] == 2
 
 
 def test_metrics_move(pipe):

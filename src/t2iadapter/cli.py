@@ -14,7 +14,7 @@ import pkgutil
 import sys
 
 from t2iadapter import commands
-from t2iadapter.errors import ConfigError, T2IAdapterError
+from t2iadapter.errors import ConfigError, T2IAdapterError, out_of_memory
 
 
 class Parser(argparse.ArgumentParser):
@@ -83,6 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # a path the user named cannot be read or written (permissions, a folder, a full disk)
         where = f": {exc.filename}" if exc.filename else ""
         print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        device = out_of_memory(exc)
+        if device is None:
+            raise
+        print(f"error: out of {device} memory in `{args.command}`: ask for less at once (fewer images per call, a "
+              f"smaller size or batch) or free the {device} for this job", file=sys.stderr)
         return 2
 
 

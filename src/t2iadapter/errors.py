@@ -23,3 +23,12 @@ class ConfigError(T2IAdapterError):
 
 class MissingWeightsError(T2IAdapterError):
     """Model weights are needed but are not available offline."""
+
+
+def out_of_memory(exc: BaseException) -> str | None:
+    """Which memory an exception says ran out ("GPU" or "CPU"), or None for any other failure."""
+    if type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(exc):
+        return "GPU"
+    if isinstance(exc, MemoryError) or "can't allocate memory" in str(exc):  # torch's CPU allocator says this
+        return "CPU"
+    return None

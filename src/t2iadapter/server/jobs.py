@@ -19,7 +19,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from t2iadapter.errors import T2IAdapterError
+from t2iadapter.errors import T2IAdapterError, out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -346,7 +346,10 @@ class ModelWorker:
             else:
                 lane.failures += 1
                 log.error("worker %s failed on job %s", lane.name, jobs[0].id, exc_info=exc)
-                exc = WorkerError(f"the model worker {lane.name} failed on this request: {type(exc).__name__}: {exc}")
+                memory = out_of_memory(exc)
+                exc = WorkerError(f"the model worker {lane.name} ran out of {memory} memory on this request: ask for "
+                                  "fewer images or a smaller size" if memory else
+                                  f"the model worker {lane.name} failed on this request: {type(exc).__name__}: {exc}")
             for job in jobs:
                 settle(job, exc=exc)
         else:
