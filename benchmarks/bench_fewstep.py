@@ -10,6 +10,10 @@ rows  diffusers    StableDiffusion(XL)AdapterPipeline + LCMScheduler, fp16, eage
 columns  ms/image (median of --repeats after --warmup calls; wall clock around a synchronised call: text
          encoding, adapter, 4 UNet steps and the VAE decode), first call s, × diffusers, max px diff (0-255,
          vs diffusers, same seed; fast mode's bf16 differs by design).
+stages   where a call's time goes, per row (a second table): after the timed calls, --repeats more calls with
+         the device synchronised around each stage (text encoding, adapter, the UNet steps, VAE decode, output
+         conversion; `other` is the rest of the call: checks, scheduler set-up, for diffusers the condition's
+         preprocessing, which ours counts in `adapter`), median ms per stage. The syncs themselves cost a little, so these calls' total is at least the timed ms/image.
 Target (issue 15): ours-fast ≥ 3× diffusers, and SDXL 1024² ≤ 200 ms per image on an H200.
 
 GPU:   python benchmarks/bench_fewstep.py [--only sd15,sdxl] [--repeats 5]
@@ -19,6 +23,7 @@ Writes $OUT/bench_fewstep.{json,md} (OUT defaults to ./out) and prints the table
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -74,9 +79,51 @@ def timed(call: Callable[[], np.ndarray], device: torch.device, warmup: int, rep
     return {"ms_image": statistics.median(times), "first_call_s": first, "image": image}
 
 
+STAGES = ("text", "adapter", "unet steps", "decode", "output", "other")
+
+
+def breakdown(call: Callable[[], Any], device: torch.device, patches: list[tuple[Any, str, str]],
+              repeats: int) -> dict[str, float]:
+    """Median ms per stage of `repeats` calls, each (owner, attribute, stage) in `patches` timed with the device
+    synchronised around it (instance or module attributes, restored afterwards); `other` = total - stages."""
+    runs: list[dict[str, float]] = []
+    spent: dict[str, float] = {}
+
+    def timed(original: Callable, stage: str) -> Callable:
+        def wrapper(*args, **kwargs):
+            sync(device)
+            t0 = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                sync(device)
+                spent[stage] = spent.get(stage, 0.0) + (time.perf_counter() - t0) * 1e3
+        return wrapper
+
+    with contextlib.ExitStack() as undo:
+        for owner, attr, stage in patches:
+            had = attr in vars(owner)  # an instance attribute (or a module's) to put back, else delete the wrapper
+            original = getattr(owner, attr)
+            setattr(owner, attr, timed(original, stage))
+            if had:
+                undo.callback(setattr, owner, attr, original)
+            else:
+                undo.callback(delattr, owner, attr)
+        for _ in range(repeats):
+            spent.clear()
+            sync(device)
+            t0 = time.perf_counter()
+            call()
+            sync(device)
+            total = (time.perf_counter() - t0) * 1e3
+            runs.append({**spent, "other": total - sum(spent.values()), "total": total})
+    return {k: round(statistics.median(r.get(k, 0.0) for r in runs), 2) for k in (*STAGES, "total")}
+
+
 def run_case(name: str, arch: str, size: int, args, device: torch.device, helpers) -> dict[str, Any]:
     from diffusers import LCMScheduler
 
+    from t2iadapter.generation import loop, text
     from t2iadapter.pipeline import AdapterPipeline
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -94,26 +141,36 @@ def run_case(name: str, arch: str, size: int, args, device: torch.device, helper
                     generator=torch.Generator().manual_seed(0), output_type="np").images[0]
 
     rows["diffusers"] = timed(theirs, device, args.warmup, args.repeats)
+    adapter_ = pipe.adapter
+    rows["diffusers"]["stages"] = breakdown(theirs, device, [
+        (pipe, "encode_prompt", "text"), (adapter_, "forward", "adapter"), (pipe.unet, "forward", "unet steps"),
+        (pipe.vae, "decode", "decode"), (pipe.image_processor, "postprocess", "output")], args.repeats)
 
     ours = AdapterPipeline(base, [adapter])
+    # module functions the pipeline calls through its modules' namespaces, and its own methods
+    ours_stages = [(text, "encode_prompts", "text"), (text, "encode_prompts_batched", "text"),
+                   (ours, "_features", "adapter"), (loop, "denoise_eager", "unet steps"),
+                   (loop, "denoise_fast", "unet steps"), (ours, "decode", "decode"), (ours, "_output", "output")]
 
     def call() -> np.ndarray:
         return ours(PROMPT, [cond], steps=STEPS, guidance_scale=GUIDANCE, scheduler="lcm", size=(size, size), seed=0,
                     output_type="np", progress=False).images[0]
 
     rows["ours-eager"] = timed(call, device, args.warmup, args.repeats)
+    rows["ours-eager"]["stages"] = breakdown(call, device, ours_stages, args.repeats)
     if args.smoke:
         ours.optimize(compile=False, dtype=torch.float32)
     else:
         ours.optimize()
     rows["ours-fast"] = timed(call, device, args.warmup, args.repeats)
+    rows["ours-fast"]["stages"] = breakdown(call, device, ours_stages, args.repeats)
 
     out = {}
     want = rows["diffusers"]["image"]
     for row, r in rows.items():
         out[row] = {"ms_image": round(r["ms_image"], 2), "first_call_s": round(r["first_call_s"], 2),
                     "x_diffusers": round(rows["diffusers"]["ms_image"] / r["ms_image"], 2),
-                    "max_px_diff": round(float(np.abs(r["image"] - want).max()) * 255, 2)}
+                    "max_px_diff": round(float(np.abs(r["image"] - want).max()) * 255, 2), "stages": r["stages"]}
     del pipe, ours, base
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -127,6 +184,11 @@ def table(results: dict[str, Any], header: str) -> str:
         for row, r in rows.items():
             lines.append(f"| {case} | {row} | {r['ms_image']:.1f} | {r['x_diffusers']:.2f} | {r['first_call_s']:.1f} "
                          f"| {r['max_px_diff']:.1f} |")
+    lines += ["", "Where the time goes (ms, median of calls synchronised around each stage):", "",
+              "| case | row | " + " | ".join(STAGES) + " | total |", "|---|---|" + "---|" * (len(STAGES) + 1)]
+    for case, rows in results.items():
+        for row, r in rows.items():
+            lines.append(f"| {case} | {row} | " + " | ".join(f"{r['stages'][k]:.1f}" for k in (*STAGES, "total")) + " |")
     return "\n".join(lines) + "\n"
 
 

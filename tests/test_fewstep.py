@@ -39,3 +39,8 @@ def test_fewstep_benchmark_smoke(tmp_path, monkeypatch):
     assert set(rows) == {"diffusers", "ours-eager", "ours-fast"}
     assert rows["ours-eager"]["max_px_diff"] < 0.5 and rows["ours-fast"]["max_px_diff"] < 0.5
     assert "| tiny | ours-fast |" in (tmp_path / "bench_fewstep.md").read_text()
+    for row in rows.values():  # every stage was seen and the stages add up to the call
+        stages = row["stages"]
+        assert all(stages[k] > 0 for k in ("text", "adapter", "unet steps", "decode")), stages
+        parts = sum(v for k, v in stages.items() if k != "total")
+        assert stages["other"] >= 0 and abs(parts - stages["total"]) <= 0.05 * stages["total"] + 0.1, stages
