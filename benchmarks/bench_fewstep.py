@@ -10,6 +10,8 @@ rows  diffusers    StableDiffusion(XL)AdapterPipeline + LCMScheduler, fp16, eage
 columns  ms/image (median of --repeats after --warmup calls; wall clock around a synchronised call: text
          encoding, adapter, 4 UNet steps and the VAE decode), first call s, × diffusers, max px diff (0-255,
          vs diffusers, same seed; fast mode's bf16 differs by design).
+profile  (GPU) one call of diffusers and of ours-fast under torch.profiler: wall ms and the ms the GPU was busy;
+         their top kernels go to $OUT/bench_fewstep_kernels_CASE_ROW.txt.
 stages   where a call's time goes, per row (a second table): after the timed calls, --repeats more calls with
          the device synchronised around each stage (text encoding, adapter, the UNet steps, VAE decode, output
          conversion; `other` is the rest of the call: checks, scheduler set-up, for diffusers the condition's
@@ -120,6 +122,23 @@ def breakdown(call: Callable[[], Any], device: torch.device, patches: list[tuple
     return {k: round(statistics.median(r.get(k, 0.0) for r in runs), 2) for k in (*STAGES, "total")}
 
 
+def device_busy(call: Callable[[], Any], device: torch.device) -> tuple[dict[str, float], str]:
+    """One call under torch.profiler: its wall ms, the ms the GPU was busy in it, and the top kernels (GPU only:
+    a busy share far below 100 % means the host, not the card, sets the pace)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        call()
+        sync(device)
+    wall = (time.perf_counter() - t0) * 1e3
+    events = prof.key_averages()
+    busy = sum(e.self_device_time_total for e in events if str(e.device_type).endswith("CUDA")) / 1e3
+    table = events.table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=70)
+    return {"wall_ms": round(wall, 2), "busy_ms": round(busy, 2)}, table
+
+
 def run_case(name: str, arch: str, size: int, args, device: torch.device, helpers) -> dict[str, Any]:
     from diffusers import LCMScheduler
 
@@ -164,13 +183,18 @@ def run_case(name: str, arch: str, size: int, args, device: torch.device, helper
         ours.optimize()
     rows["ours-fast"] = timed(call, device, args.warmup, args.repeats)
     rows["ours-fast"]["stages"] = breakdown(call, device, ours_stages, args.repeats)
+    if device.type == "cuda":
+        for row, fn in (("diffusers", theirs), ("ours-fast", call)):
+            rows[row]["profile"], kernels = device_busy(fn, device)
+            (Path(args.out) / f"bench_fewstep_kernels_{name}_{row}.txt").write_text(kernels)
 
     out = {}
     want = rows["diffusers"]["image"]
     for row, r in rows.items():
         out[row] = {"ms_image": round(r["ms_image"], 2), "first_call_s": round(r["first_call_s"], 2),
                     "x_diffusers": round(rows["diffusers"]["ms_image"] / r["ms_image"], 2),
-                    "max_px_diff": round(float(np.abs(r["image"] - want).max()) * 255, 2), "stages": r["stages"]}
+                    "max_px_diff": round(float(np.abs(r["image"] - want).max()) * 255, 2), "stages": r["stages"],
+                    **({"profile": r["profile"]} if "profile" in r else {})}
     del pipe, ours, base
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -189,6 +213,11 @@ def table(results: dict[str, Any], header: str) -> str:
     for case, rows in results.items():
         for row, r in rows.items():
             lines.append(f"| {case} | {row} | " + " | ".join(f"{r['stages'][k]:.1f}" for k in (*STAGES, "total")) + " |")
+    busy = [(case, row, r["profile"]) for case, rows in results.items() for row, r in rows.items() if "profile" in r]
+    if busy:
+        lines += ["", "One call under torch.profiler (top kernels in bench_fewstep_kernels_CASE_ROW.txt):", ""]
+        lines += [f"- {case} {row}: wall {p['wall_ms']:.1f} ms, GPU busy {p['busy_ms']:.1f} ms "
+                  f"({100 * p['busy_ms'] / p['wall_ms']:.0f} %)" for case, row, p in busy]
     return "\n".join(lines) + "\n"
 
 
@@ -207,14 +236,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cases = SMOKE_CASES if args.smoke else GPU_CASES
     names = args.only.split(",") if args.only else list(cases)
     helpers = _inference_helpers()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     results = {name: run_case(name, *cases[name], args, device, helpers) for name in names}
     import diffusers
 
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     header = (f"Device: {card} · torch {torch.__version__} · diffusers {diffusers.__version__} · LCM {STEPS} steps, "
               f"guidance {GUIDANCE}, one adapter, batch 1")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "bench_fewstep.json").write_text(json.dumps({"header": header, "rows": results}, indent=2))
     md = table(results, header)
     (out / "bench_fewstep.md").write_text(md)
