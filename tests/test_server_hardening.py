@@ -321,3 +321,42 @@ def test_the_requests_own_bounds_get_422_at_once(client, field, value):
     r = client.post("/v1/generate", json=gen_body(**{field: value}))
     assert r.status_code == 422 and field in r.text, r.text
     assert time.monotonic() - t < 1.0
+
+
+# ------------------------------------------------------------------ 6. every refusal is one line saying what to fix
+
+def one_line(r, status: int) -> str:
+    """The `detail` of a refusal: the status expected, one line of text (not pydantic's list, no traceback)."""
+    assert r.status_code == status, r.text[:500]
+    detail = r.json()["detail"]
+    assert isinstance(detail, str) and "\n" not in detail and "Traceback" not in detail, detail
+    return detail
+
+
+def raw(text: str) -> dict:
+    return {"content": text.encode(), "headers": {"content-type": "application/json"}}
+
+
+@pytest.mark.parametrize("path, request_kw, words", [
+    ("/v1/generate", {"json": gen_body(seed=-1)}, ["seed", "greater than or equal to 0"]),
+    ("/v1/generate", {"json": gen_body(steps="many")}, ["steps", "valid integer"]),
+    ("/v1/generate", {"json": gen_body(prompt=None)}, ["prompt", "valid string"]),
+    ("/v1/generate", {"json": gen_body(bogus=1, other=2)}, ["unknown fields 'bogus', 'other'", "prompt, negative_prompt"]),
+    ("/v1/generate", {"json": gen_body(adapters={"sketch": {"weight": 1, "scale": 2}})},
+     ["unknown field 'adapters.sketch.scale'", "weight, window"]),
+    ("/v1/generate", {"json": gen_body(adapters={"sketch": {"window": [0, 0.5, 1]}})},
+     ["adapters.sketch.window must be a string or a list", "START:END"]),
+    ("/v1/generate", {"json": {"steps": 2}}, ["prompt is required"]),
+    ("/v1/jobs", raw('{"prompt": "x",'), ["the body is not valid JSON", "send one object"]),
+    ("/v1/jobs", {"json": ["a red star"]}, ["the body must be a JSON object", "GenerateRequest"]),
+    ("/v1/generate", {"data": {"request": "{nope"}}, ["the `request` field is not valid JSON"]),
+    ("/v1/extract", {"json": {}}, ["extractor is required", "image is required"]),
+    ("/v1/extract", {"json": {"extractor": "canny", "image": "", "options": {"low": [1]}}},
+     ["options.low must be an integer, a number, true or false or a string"]),
+])
+def test_invalid_bodies_get_one_line_422(client, path, request_kw, words):
+    if "data" in request_kw:  # multipart: the request field plus a condition file
+        request_kw = dict(request_kw, files={"condition.sketch": ("s.png", png())})
+    detail = one_line(client.post(path, **request_kw), 422)
+    assert all(w in detail for w in words), detail
+    assert client.get("/health").json()["waiting"] == 0

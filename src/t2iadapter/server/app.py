@@ -25,6 +25,7 @@ from t2iadapter.server.jobs import Job, Lane, ModelWorker, QueueFull, Stopped, W
 from t2iadapter.server.limits import BIG_OUTPUT, Limits, ServerSettings
 from t2iadapter.server.schemas import (
     AdapterInfo, ExtractRequest, ExtractResponse, GenerateRequest, GenerateResponse, Health, JobOut, ModelsResponse,
+    explain,
 )  # fmt: skip
 from t2iadapter.server.security import BodyLimit, QuietDisconnect, SameOrigin, TokenGuard
 
@@ -236,7 +237,7 @@ async def read_generate(request: Request) -> tuple[GenerateRequest, dict[str, by
     if not is_multipart(request):
         return validated(GenerateRequest, await json_body(request)), {}
     form = await request.form(max_files=32, max_fields=32)
-    req = validated(GenerateRequest, str(form.get("request") or "{}"))
+    req = validated(GenerateRequest, str(form.get("request") or "{}"), "the `request` field")
     uploads = {}
     for key, value in form.multi_items():
         if key.startswith(CONDITION_FIELD) and hasattr(value, "read"):
@@ -295,10 +296,9 @@ def json_field(text: Any, name: str) -> Any:
         raise HTTPException(422, f"field {name!r} is not valid JSON: {exc}") from None
 
 
-def validated(model: type, body: bytes | str) -> Any:
-    """Parse a JSON body into `model`; 422 with pydantic's reasons when it does not fit."""
+def validated(model: type, body: bytes | str, what: str = "the body") -> Any:
+    """Parse a JSON body into `model`; 422 with pydantic's reasons, as one line, when it does not fit."""
     try:
         return model.model_validate_json(body or b"{}")
     except ValidationError as exc:
-        errors = json.loads(exc.json(include_url=False, include_input=False))
-        raise HTTPException(422, errors) from None
+        raise HTTPException(422, explain(exc, model, what)) from None

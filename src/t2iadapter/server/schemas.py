@@ -1,9 +1,11 @@
 """Request and response bodies of the HTTP API (pydantic models; they are the OpenAPI schema)."""
 from __future__ import annotations
 
+import types
+import typing
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from t2iadapter.generation import request as gen
 
@@ -17,7 +19,7 @@ class AdapterOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     weight: float = Field(USE["weight"], ge=-10.0, le=10.0, description="feature scale (paper §3.3 uses 0..1; >1 strengthens)")
-    window: str | tuple[float, float] = Field(str(USE["window"]), description="START:END fraction of the steps, e.g. '0:0.5'")
+    window: str | tuple[float, float] = Field(str(USE["window"]), description="START:END fraction of the steps, e.g. '0:0.5' or [0, 0.5]")
 
 
 class GenerateRequest(BaseModel):
@@ -134,3 +136,66 @@ class Health(BaseModel):
     running: int
     capacity: int
     workers: list[WorkerInfo] = Field(default_factory=list)
+
+
+# ------------------------------------------------------------------ pydantic's reasons → one line for the client
+
+TYPE_WORDS = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}
+MSG_PREFIXES = ("Value error, ", "Input ", "String ", "Tuple ", "List ", "Dictionary ")
+
+
+def explain(exc: ValidationError, model: type[BaseModel], what: str = "the body") -> str:
+    """A 422 `detail`: each field pydantic refused and what it takes, in one line (`what` names the JSON's source)."""
+    problems: dict[str, str] = {}
+    unions: dict[str, list[str]] = {}  # a field of several types: the members pydantic tried, all refused
+    extra: dict[str, list[str]] = {}  # an object's fields that its model does not have
+    for err in exc.errors(include_url=False, include_input=False):
+        path, parent, info, union = _walk(model, err["loc"])
+        name = ".".join(path)
+        if union:
+            unions.setdefault(name, []).extend(union)
+            kinds = list(dict.fromkeys(TYPE_WORDS.get(t, "a list" if t.startswith(("tuple", "list")) else t)
+                                       for t in unions[name]))
+            kinds = " or ".join(kinds) if len(kinds) < 3 else ", ".join(kinds[:-1]) + " or " + kinds[-1]
+            problems[name] = f"{name} must be {kinds}" + (f" ({info.description})" if info and info.description else "")
+        elif err["type"] == "json_invalid":
+            problems[name] = f"{what} is not valid JSON ({err.get('ctx', {}).get('error', err['msg'])}); send one object"
+        elif not path:
+            problems[name] = f"{what} must be a JSON object with the fields of {model.__name__} (see GET /docs)"
+        elif err["type"] == "missing":
+            problems[name] = f"{name} is required"
+        elif err["type"] == "extra_forbidden":  # one entry for all the unknown fields of one object
+            key = ".".join(path[:-1]) + ".*"
+            extra.setdefault(key, []).append(repr(name))
+            known = f"the fields here are: {', '.join(parent.model_fields)}" if parent else "see GET /docs"
+            problems[key] = f"unknown field{'s' if len(extra[key]) > 1 else ''} {', '.join(extra[key])}; {known}"
+        else:
+            msg = err["msg"]
+            for prefix in MSG_PREFIXES:
+                msg = msg.removeprefix(prefix)
+            problems.setdefault(name, f"{name} {msg}")
+    shown = list(problems.values())
+    more = f" (and {len(shown) - 3} more)" if len(shown) > 3 else ""
+    return "; ".join(shown[:3]) + more
+
+
+def _walk(model: type[BaseModel], loc: tuple) -> tuple[list[str], type[BaseModel] | None, Any, list[str]]:
+    """A pydantic error location → (the field path a client wrote, the model holding its last part, that field's
+    FieldInfo, the union members pydantic tried); union member names are not part of the path."""
+    path: list[str] = []
+    ann: Any = model
+    parent, info, union = None, None, []
+    for part in loc:
+        origin = typing.get_origin(ann)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            parent, info = ann, ann.model_fields.get(str(part))
+            ann = info.annotation if info else None
+        elif origin in (typing.Union, types.UnionType):
+            union.append(str(part))  # what follows is inside that member
+            break
+        elif origin is dict:
+            ann, info = typing.get_args(ann)[1], None
+        else:
+            ann = None
+        path.append(str(part))
+    return path, parent, info, union
