@@ -347,6 +347,13 @@ def raw(text: str) -> dict:
     ("/v1/generate", {"json": gen_body(adapters={"sketch": {"window": [0, 0.5, 1]}})},
      ["adapters.sketch.window must be a string or a list", "START:END"]),
     ("/v1/generate", {"json": {"steps": 2}}, ["prompt is required"]),
+    ("/v1/generate", {"json": gen_body(seed=True)}, ["seed must be a number, not true"]),  # was seed 1
+    ("/v1/generate", {"json": gen_body(steps=True)}, ["steps must be a number, not true"]),
+    ("/v1/jobs", {"json": gen_body(guidance_scale=False)}, ["guidance_scale must be a number, not false"]),
+    ("/v1/generate", {"json": gen_body(adapters={"sketch": {"weight": True}})}, ["adapters.sketch.weight must be a number"]),
+    ("/v1/generate", raw(json.dumps(gen_body(guidance_scale=float("nan")))), ["guidance_scale should be a finite number"]),
+    ("/v1/generate", raw(json.dumps(gen_body(adapters={"sketch": {"weight": float("nan")}}))),
+     ["adapters.sketch.weight should be a finite number"]),
     ("/v1/jobs", raw('{"prompt": "x",'), ["the body is not valid JSON", "send one object"]),
     ("/v1/jobs", {"json": ["a red star"]}, ["the body must be a JSON object", "GenerateRequest"]),
     ("/v1/generate", {"data": {"request": "{nope"}}, ["the `request` field is not valid JSON"]),

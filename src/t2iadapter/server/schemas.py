@@ -5,7 +5,7 @@ import types
 import typing
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from t2iadapter.generation import request as gen
 
@@ -13,13 +13,23 @@ DEFAULTS = gen.defaults()  # every default below comes from GenerationRequest / 
 USE = gen.use_defaults()
 
 
+def not_bool(value: Any) -> Any:
+    """JSON true/false is not a number here (pydantic would read it as 1/0), as in GenerationRequest."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number, not {str(value).lower()}")
+    return value
+
+
 class AdapterOptions(BaseModel):
     """How one registered adapter acts: its weight and the fraction of the steps it is active in."""
 
     model_config = ConfigDict(extra="forbid")
 
-    weight: float = Field(USE["weight"], ge=-10.0, le=10.0, description="feature scale (paper §3.3 uses 0..1; >1 strengthens)")
+    weight: float = Field(USE["weight"], ge=-10.0, le=10.0, allow_inf_nan=False,
+                          description="feature scale (paper §3.3 uses 0..1; >1 strengthens)")
     window: str | tuple[float, float] = Field(str(USE["window"]), description="START:END fraction of the steps, e.g. '0:0.5' or [0, 0.5]")
+
+    _numbers = field_validator("weight", mode="before")(not_bool)
 
 
 class GenerateRequest(BaseModel):
@@ -36,7 +46,8 @@ class GenerateRequest(BaseModel):
     seed: int | None = Field(None, ge=gen.SEED_RANGE[0], lt=gen.SEED_RANGE[1],
                              description="default: random, returned in the parameters")
     steps: int = Field(DEFAULTS["steps"], ge=1, le=gen.MAX_STEPS)
-    guidance_scale: float = Field(DEFAULTS["guidance_scale"], ge=gen.GUIDANCE_RANGE[0], le=gen.GUIDANCE_RANGE[1])
+    guidance_scale: float = Field(DEFAULTS["guidance_scale"], ge=gen.GUIDANCE_RANGE[0], le=gen.GUIDANCE_RANGE[1],
+                                  allow_inf_nan=False)
     width: int | None = Field(None, ge=8, description="default: the base model's size")
     height: int | None = Field(None, ge=8)
     scheduler: str | None = Field(DEFAULTS["scheduler"], description="one of GET /v1/models → schedulers; default: the base's")
@@ -47,13 +58,16 @@ class GenerateRequest(BaseModel):
     num_images: int = Field(DEFAULTS["num_images"], ge=1)
     # --- img2img / inpainting (issue 15) ---
     init_image: str | None = Field(None, description="img2img: base64 image to start from (default size: its own)")
-    strength: float | None = Field(DEFAULTS["strength"], gt=0.0, le=1.0,
+    strength: float | None = Field(DEFAULTS["strength"], gt=0.0, le=1.0, allow_inf_nan=False,
                                    description="with init_image: noise level to start from; default 0.8, 1.0 with a mask")
     mask_image: str | None = Field(None, description="inpainting: base64 mask of init_image's size, white = repaint")
     paste_back: bool = Field(DEFAULTS["paste_back"], description="inpainting: put the kept pixels back exactly")
     # --- ControlNets (issue 16): their conditions go in `conditions` under the registered ControlNet's name ---
     controlnets: dict[str, AdapterOptions] = Field(
         default_factory=dict, description="ControlNet name → weight (controlnet_conditioning_scale) and window")
+
+    _numbers = field_validator("seed", "steps", "guidance_scale", "width", "height", "num_images", "strength",
+                               mode="before")(not_bool)
 
 
 class ImageOut(BaseModel):
