@@ -367,3 +367,11 @@ def test_invalid_bodies_get_one_line_422(client, path, request_kw, words):
     detail = one_line(client.post(path, **request_kw), 422)
     assert all(w in detail for w in words), detail
     assert client.get("/health").json()["waiting"] == 0
+
+
+def test_a_mask_of_another_size_is_refused_before_it_queues(client):
+    """/v1/jobs answered 202 and the job failed in the worker; now both endpoints refuse it at once."""
+    image, mask = base64.b64encode(png(64, 64, "RGB")).decode(), base64.b64encode(png(32, 32)).decode()
+    for path in ("/v1/jobs", "/v1/generate"):
+        detail = one_line(client.post(path, json=gen_body(init_image=image, mask_image=mask)), 422)
+        assert "mask_image is 32x32 but init_image is 64x64" in detail and "mask of the image's size" in detail

@@ -5,7 +5,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from t2iadapter.errors import ConfigError
+from t2iadapter.errors import ConditionError, ConfigError
 from t2iadapter.generation.request import AdapterUse, ControlNetUse, GenerationRequest, Window, use_defaults
 from t2iadapter.server.images import b64_bytes, b64_png, open_bounded
 from t2iadapter.server.limits import Limits
@@ -89,6 +89,10 @@ def source_images(req: GenerateRequest, limits: Limits) -> dict[str, Any]:
         text = getattr(req, name)
         if text is not None:
             out[name] = open_bounded(b64_bytes(text, name), name, limits.max_input_side)
+    if "mask_image" in out and "init_image" in out and out["mask_image"].size != out["init_image"].size:
+        # as the pipeline would (img2img.prepare), but before the request takes a queue slot
+        sizes = ["x".join(map(str, out[n].size)) for n in ("mask_image", "init_image")]
+        raise ConditionError(f"mask_image is {sizes[0]} but init_image is {sizes[1]}; give a mask of the image's size")
     return out
 
 
