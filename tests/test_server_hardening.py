@@ -375,3 +375,26 @@ def test_a_mask_of_another_size_is_refused_before_it_queues(client):
     for path in ("/v1/jobs", "/v1/generate"):
         detail = one_line(client.post(path, json=gen_body(init_image=image, mask_image=mask)), 422)
         assert "mask_image is 32x32 but init_image is 64x64" in detail and "mask of the image's size" in detail
+
+
+GARBAGE = {"content": b"--XyZ\r\nnot a part", "headers": {"content-type": "multipart/form-data; boundary=XyZ"}}
+NO_BOUNDARY = {"content": b"x", "headers": {"content-type": "multipart/form-data"}}
+
+
+@pytest.mark.parametrize("path, request_kw, words", [
+    ("/v1/generate", GARBAGE, ["multipart body cannot be read", "`request` field (JSON) and `condition.<adapter>` files"]),
+    ("/v1/jobs", NO_BOUNDARY, ["multipart body cannot be read (Missing boundary in multipart)", "`request` field"]),
+    ("/v1/extract", GARBAGE, ["multipart body cannot be read", "an `image` file, an `extractor` field"]),
+    ("/v1/extract", {"files": [("image", ("a.png", b"1")), ("image", ("b.png", b"2"))], "data": {"extractor": "canny"}},
+     ["Too many files", "an `image` file"]),
+    ("/v1/generate", {"data": {"request": json.dumps({"prompt": "x"})},
+                      "files": [(f"condition.c{i}", ("c.png", b"x")) for i in range(33)]}, ["Too many files"]),
+    ("/v1/extract", {"files": {"image": ("a.png", png())}}, ["extractor is required"]),  # was "should be a valid string"
+    # the request as a file part is read (here: steps over this server's limit, so nothing runs)
+    ("/v1/generate", {"files": {"request": ("r.json", json.dumps({"prompt": "x", "steps": 9}).encode()),
+                                "condition.sketch": ("s.png", png())}}, ["steps=9 is above this server's limit of 8"]),
+])
+def test_multipart_that_does_not_parse_gets_one_line_422(client, path, request_kw, words):
+    """starlette answered 400 "Invalid multipart data." without saying what to send."""
+    detail = one_line(client.post(path, **request_kw), 422)
+    assert all(w in detail for w in words), detail

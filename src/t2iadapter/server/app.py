@@ -15,6 +15,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from t2iadapter.errors import T2IAdapterError
 from t2iadapter.server import openapi
@@ -236,8 +237,11 @@ async def read_generate(request: Request) -> tuple[GenerateRequest, dict[str, by
     """JSON body, or multipart: a `request` field with that JSON plus `condition.<name>` files."""
     if not is_multipart(request):
         return validated(GenerateRequest, await json_body(request)), {}
-    form = await request.form(max_files=32, max_fields=32)
-    req = validated(GenerateRequest, str(form.get("request") or "{}"), "the `request` field")
+    form = await read_form(request, "send a `request` field (JSON) and `condition.<adapter>` files", 32)
+    text = form.get("request")
+    if hasattr(text, "read"):  # sent as a file (curl -F request=@body.json)
+        text = (await text.read()).decode("utf-8", "replace")
+    req = validated(GenerateRequest, str(text or "{}"), "the `request` field")
     uploads = {}
     for key, value in form.multi_items():
         if key.startswith(CONDITION_FIELD) and hasattr(value, "read"):
@@ -252,12 +256,24 @@ async def read_extract(request: Request) -> tuple[ExtractRequest, bytes]:
     if not is_multipart(request):
         req = validated(ExtractRequest, await json_body(request))
         return req, b64_bytes(req.image, "image")
-    form = await request.form(max_files=1, max_fields=8)
+    form = await read_form(request, "send an `image` file, an `extractor` field and optional `options` (JSON)", 1, 8)
     upload = form.get("image")
     if not hasattr(upload, "read"):
         raise HTTPException(422, "multipart extract needs an `image` file field")
     fields = {"extractor": form.get("extractor"), "image": "", "options": json_field(form.get("options"), "options")}
+    if fields["extractor"] is None:
+        del fields["extractor"]  # "extractor is required", not "should be a valid string"
     return validated(ExtractRequest, json.dumps(fields)), await upload.read()
+
+
+async def read_form(request: Request, hint: str, max_files: int, max_fields: int = 32) -> Any:
+    """The multipart form; a body that does not parse (starlette's 400) is a 422 saying what to send."""
+    try:
+        return await request.form(max_files=max_files, max_fields=max_fields)
+    except StarletteHTTPException as exc:
+        if exc.status_code != 400:  # 413 from the body limit stays
+            raise
+        raise HTTPException(422, f"the multipart body cannot be read ({str(exc.detail).rstrip('.')}); {hint}") from None
 
 
 def is_public(path: str) -> bool:
