@@ -369,6 +369,14 @@ def test_invalid_bodies_get_one_line_422(client, path, request_kw, words):
     assert client.get("/health").json()["waiting"] == 0
 
 
+def test_an_unknown_scheduler_is_refused_before_it_queues(client):
+    """/v1/jobs answered 202 and the job failed in the worker (only /v1/generate, waiting for it, got the 422)."""
+    for path in ("/v1/jobs", "/v1/generate"):
+        detail = one_line(client.post(path, json=gen_body(scheduler="warp-drive")), 422)
+        assert "unknown scheduler 'warp-drive'; choose one of ddim" in detail
+    assert client.get("/health").json()["waiting"] == 0
+
+
 def test_a_mask_of_another_size_is_refused_before_it_queues(client):
     """/v1/jobs answered 202 and the job failed in the worker; now both endpoints refuse it at once."""
     image, mask = base64.b64encode(png(64, 64, "RGB")).decode(), base64.b64encode(png(32, 32)).decode()

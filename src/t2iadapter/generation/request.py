@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from t2iadapter.errors import ConfigError
+from t2iadapter.generation.schedulers import scheduler_key
 
 COMPOSE_MODES = ("sum", "fuser")
 # How the fuser meets step windows: "once" (the original CoAdapter: fuse all conditions once, gate the fused
@@ -144,6 +145,8 @@ class GenerationRequest:
         if not (self.scheduler is None or isinstance(self.scheduler, str)
                 or (hasattr(self.scheduler, "config") and hasattr(self.scheduler, "step"))):
             raise ConfigError(f"scheduler must be a name or a diffusers scheduler, not {type(self.scheduler).__name__}")
+        if isinstance(self.scheduler, str):  # an unknown name fails here, not when a worker runs the request
+            scheduler_key(self.scheduler)
         if not isinstance(self.steps, int) or not 1 <= self.steps <= MAX_STEPS:
             raise ConfigError(f"steps must be between 1 and {MAX_STEPS}, got {self.steps}")
         if not isinstance(self.num_images, int) or self.num_images < 1:

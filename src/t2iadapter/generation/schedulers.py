@@ -32,6 +32,14 @@ def scheduler_names() -> list[str]:
     return list(SCHEDULERS)
 
 
+def scheduler_key(name: str) -> str:
+    """The `SCHEDULERS` key of a name or alias (any case); ConfigError naming the choices for another name."""
+    key = _ALIASES.get(name.lower().strip(), name.lower().strip())
+    if key not in SCHEDULERS:
+        raise ConfigError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    return key
+
+
 def make_scheduler(name: Any, base_scheduler: Any):
     """A fresh scheduler of the named kind (None: the base's own kind), configured like the base's.
 
@@ -45,10 +53,7 @@ def make_scheduler(name: Any, base_scheduler: Any):
         return type(base_scheduler).from_config(config)
     if not isinstance(name, str):
         return type(name).from_config(name.config)
-    key = _ALIASES.get(name.lower().strip(), name.lower().strip())
-    if key not in SCHEDULERS:
-        raise ConfigError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
-    cls_name, extra = SCHEDULERS[key]
+    cls_name, extra = SCHEDULERS[scheduler_key(name)]
     return getattr(diffusers, cls_name).from_config(dict(config), **extra)
 
 
