@@ -406,3 +406,28 @@ def test_multipart_that_does_not_parse_gets_one_line_422(client, path, request_k
     """starlette answered 400 "Invalid multipart data." without saying what to send."""
     detail = one_line(client.post(path, **request_kw), 422)
     assert all(w in detail for w in words), detail
+
+
+def png_header(w: int, h: int) -> bytes:
+    """A PNG whose header claims w x h pixels (a few bytes of data: a decompression bomb's shape)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("field", ["conditions", "init_image", "extract"])
+def test_a_bomb_header_says_too_large_not_unreadable(client, field):
+    """A 100000² PNG header: PIL refuses it before the size check; it said "not an image PIL can read"."""
+    bomb = base64.b64encode(png_header(100_000, 100_000)).decode()
+    if field == "extract":
+        r = client.post("/v1/extract", json={"extractor": "canny", "image": bomb})
+    else:
+        r = client.post("/v1/generate", json=gen_body(**({"conditions": {"sketch": bomb}} if field == "conditions"
+                                                         else {"init_image": bomb})))
+    detail = one_line(r, 422)
+    assert "too large to decode" in detail and "at most 256 pixels a side" in detail, detail

@@ -48,6 +48,9 @@ def open_image(source: "str | Path | bytes | dict | Image.Image", what: str | No
         raise ConditionError(f"expected an image file, bytes or PIL image, got {type(source).__name__}")
     try:
         image = Image.open(handle)
+    except Image.DecompressionBombError:  # its header claims more than ~179M pixels: PIL refuses before decoding
+        bound = f"; images may be at most {max_side} pixels a side" if max_side else ""
+        raise ConditionError(f"{what} is too large to decode (over {2 * Image.MAX_IMAGE_PIXELS} pixels){bound}") from None
     except Exception:
         raise ConditionError(f"cannot read {what}: not an image PIL can read (PNG, JPEG or WebP)") from None
     w, h = image.size
