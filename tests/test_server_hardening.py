@@ -431,3 +431,29 @@ def test_a_bomb_header_says_too_large_not_unreadable(client, field):
                                                          else {"init_image": bomb})))
     detail = one_line(r, 422)
     assert "too large to decode" in detail and "at most 256 pixels a side" in detail, detail
+
+
+@dataclass
+class NoWeights(Extractor):
+    """Test double: a model-based extractor whose weights this server does not have."""
+
+    name = "noweights"
+    feeds = ()
+    channels = 1
+    recipe = "needs weights nobody installed"
+
+    def __call__(self, image):
+        from t2iadapter.errors import MissingWeightsError
+
+        raise MissingWeightsError("weights for X are not available. Get them and pass --model DIR")
+
+
+def test_an_extractor_without_its_weights_is_503_for_the_operator(pipe, monkeypatch, caplog):
+    """It was a 422 telling the client to pass --model DIR, an option only the operator may set."""
+    monkeypatch.setitem(extractors.REGISTRY, "noweights", NoWeights)
+    with TestClient(create_app(pipe, limits=LIMITS)) as c:
+        image = base64.b64encode(png(16, 16, "RGB")).decode()
+        detail = one_line(c.post("/v1/extract", json={"extractor": "noweights", "image": image}), 503)
+        assert "extractor 'noweights' is not available on this server" in detail and "--model" not in detail
+        assert "--model DIR" in caplog.text  # the operator's advice goes to the log
+        assert c.post("/v1/extract", json={"extractor": "canny", "image": image}).status_code == 200

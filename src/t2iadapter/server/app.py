@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from t2iadapter.errors import T2IAdapterError
 from t2iadapter.server import openapi
-from t2iadapter.server.extraction import ExtractorPool, describe
+from t2iadapter.server.extraction import ExtractorPool, ExtractorUnavailable, describe
 from t2iadapter.server.generation import UnknownName, batch_key, make_runner, prepare, warm
 from t2iadapter.server.images import b64_bytes, b64_png, open_bounded
 from t2iadapter.server.jobs import Job, Lane, ModelWorker, QueueFull, Stopped, WorkerError, WorkerStopped
@@ -100,6 +100,10 @@ def create_app(
     @app.exception_handler(QueueFull)
     async def _full(_r: Request, exc: QueueFull) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, 429, headers={"Retry-After": str(exc.retry_after)})
+
+    @app.exception_handler(ExtractorUnavailable)
+    async def _unavailable(_r: Request, exc: ExtractorUnavailable) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, 503)
 
     @app.exception_handler(WorkerStopped)
     async def _stopped(_r: Request, exc: WorkerStopped) -> JSONResponse:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -10,9 +11,11 @@ from typing import Any
 from PIL import Image
 
 from t2iadapter import extractors
-from t2iadapter.errors import ConfigError
+from t2iadapter.errors import ConfigError, MissingWeightsError
 from t2iadapter.server.generation import check_name
 from t2iadapter.server.jobs import QueueFull, release_memory
+
+log = logging.getLogger(__name__)
 
 # Options that name files or devices are the operator's choice, never a client's.
 SERVER_ONLY_OPTIONS = frozenset({"model", "device"})
@@ -33,6 +36,10 @@ def describe(name: str) -> dict[str, Any]:
         "recipe": cls.recipe,
         "options": {k: default for k, (_t, default) in cls.options().items() if k not in SERVER_ONLY_OPTIONS},
     }
+
+
+class ExtractorUnavailable(Exception):
+    """An extractor whose weights this server lacks (→ 503): the operator's to fix, not the client's (→ 422)."""
 
 
 class ExtractorPool:
@@ -85,6 +92,12 @@ class ExtractorPool:
         self._active += 1
         try:
             out = await asyncio.get_running_loop().run_in_executor(self._executor, _extract, extractor, image)
+        except MissingWeightsError as exc:  # its advice (--model DIR) is for the operator: a client may not set it
+            log.warning("extractor %s cannot run: %s", extractor.name, exc)
+            raise ExtractorUnavailable(
+                f"extractor {extractor.name!r} is not available on this server: its weights are not installed (the "
+                "server log says which); use an extractor that needs no weights (GET /v1/models) or ask the operator"
+            ) from None
         finally:
             self._active -= 1
         if not isinstance(out, Image.Image):
