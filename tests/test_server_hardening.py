@@ -457,3 +457,18 @@ def test_an_extractor_without_its_weights_is_503_for_the_operator(pipe, monkeypa
         assert "extractor 'noweights' is not available on this server" in detail and "--model" not in detail
         assert "--model DIR" in caplog.text  # the operator's advice goes to the log
         assert c.post("/v1/extract", json={"extractor": "canny", "image": image}).status_code == 200
+
+
+def test_a_request_needing_weights_the_server_lacks_is_503(client, monkeypatch, caplog):
+    """A style adapter without CLIP vision weights failed in the worker as a 422 telling the client to pass --model."""
+    from t2iadapter.errors import MissingWeightsError
+
+    def missing(*_a, **_kw):
+        raise MissingWeightsError("style: weights for CLIP are not available. Get them and pass --model DIR")
+
+    monkeypatch.setattr(client.app.state.pipeline, "generate_batch", missing)
+    detail = one_line(client.post("/v1/generate", json=gen_body()), 503)
+    assert "model weights it needs are not installed" in detail and "--model" not in detail
+    assert "--model DIR" in caplog.text
+    monkeypatch.undo()
+    assert client.post("/v1/generate", json=gen_body()).status_code == 200

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from t2iadapter.errors import T2IAdapterError
+from t2iadapter.errors import MissingWeightsError, T2IAdapterError
 from t2iadapter.server import openapi
 from t2iadapter.server.extraction import ExtractorPool, ExtractorUnavailable, describe
 from t2iadapter.server.generation import UnknownName, batch_key, make_runner, prepare, warm
@@ -100,6 +100,13 @@ def create_app(
     @app.exception_handler(QueueFull)
     async def _full(_r: Request, exc: QueueFull) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, 429, headers={"Retry-After": str(exc.retry_after)})
+
+    @app.exception_handler(MissingWeightsError)
+    async def _no_weights(_r: Request, exc: MissingWeightsError) -> JSONResponse:
+        log.warning("a request needs weights this server does not have: %s", exc)  # the advice is the operator's
+        return JSONResponse({"detail": "this server cannot run the request: model weights it needs are not installed "
+                                       "(the server log says which); leave out the adapter that needs them (e.g. a "
+                                       "style adapter needs CLIP vision weights) or ask the operator"}, 503)
 
     @app.exception_handler(ExtractorUnavailable)
     async def _unavailable(_r: Request, exc: ExtractorUnavailable) -> JSONResponse:

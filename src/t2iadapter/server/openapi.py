@@ -34,7 +34,8 @@ GENERATE_ERRORS: dict[int | str, dict[str, Any]] = {
     422: {"description": "invalid or out-of-bounds parameters (--max-steps, --max-side, --max-work...), with the reason"},
     429: {"description": "the queue is full; see Retry-After"},
     500: {"description": "a model worker failed on the request for a reason that is not the client's (it keeps serving)"},
-    503: {"description": "no model worker is running (starting up, failed warm-up, or shutting down)"},
+    503: {"description": "no model worker is running (starting up, failed warm-up, or shutting down), or the "
+                          "server lacks model weights the request needs (e.g. CLIP vision for a style adapter)"},
     504: {"description": "the request did not finish within --timeout"},
 }
 
