@@ -347,6 +347,7 @@ def raw(text: str) -> dict:
     ("/v1/generate", {"json": gen_body(adapters={"sketch": {"window": [0, 0.5, 1]}})},
      ["adapters.sketch.window must be a string or a list", "START:END"]),
     ("/v1/generate", {"json": {"steps": 2}}, ["prompt is required"]),
+    ("/v1/generate", {"json": gen_body(width="9" * 5000)}, ["width: unable to parse input string as an integer"]),
     ("/v1/generate", {"json": gen_body(seed=True)}, ["seed must be a number, not true"]),  # was seed 1
     ("/v1/generate", {"json": gen_body(steps=True)}, ["steps must be a number, not true"]),
     ("/v1/jobs", {"json": gen_body(guidance_scale=False)}, ["guidance_scale must be a number, not false"]),
@@ -398,12 +399,14 @@ NO_BOUNDARY = {"content": b"x", "headers": {"content-type": "multipart/form-data
     ("/v1/generate", {"data": {"request": json.dumps({"prompt": "x"})},
                       "files": [(f"condition.c{i}", ("c.png", b"x")) for i in range(33)]}, ["Too many files"]),
     ("/v1/extract", {"files": {"image": ("a.png", png())}}, ["extractor is required"]),  # was "should be a valid string"
+    ("/v1/extract", {"files": {"image": ("a.png", png())}, "data": {"extractor": "canny", "threshold": "9"}},
+     ["unexpected multipart field 'threshold'", "`options`"]),  # was ignored: 200 with the default options
     # the request as a file part is read (here: steps over this server's limit, so nothing runs)
     ("/v1/generate", {"files": {"request": ("r.json", json.dumps({"prompt": "x", "steps": 9}).encode()),
                                 "condition.sketch": ("s.png", png())}}, ["steps=9 is above this server's limit of 8"]),
 ])
-def test_multipart_that_does_not_parse_gets_one_line_422(client, path, request_kw, words):
-    """starlette answered 400 "Invalid multipart data." without saying what to send."""
+def test_bad_multipart_gets_one_line_422(client, path, request_kw, words):
+    """starlette answered 400 "Invalid multipart data." without saying what to send; extract ignored unknown fields."""
     detail = one_line(client.post(path, **request_kw), 422)
     assert all(w in detail for w in words), detail
 

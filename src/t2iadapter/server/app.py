@@ -271,6 +271,9 @@ async def read_extract(request: Request) -> tuple[ExtractRequest, bytes]:
     upload = form.get("image")
     if not hasattr(upload, "read"):
         raise HTTPException(422, "multipart extract needs an `image` file field")
+    unexpected = sorted(set(form) - {"image", "extractor", "options"})
+    if unexpected:  # as the JSON body and multipart generate: nothing a client sends is silently dropped
+        raise HTTPException(422, f"unexpected multipart field {unexpected[0]!r}; send `image`, `extractor`, `options`")
     fields = {"extractor": form.get("extractor"), "image": "", "options": json_field(form.get("options"), "options")}
     if fields["extractor"] is None:
         del fields["extractor"]  # "extractor is required", not "should be a valid string"

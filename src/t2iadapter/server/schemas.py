@@ -187,7 +187,8 @@ def explain(exc: ValidationError, model: type[BaseModel], what: str = "the body"
             msg = err["msg"]
             for prefix in MSG_PREFIXES:
                 msg = msg.removeprefix(prefix)
-            problems.setdefault(name, f"{name} {msg}")
+            problems.setdefault(name, f"{name} {msg}" if msg.startswith(("should ", "must ")) else
+                                f"{name}: {msg[:1].lower()}{msg[1:]}")
     shown = list(problems.values())
     more = f" (and {len(shown) - 3} more)" if len(shown) > 3 else ""
     return "; ".join(shown[:3]) + more
