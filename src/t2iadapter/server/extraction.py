@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -41,6 +43,16 @@ def describe(name: str) -> dict[str, Any]:
 class ExtractorUnavailable(Exception):
     """An extractor whose weights this server lacks (→ 503): the operator's to fix, not the client's (→ 422)."""
 
+    def __init__(self, name: str) -> None:
+        super().__init__(f"extractor {name!r} is not available on this server: its weights are not installed (the "
+                         "server log says which); use an extractor that needs no weights (GET /v1/models) or ask the "
+                         "operator")
+
+
+# After an extractor's weights were found missing, refuse it at once for this long: looking again asks the hub,
+# which without a network can take seconds (a DNS or connect timeout) on the one extraction thread.
+RECHECK_WEIGHTS_S = 60.0
+
 
 class ExtractorPool:
     """Builds extractors on demand, keeps the last few (model-based ones hold weights), runs one at a time.
@@ -57,11 +69,14 @@ class ExtractorPool:
         self._executor: ThreadPoolExecutor | None = None
         self._max_waiting = max_waiting
         self._active = 0  # extractions running or waiting (counted on the event loop)
+        self._missing: dict[str, float] = {}  # extractor name → when its weights were last found missing
         self.names = offered()
 
     def build(self, name: str, options: dict[str, Any]) -> extractors.Extractor:
         """Check the name and options (typed and bounded like the CLI's) and return a ready extractor."""
         check_name(name, self.names, "extractor")
+        if time.monotonic() - self._missing.get(name, -math.inf) < RECHECK_WEIGHTS_S:
+            raise ExtractorUnavailable(name)
         forbidden = sorted(SERVER_ONLY_OPTIONS & set(options))
         if forbidden:
             raise ConfigError(f"option {', '.join(forbidden)} is set by the server operator, not per request")
@@ -94,10 +109,8 @@ class ExtractorPool:
             out = await asyncio.get_running_loop().run_in_executor(self._executor, _extract, extractor, image)
         except MissingWeightsError as exc:  # its advice (--model DIR) is for the operator: a client may not set it
             log.warning("extractor %s cannot run: %s", extractor.name, exc)
-            raise ExtractorUnavailable(
-                f"extractor {extractor.name!r} is not available on this server: its weights are not installed (the "
-                "server log says which); use an extractor that needs no weights (GET /v1/models) or ask the operator"
-            ) from None
+            self._missing[extractor.name] = time.monotonic()
+            raise ExtractorUnavailable(extractor.name) from None
         finally:
             self._active -= 1
         if not isinstance(out, Image.Image):
