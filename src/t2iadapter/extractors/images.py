@@ -50,7 +50,8 @@ def open_image(source: "str | Path | bytes | dict | Image.Image", what: str | No
         image = Image.open(handle)
     except Image.DecompressionBombError:  # its header claims more than ~179M pixels: PIL refuses before decoding
         bound = f"; images may be at most {max_side} pixels a side" if max_side else ""
-        raise ConditionError(f"{what} is too large to decode (over {2 * Image.MAX_IMAGE_PIXELS} pixels){bound}") from None
+        limit = 2 * Image.MAX_IMAGE_PIXELS
+        raise ConditionError(f"{what} is too large to decode (over {limit} pixels){bound}") from None
     except Exception:
         raise ConditionError(f"cannot read {what}: not an image PIL can read (PNG, JPEG or WebP)") from None
     w, h = image.size

@@ -27,7 +27,8 @@ class AdapterOptions(BaseModel):
 
     weight: float = Field(USE["weight"], ge=-10.0, le=10.0, allow_inf_nan=False,
                           description="feature scale (paper §3.3 uses 0..1; >1 strengthens)")
-    window: str | tuple[float, float] = Field(str(USE["window"]), description="START:END fraction of the steps, e.g. '0:0.5' or [0, 0.5]")
+    window: str | tuple[float, float] = Field(str(USE["window"]),
+                                              description="START:END fraction of the steps, e.g. '0:0.5' or [0, 0.5]")
 
     _numbers = field_validator("weight", mode="before")(not_bool)
 
@@ -173,7 +174,8 @@ def explain(exc: ValidationError, model: type[BaseModel], what: str = "the body"
             kinds = " or ".join(kinds) if len(kinds) < 3 else ", ".join(kinds[:-1]) + " or " + kinds[-1]
             problems[name] = f"{name} must be {kinds}" + (f" ({info.description})" if info and info.description else "")
         elif err["type"] == "json_invalid":
-            problems[name] = f"{what} is not valid JSON ({err.get('ctx', {}).get('error', err['msg'])}); send one object"
+            reason = err.get("ctx", {}).get("error", err["msg"])
+            problems[name] = f"{what} is not valid JSON ({reason}); send one object"
         elif not path:
             problems[name] = f"{what} must be a JSON object with the fields of {model.__name__} (see GET /docs)"
         elif err["type"] == "missing":
