@@ -200,3 +200,29 @@ def test_one_validation_for_api_cli_and_server(bad, match):
 
     assert {m.ge for m in GenerateRequest.model_fields["guidance_scale"].metadata if hasattr(m, "ge")} == {GUIDANCE_RANGE[0]}
     assert {m.lt for m in GenerateRequest.model_fields["seed"].metadata if hasattr(m, "lt")} == {SEED_RANGE[1]}
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(prompt=3), "prompt must be a string"), (dict(prompt=None), "prompt must be a string"),
+    (dict(prompt=["a", 3]), "prompt must be a string"), (dict(negative_prompt=3), "negative_prompt must be a string"),
+    (dict(prompt_2=[3]), "prompt_2 must be a string"), (dict(steps=True), "steps"),
+    (dict(size=(63.5, 64)), "whole pixels"), (dict(original_size=(64.5, 64)), "original_size"),
+    (dict(paste_back="yes", init_image="x.png", mask_image="m.png"), "paste_back must be True or False"),
+    (dict(adapters=[("sketch", "x.png")]), "AdapterUse"),
+])
+def test_request_refuses_wrong_types(bad, match):
+    """API sweep: each of these was a TypeError/AttributeError deep inside, or silently truncated/taken as true."""
+    with pytest.raises(ConfigError, match=match):
+        GenerationRequest(**{"prompt": "p", **bad})
+
+
+def test_request_refuses_wrong_parts():
+    from diffusers import DDIMScheduler
+
+    with pytest.raises(ConfigError, match="not the class DDIMScheduler"):
+        GenerationRequest("p", scheduler=DDIMScheduler)
+    with pytest.raises(ConfigError, match="must be numbers"):
+        Window("0", "1")
+    with pytest.raises(ConfigError, match="name must be a string"):
+        AdapterUse(3, "x.png")
+    assert GenerationRequest("p", size=(64.0, 64)).size == (64, 64)

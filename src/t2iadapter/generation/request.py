@@ -6,6 +6,7 @@ schema and, through `GET /v1/models`, the web page all take their defaults from 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -39,6 +40,8 @@ class Window:
     end: float = 1.0
 
     def __post_init__(self) -> None:
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (self.start, self.end)):
+            raise ConfigError(f"window start and end must be numbers, got {self.start!r}:{self.end!r}")
         if not (0.0 <= self.start <= self.end <= 1.0):
             raise ConfigError(f"window {self.start}:{self.end} must satisfy 0 <= start <= end <= 1")
 
@@ -85,6 +88,8 @@ class AdapterUse:
     window: Window = Window()  # the steps in which it acts (original `cond_tau` = Window(0, tau))
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise ConfigError(f"an adapter's name must be a string, got {self.name!r}")
         object.__setattr__(self, "window", Window.parse(self.window))
         if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not math.isfinite(self.weight):
             raise ConfigError(f"weight of {self.name!r} must be a finite number, got {self.weight!r}")
@@ -126,15 +131,24 @@ class GenerationRequest:
     original_size: tuple[int, int] | None = None  # SDXL micro-conditioning (width, height); None: the output canvas
 
     def __post_init__(self) -> None:
-        prompt = self.prompt if isinstance(self.prompt, str) else tuple(self.prompt)
-        object.__setattr__(self, "prompt", prompt)
-        if not self.prompts or not all(isinstance(p, str) for p in self.prompts):
+        object.__setattr__(self, "prompt", _texts("prompt", self.prompt))
+        if not self.prompts:
             raise ConfigError("no prompt given")
-        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
-            object.__setattr__(self, "negative_prompt", tuple(self.negative_prompt))
-            if len(self.negative_prompt) != len(self.prompts):
-                raise ConfigError(f"got {len(self.negative_prompt)} negative prompts for {len(self.prompts)} prompts")
-        object.__setattr__(self, "adapters", tuple(self.adapters))
+        for name in ("negative_prompt", "prompt_2", "negative_prompt_2"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, _texts(name, value))
+                if not isinstance(getattr(self, name), str) and len(getattr(self, name)) != len(self.prompts):
+                    label = "negative prompts" if name == "negative_prompt" else name
+                    raise ConfigError(f"got {len(getattr(self, name))} {label} for {len(self.prompts)} prompts")
+        adapters = (self.adapters,) if isinstance(self.adapters, AdapterUse) else self.adapters
+        try:
+            object.__setattr__(self, "adapters", tuple(adapters))
+        except TypeError:
+            raise ConfigError(f"adapters must be a list of AdapterUse, not {type(self.adapters).__name__}") from None
+        for use in self.adapters:
+            if not isinstance(use, AdapterUse):
+                raise ConfigError(f"adapters must be AdapterUse(name, condition, ...) items, got {use!r:.60}")
         names = [u.name for u in self.adapters]
         if len(set(names)) != len(names):
             raise ConfigError(f"an adapter is used twice: {names}")
@@ -142,14 +156,17 @@ class GenerationRequest:
             if isinstance(use.condition, (list, tuple)) and len(use.condition) != len(self.prompts):
                 raise ConfigError(f"{use.name!r} got {len(use.condition)} conditions for {len(self.prompts)} prompts; "
                                   "give one condition, or one per prompt")
+        if isinstance(self.scheduler, type):
+            raise ConfigError(f"scheduler must be a name or a scheduler object, not the class {self.scheduler.__name__} "
+                              f"(e.g. {self.scheduler.__name__}.from_config(pipe.base.scheduler.config))")
         if not (self.scheduler is None or isinstance(self.scheduler, str)
                 or (hasattr(self.scheduler, "config") and hasattr(self.scheduler, "step"))):
             raise ConfigError(f"scheduler must be a name or a diffusers scheduler, not {type(self.scheduler).__name__}")
         if isinstance(self.scheduler, str):  # an unknown name fails here, not when a worker runs the request
             scheduler_key(self.scheduler)
-        if not isinstance(self.steps, int) or not 1 <= self.steps <= MAX_STEPS:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or not 1 <= self.steps <= MAX_STEPS:
             raise ConfigError(f"steps must be between 1 and {MAX_STEPS}, got {self.steps}")
-        if not isinstance(self.num_images, int) or self.num_images < 1:
+        if isinstance(self.num_images, bool) or not isinstance(self.num_images, int) or self.num_images < 1:
             raise ConfigError(f"num_images must be >= 1, got {self.num_images}")
         lo, hi = GUIDANCE_RANGE
         if (isinstance(self.guidance_scale, bool) or not isinstance(self.guidance_scale, (int, float))
@@ -162,9 +179,10 @@ class GenerationRequest:
         if self.size is not None:
             size = (self.size, self.size) if isinstance(self.size, int) and not isinstance(self.size, bool) else self.size
             try:
-                w, h = (int(v) for v in size)
+                w, h = (_whole(v) for v in size)
             except (TypeError, ValueError):
-                raise ConfigError(f"size must be (width, height) or one side for a square, got {self.size!r}") from None
+                raise ConfigError(f"size must be (width, height) in whole pixels, or one side for a square, "
+                                  f"got {self.size!r}") from None
             lo, hi = SIDE_RANGE
             if not (lo <= w <= hi and lo <= h <= hi):
                 raise ConfigError(f"size {w}x{h} is out of range ({lo}..{hi} pixels a side)")
@@ -179,15 +197,9 @@ class GenerationRequest:
         if self.clip_skip is not None and (isinstance(self.clip_skip, bool) or not isinstance(self.clip_skip, int)
                                            or self.clip_skip < 0):
             raise ConfigError(f"clip_skip must be a whole number >= 0, got {self.clip_skip!r}")
-        for name in ("prompt_2", "negative_prompt_2"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, str):
-                object.__setattr__(self, name, tuple(value))
-                if len(getattr(self, name)) != len(self.prompts):
-                    raise ConfigError(f"got {len(getattr(self, name))} {name} for {len(self.prompts)} prompts")
         if self.original_size is not None:
             try:
-                w, h = (int(v) for v in self.original_size)
+                w, h = (_whole(v) for v in self.original_size)
             except (TypeError, ValueError):
                 raise ConfigError(f"original_size must be (width, height), got {self.original_size!r}") from None
             if not (w > 0 and h > 0):
@@ -197,6 +209,8 @@ class GenerationRequest:
 
     def _check_source(self) -> None:
         """img2img / inpainting options: strength in (0, 1] and at least one step; a mask needs an image."""
+        if not isinstance(self.paste_back, bool):
+            raise ConfigError(f"paste_back must be True or False, got {self.paste_back!r}")
         if self.init_image is None:
             for name in ("strength", "mask_image"):
                 if getattr(self, name) is not None:
@@ -246,6 +260,26 @@ class GenerationRequest:
         """
         return (self.size or size, self.steps, self.scheduler, self.guidance_scale, self.eta, self.compose,
                 self.fuser_windows, tuple(sorted(u.name for u in self.adapters)))
+
+
+def _texts(name: str, value: Any) -> str | tuple[str, ...]:
+    """A string, or a tuple of strings from any list of them (one per prompt)."""
+    if isinstance(value, str):
+        return value
+    try:
+        items = tuple(value)
+    except TypeError:
+        items = None
+    if items is None or not all(isinstance(v, str) for v in items):
+        raise ConfigError(f"{name} must be a string or a list of strings, got {value!r:.60}")
+    return items
+
+
+def _whole(value: Any) -> int:
+    """A whole number of pixels (64 or 64.0; not 63.5, not True): silently truncating would change the size."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value != int(value):
+        raise ValueError(value)
+    return int(value)
 
 
 def use_defaults() -> dict[str, Any]:
