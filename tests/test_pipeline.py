@@ -189,3 +189,58 @@ def test_cli_export_base_writes_a_loadable_folder(tmp_path, capsys):
     assert not base.is_sdxl and list(base.unet.config.block_out_channels) == [32, 32, 64, 64]
     assert cli(["export-base", "tiny", str(tmp_path / "sd")]) == 2  # not empty: no silent overwrite
     assert "not empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kw, error, match", [
+    (dict(conditions=[torch.rand(1, 64, 64) * 255]), ConditionError, "in \\[0, 1\\]"),
+    (dict(conditions=[torch.full((1, 64, 64), float("nan"))]), ConditionError, "NaN"),
+    (dict(conditions=[-torch.rand(1, 64, 64)]), ConditionError, "in \\[0, 1\\]"),
+    (dict(conditions=[Image.new("L", (0, 0))]), ConditionError, "empty"),
+    (dict(conditions=[torch.rand(1, 0, 0)]), ConditionError, "empty"),
+    (dict(init_image=torch.rand(2, 3, 64, 64)), ConditionError, "\\[1, C, H, W\\]"),
+    (dict(init_image=torch.rand(3, 64, 64), mask_image=torch.rand(1, 64, 64) * 255), ConditionError, "mask_image values"),
+    (dict(seed=None, latents=np.zeros((1, 4, 8, 8))), ConfigError, "float torch tensor"),
+    (dict(latents=torch.full((1, 4, 8, 8), float("nan"))), ConfigError, "NaN"),
+    (dict(generator=torch.Generator().manual_seed(1)), ConfigError, "seed or generator"),
+    (dict(scheduler="euler", eta=0.5), ConfigError, "eta=0.5 has no effect"),
+    (dict(clip_skip=100), ConfigError, "clip_skip 100"),
+    (dict(prompt_2="b"), ConfigError, "prompt_2 is for SDXL"),
+    (dict(original_size=(64, 64)), ConfigError, "original_size is for SDXL"),
+    (dict(callback=5), ConfigError, "callback must be a function"),
+    (dict(callback=lambda: None), ConfigError, "cannot be called as callback"),
+    (dict(weights=[1.0], adapter_conditioning_scale=[0.5]), ConfigError, "not both"),
+    (dict(prompt=3), ConfigError, "prompt must be a string"),
+])
+def test_call_mistakes_are_one_clear_error(base, kw, error, match):
+    """API sweep: each was a deep torch/diffusers error or a silent wrong result (ignored, taken as true, NaN image)."""
+    pipe = AdapterPipeline(base, [adapter(base, 1, 7)])
+    kw = {"prompt": "a", "conditions": [img(64, 64)], "steps": 2, "seed": 0, "progress": False, **kw}
+    with pytest.raises(error, match=match):
+        pipe(kw.pop("prompt"), kw.pop("conditions"), **kw)
+
+
+def test_api_mistakes_outside_the_call_are_one_clear_error(base):
+    pipe = AdapterPipeline(base)
+    emb = torch.randn(1, 77, 7)
+    with pytest.raises(ConfigError, match="7 wide"):
+        pipe(prompt_embeds=emb, steps=1, progress=False)
+    with pytest.raises(ConfigError, match="pooled_prompt_embeds are for SDXL"):
+        pipe(prompt_embeds=torch.randn(1, 77, 32), pooled_prompt_embeds=torch.randn(1, 32), steps=1, progress=False)
+    with pytest.raises(ConfigError, match="expected a GenerationRequest"):
+        pipe.generate({"prompt": "a"})
+    with pytest.raises(ConfigError, match="expected a GenerationRequest"):
+        pipe.generate_batch(["a"])
+    with pytest.raises(ConfigError, match="output_type"):
+        pipe.generate_batch([pipe.request("a", steps=1, seed=0)] * 2, output_type="PIL")
+    out = pipe.generate_batch([pipe.request("a", steps=1, seed=0)] * 2, output_type="latent")
+    assert out[0].images[0].shape == (4, 8, 8)  # latents, not silently decoded images
+    for call, match in [(lambda: pipe.to("gpu"), "unknown device"), (lambda: pipe.to(dtype="fp16"), "torch dtype"),
+                        (lambda: pipe.enable_model_cpu_offload("gpu"), "unknown device"),
+                        (lambda: pipe.warm_up([64]), "pairs"),
+                        (lambda: pipe.optimize(mode="fastest", compile=False), "compile mode")]:
+        with pytest.raises(ConfigError, match=match):
+            call()
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            pipe.to("cuda")
+    assert pipe.device.type == "cpu" and not pipe.fast

@@ -34,10 +34,28 @@ def load_condition(cond: ConditionInput, what: str = "condition image") -> torch
         if cond.ndim != 3:
             raise ConditionError(f"condition array must be HxW or HxWxC, got shape {cond.shape}")
         arr = cond.astype(np.float32) / 255.0 if cond.dtype == np.uint8 else cond.astype(np.float32)
-        return torch.from_numpy(arr).permute(2, 0, 1)
-    if isinstance(cond, (Image.Image, torch.Tensor)):
+        return _checked(torch.from_numpy(arr).permute(2, 0, 1), what)
+    if isinstance(cond, Image.Image):
+        if 0 in cond.size:
+            raise ConditionError(f"{what} is empty ({cond.size[0]}x{cond.size[1]} pixels)")
         return cond
+    if isinstance(cond, torch.Tensor):
+        return _checked(cond, what)
     raise ConditionError(f"a condition must be an image, array, tensor or path, not {type(cond).__name__}")
+
+
+def _checked(x: torch.Tensor, what: str) -> torch.Tensor:
+    """A float tensor's values must be finite and at most 1 (8-bit data must be divided by 255 first)."""
+    if x.ndim >= 2 and 0 in x.shape[-2:]:
+        raise ConditionError(f"{what} is empty (shape {tuple(x.shape)})")
+    if x.numel() and not x.dtype.is_complex:
+        top = x.detach().float()
+        if not torch.isfinite(top).all():
+            raise ConditionError(f"{what} contains NaN or infinite values")
+        if top.max() > 1.0 + 1e-3:
+            raise ConditionError(f"{what} values go up to {top.max().item():g}; tensors and float arrays are in "
+                                 f"[0, 1] (divide 8-bit data by 255, or pass a uint8 array or PIL image)")
+    return x
 
 
 def _resized_pil(image: Image.Image, channels: int, size: tuple[int, int]) -> np.ndarray:
@@ -67,6 +85,8 @@ def prepare_condition(cond: ConditionInput, channels: int, size: tuple[int, int]
     if x.ndim != 4 or x.shape[0] != 1:
         raise ConditionError(f"condition tensor must be [C, H, W] or [1, C, H, W], got {tuple(item.shape)}")
     x = x.float()
+    if x.min() < -1e-3:
+        raise ConditionError(f"condition values go down to {x.min().item():g}; a condition is in [0, 1]")
     c = x.shape[1]
     if c == 4:
         x, c = x[:, :3], 3
@@ -75,7 +95,8 @@ def prepare_condition(cond: ConditionInput, channels: int, size: tuple[int, int]
     elif c == 1 and channels == 3:
         x = x.repeat(1, 3, 1, 1)
     elif c != channels:
-        raise ConditionError(f"condition has {c} channels; this adapter takes {channels} (or 1/3 to convert)")
+        raise ConditionError(f"condition has {c} channels; this adapter takes {channels} (or 1/3 to convert); "
+                             f"tensors are [C, H, W], arrays H x W x C")
     if tuple(x.shape[-2:]) != (h, w):
         x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
     return _pad(x, canvas)

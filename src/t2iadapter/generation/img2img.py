@@ -34,6 +34,8 @@ def _size_of(item: Any) -> tuple[int, int]:
 def _as_batch(item: Any) -> Any:
     """PIL images in RGB (diffusers' processor keeps L/RGBA as they are), tensors [1, C, H, W]."""
     if isinstance(item, torch.Tensor):
+        if item.ndim not in (3, 4) or (item.ndim == 4 and item.shape[0] != 1):
+            raise ConditionError(f"an image tensor must be [C, H, W] or [1, C, H, W], got {tuple(item.shape)}")
         return item[None] if item.ndim == 3 else item
     return item if item.mode == "RGB" else item.convert("RGB")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
 import logging
 import math
 import os
@@ -98,6 +99,7 @@ def resolve_device(device: str | torch.device | None, dtype: str | None) -> tupl
 
 
 _REQUEST_FIELDS = tuple(f.name for f in dataclasses.fields(GenerationRequest) if f.name not in ("prompt", "adapters"))
+_COMPILE_MODES = ("reduce-overhead", "default", "max-autotune", "max-autotune-no-cudagraphs", None)  # torch.compile's
 _DIFFUSERS_NAMES = {"num_inference_steps": "steps", "num_images_per_prompt": "num_images"}
 
 
@@ -127,6 +129,29 @@ def _is_window_pair(what: str, value: Any) -> bool:
 
 def _as_tuple(value: str | tuple[str, ...] | None, n: int) -> tuple[str, ...] | None:
     return (value,) * n if isinstance(value, str) else value
+
+
+def _check_output_type(output_type: Any) -> None:
+    if output_type not in OUTPUT_TYPES:
+        raise ConfigError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+
+
+def _check_callback(callback: Callable) -> None:
+    """A callback is called as callback(step, timestep, latents) after each step: say so before the first step."""
+    try:
+        signature = inspect.signature(callback)
+    except (ValueError, TypeError):  # no signature to read (some builtins): trust it
+        return
+    try:
+        signature.bind(0, 0, None)
+    except TypeError:
+        raise ConfigError(f"callback{signature} cannot be called as callback(step, timestep, latents)") from None
+
+
+def _checked_request(req: Any) -> GenerationRequest:
+    if not isinstance(req, GenerationRequest):
+        raise ConfigError(f"expected a GenerationRequest (pipe.request(...) makes one), got {type(req).__name__}")
+    return req
 
 
 def _own(source: Any) -> AdapterModule:
@@ -224,7 +249,10 @@ class AdapterPipeline:
                 device = arg
             elif arg is not None:
                 raise ConfigError(f"to() takes a device and/or a torch dtype, not {type(arg).__name__}")
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise ConfigError(f"dtype must be a torch dtype (torch.float16, torch.bfloat16, torch.float32), not {dtype!r}")
         if device is not None:
+            resolve_device(device, None)  # an unknown device, or CUDA where there is none: one clear error
             self._offload = None  # an explicit device ends model CPU offload
         self.base.to(device=device, dtype=dtype)
         for module in self.modules_to_move():  # nn.Module's own `to` (diffusers' ModelMixin.to warns on every dtype)
@@ -254,6 +282,8 @@ class AdapterPipeline:
         instead (`generation.aot`): a new process loads it without tracing, at the price of CUDA graphs; the VAE
         decoder and the adapters then run eagerly.
         """
+        if mode not in _COMPILE_MODES:
+            raise ConfigError(f"unknown compile mode {mode!r}; choose one of {', '.join(map(str, _COMPILE_MODES))}")
         name, target = fast.resolve_precision(precision, dtype, self.device)
         if aot is None:  # $T2IADAPTER_AOT: where it applies (an explicit aot=True elsewhere is an error below)
             aot = aot_default() and compile and backend == "inductor" and name != "fp8"
@@ -300,6 +330,8 @@ class AdapterPipeline:
         from t2iadapter.generation.request import defaults
 
         guidance = defaults()["guidance_scale"] if guidance_scale is None else guidance_scale
+        if any(not isinstance(s, Sequence) or len(s) != 2 for s in sizes):
+            raise ConfigError(f"warm_up sizes are (width, height) pairs, got {list(sizes)!r:.80}")
         for w, h in sizes:
             uses = tuple(AdapterUse(n, Image.new("RGB", (w, h))) for n in self.spatial_names)
             for n in batches:
@@ -332,7 +364,7 @@ class AdapterPipeline:
         """
         if self.fast:
             raise ConfigError("model CPU offload and optimize() (compiled, on-device models) do not go together")
-        self._offload = torch.device(device)
+        self._offload = torch.device(resolve_device(device, None)[0])
         self.base.to(device="cpu")
         for module in self.modules_to_move():
             module.to(device="cpu")
@@ -418,12 +450,16 @@ class AdapterPipeline:
             if conditions is not None:
                 raise ConfigError("give the condition images once: as `conditions` or as diffusers' `image`, not both")
             conditions = options.pop("image")
-        if weights is None and "adapter_conditioning_scale" in options:
+        if "adapter_conditioning_scale" in options:
+            if weights is not None:
+                raise ConfigError("give weights or diffusers' adapter_conditioning_scale, not both")
             weights = options.pop("adapter_conditioning_scale")
         unknown = set(options) - set(_REQUEST_FIELDS)
         if unknown:
             raise ConfigError(f"unknown option(s) {', '.join(sorted(unknown))}; options are {', '.join(_REQUEST_FIELDS)} "
                               "and generator, latents, prompt_embeds, negative_prompt_embeds, output_type, callback")
+        if not isinstance(prompt, (str, Sequence)):
+            raise ConfigError(f"prompt must be a string or a list of strings, not {type(prompt).__name__}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         names = self.spatial_names + list(self.controlnets)
         if conditions is None:
@@ -496,8 +532,13 @@ class AdapterPipeline:
         def context(x: Any, p: Any, what: str) -> TextContext:
             if not isinstance(x, torch.Tensor) or x.ndim != 3:
                 raise ConfigError(f"{what} must be a [batch, tokens, width] tensor")
+            width = self.base.unet.config.cross_attention_dim
+            if x.shape[-1] != width:
+                raise ConfigError(f"{what} are {x.shape[-1]} wide; this base's text width is {width}")
             if self.base.is_sdxl and p is None:
                 raise ConfigError(f"an SDXL base needs pooled_{what} with {what} (as diffusers)")
+            if not self.base.is_sdxl and p is not None:
+                raise ConfigError(f"pooled_{what} are for SDXL bases; this base has one text encoder")
             return TextContext(x.to(self.device, self.dtype), None if p is None else p.to(self.device, self.dtype))
 
         text_ctx = context(text_, pooled, "prompt_embeds")
@@ -510,7 +551,22 @@ class AdapterPipeline:
     # ------------------------------------------------------------------ generate
 
     def _check(self, req: GenerationRequest) -> dict[str, str]:
-        """Every adapter named is loaded; with the fuser, each adapter's condition type (task) is known."""
+        """Every adapter named is loaded; options fit the base and scheduler; with the fuser, each adapter's
+        condition type (task) is known."""
+        if not self.base.is_sdxl:
+            for name in ("prompt_2", "negative_prompt_2", "original_size"):
+                if getattr(req, name) is not None:
+                    raise ConfigError(f"{name} is for SDXL bases (two text encoders); this base is not SDXL")
+        if req.clip_skip:
+            layers = min(enc.config.num_hidden_layers for enc in (self.base.text_encoder, self.base.text_encoder_2)
+                         if enc is not None)
+            if req.clip_skip >= layers:
+                raise ConfigError(f"clip_skip {req.clip_skip} skips every layer of this base's {layers}-layer text "
+                                  f"encoder; use 0..{layers - 1}")
+        if req.eta and "eta" not in inspect.signature(
+                schedulers.make_scheduler(req.scheduler, self.base.scheduler).step).parameters:
+            raise ConfigError(f"eta={req.eta:g} has no effect with the scheduler "
+                              f"{req.scheduler if isinstance(req.scheduler, str) else type(req.scheduler or self.base.scheduler).__name__}; use scheduler='ddim' (or eta=0)")
         for use in req.adapters:
             if use.name not in self.adapters:
                 raise ConditionError(f"no adapter named {use.name!r} is loaded; loaded: {list(self.adapters)}")
@@ -572,9 +628,12 @@ class AdapterPipeline:
                  output_type: str = "pil", progress: bool = True, latents: torch.Tensor | None = None,
                  prompt_embeds: "text.GivenEmbeds | None" = None) -> GenerationResult:
         """Run one `GenerationRequest` (`generator`, `latents`, `prompt_embeds`: see `__call__`)."""
-        if output_type not in OUTPUT_TYPES:
-            raise ConfigError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
-        with self._compiled_call([req]):
+        _check_output_type(output_type)
+        if callback is not None and not callable(callback):
+            raise ConfigError(f"callback must be a function (step, timestep, latents), not {type(callback).__name__}")
+        if callback is not None:
+            _check_callback(callback)
+        with self._compiled_call([_checked_request(req)]):
             run, seed, (w, h), source = self._denoise(req, generator, callback, progress, latents, prompt_embeds)
             # fuser_windows="active" re-fuses per step; ControlNets run every step
             with self._running(self.base.unet, self.fuser, *self.controlnets.values()):
@@ -602,6 +661,8 @@ class AdapterPipeline:
         f = self.base.vae_scale_factor
         shape = (batch, self.base.vae.config.latent_channels, canvas[1] // f, canvas[0] // f)
         seed = req.seed
+        if seed is not None and generator is not None:
+            raise ConfigError("give seed or generator, not both (the generator would decide the noise, not the seed)")
         if seed is None and generator is None:
             seed = random.randrange(2**32)
         if generator is None:
@@ -618,6 +679,10 @@ class AdapterPipeline:
             generator = list(generator)
         elif not isinstance(generator, torch.Generator):
             raise ConfigError(f"generator must be a torch.Generator or a list of them, not {type(generator).__name__}")
+        if latents is not None and (not isinstance(latents, torch.Tensor) or not latents.is_floating_point()):
+            raise ConfigError(f"latents must be a float torch tensor, not {getattr(latents, 'dtype', type(latents).__name__)}")
+        if latents is not None and not torch.isfinite(latents).all():
+            raise ConfigError("latents contain NaN or infinite values")
         if latents is not None and tuple(latents.shape) != shape:
             raise ConfigError(f"latents must have shape {shape} (images, channels, height/{f}, width/{f} of the "
                               f"{canvas[0]}x{canvas[1]} canvas), got {tuple(latents.shape)}")
@@ -696,7 +761,8 @@ class AdapterPipeline:
         float rounding (~1e-6), not bitwise, because `generate` keeps diffusers' exact call shapes.
         `callback(step, total)` runs after each step.
         """
-        requests = list(requests)
+        _check_output_type(output_type)
+        requests = [_checked_request(r) for r in requests]
         if not requests:
             return []
         keys = {self.batch_key(r) for r in requests}
@@ -713,9 +779,12 @@ class AdapterPipeline:
         with self._compiled_call(requests, batched=True):
             prepared = [self._denoise(r, None, None, progress and i == 0) for i, r in enumerate(requests)]
             finals = loop.denoise_batch([run for run, _, _, _ in prepared], fast=self.fast, callback=callback)
-            decoded = [self.decode(final) for final in finals]
+            decoded = finals if output_type == "latent" else [self.decode(final) for final in finals]
         results = []
         for req, (_run, seed, (w, h), _source), images in zip(requests, prepared, decoded):
+            if output_type == "latent":
+                results.append(GenerationResult(list(images), self._parameters(req, seed, (w, h))))
+                continue
             results.append(GenerationResult(self._output(images[:, :, :h, :w], output_type),
                                             self._parameters(req, seed, (w, h))))
         return results
