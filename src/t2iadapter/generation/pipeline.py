@@ -250,7 +250,8 @@ class AdapterPipeline:
             elif arg is not None:
                 raise ConfigError(f"to() takes a device and/or a torch dtype, not {type(arg).__name__}")
         if dtype is not None and not isinstance(dtype, torch.dtype):
-            raise ConfigError(f"dtype must be a torch dtype (torch.float16, torch.bfloat16, torch.float32), not {dtype!r}")
+            raise ConfigError(f"dtype must be a torch dtype (torch.float16, torch.bfloat16, torch.float32), "
+                              f"not {dtype!r}")
         if device is not None:
             resolve_device(device, None)  # an unknown device, or CUDA where there is none: one clear error
             self._offload = None  # an explicit device ends model CPU offload
@@ -563,10 +564,10 @@ class AdapterPipeline:
             if req.clip_skip >= layers:
                 raise ConfigError(f"clip_skip {req.clip_skip} skips every layer of this base's {layers}-layer text "
                                   f"encoder; use 0..{layers - 1}")
-        if req.eta and "eta" not in inspect.signature(
-                schedulers.make_scheduler(req.scheduler, self.base.scheduler).step).parameters:
-            raise ConfigError(f"eta={req.eta:g} has no effect with the scheduler "
-                              f"{req.scheduler if isinstance(req.scheduler, str) else type(req.scheduler or self.base.scheduler).__name__}; use scheduler='ddim' (or eta=0)")
+        scheduler = schedulers.make_scheduler(req.scheduler, self.base.scheduler) if req.eta else None
+        if scheduler is not None and "eta" not in inspect.signature(scheduler.step).parameters:
+            name = req.scheduler if isinstance(req.scheduler, str) else type(scheduler).__name__
+            raise ConfigError(f"eta={req.eta:g} has no effect with the scheduler {name}; use scheduler='ddim' (or eta=0)")
         for use in req.adapters:
             if use.name not in self.adapters:
                 raise ConditionError(f"no adapter named {use.name!r} is loaded; loaded: {list(self.adapters)}")
@@ -680,7 +681,8 @@ class AdapterPipeline:
         elif not isinstance(generator, torch.Generator):
             raise ConfigError(f"generator must be a torch.Generator or a list of them, not {type(generator).__name__}")
         if latents is not None and (not isinstance(latents, torch.Tensor) or not latents.is_floating_point()):
-            raise ConfigError(f"latents must be a float torch tensor, not {getattr(latents, 'dtype', type(latents).__name__)}")
+            what = getattr(latents, "dtype", type(latents).__name__)
+            raise ConfigError(f"latents must be a float torch tensor, not {what}")
         if latents is not None and not torch.isfinite(latents).all():
             raise ConfigError("latents contain NaN or infinite values")
         if latents is not None and tuple(latents.shape) != shape:

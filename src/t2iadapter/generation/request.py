@@ -157,8 +157,8 @@ class GenerationRequest:
                 raise ConfigError(f"{use.name!r} got {len(use.condition)} conditions for {len(self.prompts)} prompts; "
                                   "give one condition, or one per prompt")
         if isinstance(self.scheduler, type):
-            raise ConfigError(f"scheduler must be a name or a scheduler object, not the class {self.scheduler.__name__} "
-                              f"(e.g. {self.scheduler.__name__}.from_config(pipe.base.scheduler.config))")
+            raise ConfigError(f"scheduler must be a name or a scheduler object, not the class "
+                              f"{self.scheduler.__name__} (e.g. {self.scheduler.__name__}.from_config(pipe.base.scheduler.config))")
         if not (self.scheduler is None or isinstance(self.scheduler, str)
                 or (hasattr(self.scheduler, "config") and hasattr(self.scheduler, "step"))):
             raise ConfigError(f"scheduler must be a name or a diffusers scheduler, not {type(self.scheduler).__name__}")
@@ -277,7 +277,9 @@ def _texts(name: str, value: Any) -> str | tuple[str, ...]:
 
 def _whole(value: Any) -> int:
     """A whole number of pixels (64 or 64.0; not 63.5, not True): silently truncating would change the size."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value != int(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(value)
+    if value != int(value):
         raise ValueError(value)
     return int(value)
 
