@@ -99,7 +99,6 @@ def resolve_device(device: str | torch.device | None, dtype: str | None) -> tupl
 
 
 _REQUEST_FIELDS = tuple(f.name for f in dataclasses.fields(GenerationRequest) if f.name not in ("prompt", "adapters"))
-_COMPILE_MODES = ("reduce-overhead", "default", "max-autotune", "max-autotune-no-cudagraphs", None)  # torch.compile's
 _DIFFUSERS_NAMES = {"num_inference_steps": "steps", "num_images_per_prompt": "num_images"}
 
 
@@ -283,8 +282,8 @@ class AdapterPipeline:
         instead (`generation.aot`): a new process loads it without tracing, at the price of CUDA graphs; the VAE
         decoder and the adapters then run eagerly.
         """
-        if mode not in _COMPILE_MODES:
-            raise ConfigError(f"unknown compile mode {mode!r}; choose one of {', '.join(map(str, _COMPILE_MODES))}")
+        if mode is not None and mode not in fast.COMPILE_MODES:  # before anything is changed (compile_kwargs checks late)
+            raise ConfigError(f"unknown compile mode {mode!r}; choose one of {', '.join(fast.COMPILE_MODES)}")
         name, target = fast.resolve_precision(precision, dtype, self.device)
         if aot is None:  # $T2IADAPTER_AOT: where it applies (an explicit aot=True elsewhere is an error below)
             aot = aot_default() and compile and backend == "inductor" and name != "fp8"
