@@ -174,3 +174,20 @@ def test_fresh_fuser_is_the_plain_sum_and_trained_fuser_modulates():
     assert fuser({}) == (None, None)
     with pytest.raises(ConditionError, match="knows conditions"):
         fuser({"nonsense": a})
+
+
+def test_build_adapter_takes_a_config_or_its_dict():
+    """A dict in config_to_dict's form builds the same network as its dataclass; anything else is one ConfigError."""
+    from t2iadapter.models.base import config_to_dict
+
+    config = LightAdapterConfig(channels=(16, 32, 32, 32), num_res_blocks=1)
+    torch.manual_seed(0)
+    from_config = build_adapter(config)
+    torch.manual_seed(0)
+    from_dict = build_adapter(config_to_dict(config))
+    assert from_dict.config == config
+    assert all(torch.equal(a, b) for a, b in zip(from_config.state_dict().values(), from_dict.state_dict().values()))
+    for bad, words in [({"kind": "nope"}, "unknown adapter kind 'nope'"), ({"channels": [8]}, "kind None"),
+                       ("full", "build_adapter takes an adapter config"), ({"kind": "light", "size": 3}, "unknown light config fields")]:
+        with pytest.raises(ConfigError, match=words):
+            build_adapter(bad)

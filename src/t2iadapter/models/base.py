@@ -68,10 +68,14 @@ def config_from_dict(data: dict[str, Any]) -> Any:
 
 
 def build_adapter(config: Any) -> "AdapterModule":
-    """A freshly initialised adapter module for `config`."""
-    if config.kind not in REGISTRY:
-        raise ConfigError(f"unknown adapter kind {config.kind!r}")
-    return REGISTRY[config.kind][1](config)
+    """A freshly initialised adapter module for `config`: a config dataclass, or its dict (`config_to_dict`'s form)."""
+    if isinstance(config, Mapping):
+        config = config_from_dict(config)
+    kind = getattr(config, "kind", None)
+    if kind not in REGISTRY:
+        raise ConfigError(f"unknown adapter kind {kind!r}; build_adapter takes an adapter config (e.g. FullAdapterConfig) "
+                          f"or its dict with a 'kind' of {sorted(REGISTRY)}")
+    return REGISTRY[kind][1](config)
 
 
 class AdapterModule(nn.Module):
