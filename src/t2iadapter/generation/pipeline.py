@@ -563,9 +563,9 @@ class AdapterPipeline:
             if req.clip_skip >= layers:
                 raise ConfigError(f"clip_skip {req.clip_skip} skips every layer of this base's {layers}-layer text "
                                   f"encoder; use 0..{layers - 1}")
-        scheduler = schedulers.make_scheduler(req.scheduler, self.base.scheduler) if req.eta else None
+        scheduler = schedulers.scheduler_class(req.scheduler, self.base.scheduler) if req.eta else None
         if scheduler is not None and "eta" not in inspect.signature(scheduler.step).parameters:
-            name = req.scheduler if isinstance(req.scheduler, str) else type(scheduler).__name__
+            name = req.scheduler if isinstance(req.scheduler, str) else scheduler.__name__
             raise ConfigError(f"eta={req.eta:g} has no effect with the scheduler {name}; use scheduler='ddim' (or eta=0)")
         for use in req.adapters:
             if use.name not in self.adapters:

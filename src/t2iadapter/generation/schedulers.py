@@ -46,15 +46,23 @@ def make_scheduler(name: Any, base_scheduler: Any):
     A diffusers scheduler object instead of a name is used as diffusers users pass one: a fresh copy of its
     own kind and config (the object itself keeps no state from this call).
     """
-    import diffusers
-
-    config: Mapping[str, Any] = base_scheduler.config
     if name is None:
-        return type(base_scheduler).from_config(config)
+        return type(base_scheduler).from_config(base_scheduler.config)
     if not isinstance(name, str):
         return type(name).from_config(name.config)
-    cls_name, extra = SCHEDULERS[scheduler_key(name)]
-    return getattr(diffusers, cls_name).from_config(dict(config), **extra)
+    config: Mapping[str, Any] = base_scheduler.config
+    return scheduler_class(name, base_scheduler).from_config(dict(config), **SCHEDULERS[scheduler_key(name)][1])
+
+
+def scheduler_class(name: Any, base_scheduler: Any) -> type:
+    """The class `make_scheduler` makes for `name` (what its `step` takes can be read without building one)."""
+    if name is None:
+        return type(base_scheduler)
+    if not isinstance(name, str):
+        return type(name)
+    import diffusers
+
+    return getattr(diffusers, SCHEDULERS[scheduler_key(name)][0])
 
 
 def step_kwargs(scheduler: Any, generator: Any, eta: float) -> dict[str, Any]:
