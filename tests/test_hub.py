@@ -104,3 +104,16 @@ def test_offline_and_not_cached_is_one_clear_line_at_once(tmp_path, args):
     assert code == "2" and float(seconds) < 25.0, proc.stderr[-2000:]
     assert len(err) == 1 and "not in the local Hugging Face hub cache while HF_HUB_OFFLINE is set" in err[0], err
     assert not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.parametrize("load", ["base", "adapter"])
+def test_a_missing_home_path_is_a_missing_path_not_a_hub_id(load):
+    # `~/models/x` looks like `org/repo` but is the user's home: the error names the missing path instead of asking
+    # the hub (before: the base went to the hub, which says "not in the cache" or fails to download)
+    from t2iadapter import load_adapter
+    from t2iadapter.errors import CheckpointError
+
+    source = "~/t2iadapter-test-no-such-dir/models/thing"
+    with pytest.raises(CheckpointError, match="no such") as info:
+        load_base(source) if load == "base" else load_adapter(source)
+    assert "hub" not in str(info.value)

@@ -136,9 +136,9 @@ def load_base(
     else:
         path = Path(text).expanduser()
         kwargs = _dtype_keyword(dtype)
-        if not path.exists() and "/" in text and not text.startswith((".", "/")):
-            from t2iadapter import hub
+        from t2iadapter import hub
 
+        if not path.exists() and hub.is_id(text):
             path = hub.pipeline_path(text)  # the hub's cache first; one clear error when offline and not cached
         try:
             if path.is_dir():

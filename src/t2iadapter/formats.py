@@ -371,7 +371,9 @@ def resolve(source: str | os.PathLike) -> Path:
         from t2iadapter import assets
 
         return assets.demo_adapter_path(text[len("demo/") :])
-    if _HUB_ID.match(text) and not text.startswith((".", "/")):
+    from t2iadapter import hub
+
+    if hub.is_id(text) and _HUB_ID.match(text):
         return _download(text)
     raise CheckpointError(f"{text}: no such file or folder")
 
