@@ -242,6 +242,6 @@ def test_api_mistakes_outside_the_call_are_one_clear_error(base):
         with pytest.raises(ConfigError, match=match):
             call()
     if not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match="no CUDA GPU"):
+        with pytest.raises(ConfigError, match="no CUDA GPU is available here; run on the CPU instead .device 'cpu'"):
             pipe.to("cuda")
     assert pipe.device.type == "cpu" and not pipe.fast

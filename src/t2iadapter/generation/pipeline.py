@@ -71,6 +71,10 @@ def task_of(name: str) -> str | None:
     return None
 
 
+# the advice for an absent GPU, in words for the Python API and the CLI alike (both come through resolve_device)
+ON_CPU = "; run on the CPU instead (device 'cpu'; --device cpu on the command line)"
+
+
 def resolve_device(device: str | torch.device | None, dtype: str | None) -> tuple[str, torch.dtype]:
     """Device and dtype from their names: cuda when available; fp16 on a GPU, fp32 on the CPU (bf16/fp16/fp32).
 
@@ -84,11 +88,11 @@ def resolve_device(device: str | torch.device | None, dtype: str | None) -> tupl
     if parsed.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise ConfigError(f"device {dev!r}: no CUDA GPU is available here (use --device cpu)")
+            raise ConfigError(f"device {dev!r}: no CUDA GPU is available here{ON_CPU}")
         if parsed.index is not None and parsed.index >= count:
             raise ConfigError(f"device {dev!r}: this machine has {count} CUDA GPU(s), cuda:0..cuda:{count - 1}")
     elif parsed.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise ConfigError(f"device {dev!r}: Apple MPS is not available here (use --device cpu)")
+        raise ConfigError(f"device {dev!r}: Apple MPS is not available here{ON_CPU}")
     elif parsed.type not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"device {dev!r} is not supported; use cpu, cuda, cuda:N or mps")
     names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
