@@ -161,3 +161,22 @@ def test_inference_benchmark_cpu_mode(tmp_path, monkeypatch):
     assert tiny["ours-eager"]["max_pixel_diff"] < 0.5 and tiny["ours-fast"]["max_pixel_diff"] < 0.5  # same images (0-255)
     assert tiny["ours-fast"]["adapter_overhead_pct"] is not None and tiny["diffusers"]["ms_step"] > 0
     assert "| tiny | ours-fast |" in (tmp_path / "bench_inference.md").read_text()
+
+
+def test_optimizing_again_with_other_settings_says_what_changed(caplog):
+    # a second optimize() with another precision re-prepares (and, compiling, recompiles) the shared base: one
+    # warning naming what changed; the same settings again are a no-op without a word
+    pipe = AdapterPipeline(load_base("tiny"))
+    pipe.optimize(compile=False, dtype=torch.float32)
+
+    def ours():
+        return [r for r in caplog.records if r.name == "t2iadapter.generation.fast"]
+
+    with caplog.at_level(logging.INFO, logger="t2iadapter.generation.fast"):
+        pipe.optimize(compile=False, dtype=torch.float32)
+        assert not ours()
+        pipe.optimize(compile=False, dtype=torch.bfloat16)
+    assert [r.levelno for r in ours()] == [logging.WARNING]
+    text = ours()[0].getMessage()
+    assert "dtype torch.float32 → torch.bfloat16" in text and "precision fp32 → bf16" in text, text
+    assert pipe.dtype == torch.bfloat16

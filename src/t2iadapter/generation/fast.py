@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -179,7 +179,11 @@ def optimize_base(base: Any, settings: FastSettings, aot_store: Any = None) -> N
     if previous == settings:
         return
     if previous is not None:
-        log.info("re-optimizing a base already prepared with other fast settings: its modules compile again")
+        changed = ", ".join(f"{f.name} {getattr(previous, f.name)} → {getattr(settings, f.name)}" for f in fields(settings)
+                            if getattr(previous, f.name) != getattr(settings, f.name))
+        # a warning, not an error (switching on purpose is allowed), since compiling again can take minutes
+        log.warning("optimize() again on a base already optimized with other settings (%s): its modules are "
+                    "prepared and compiled again", changed)
         if previous.fp8 and not settings.fp8:
             raise ConfigError("this base's UNet runs in fp8 (its bf16 weights were let go); load the base again for "
                               f"{settings.precision}")
