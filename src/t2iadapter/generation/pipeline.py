@@ -141,6 +141,8 @@ def _check_output_type(output_type: Any) -> None:
 
 def _check_callback(callback: Callable) -> None:
     """A callback is called as callback(step, timestep, latents) after each step: say so before the first step."""
+    if not callable(callback):
+        raise ConfigError(f"callback must be a function (step, timestep, latents), not {type(callback).__name__}")
     try:
         signature = inspect.signature(callback)
     except (ValueError, TypeError):  # no signature to read (some builtins): trust it
@@ -633,8 +635,6 @@ class AdapterPipeline:
                  prompt_embeds: "text.GivenEmbeds | None" = None) -> GenerationResult:
         """Run one `GenerationRequest` (`generator`, `latents`, `prompt_embeds`: see `__call__`)."""
         _check_output_type(output_type)
-        if callback is not None and not callable(callback):
-            raise ConfigError(f"callback must be a function (step, timestep, latents), not {type(callback).__name__}")
         if callback is not None:
             _check_callback(callback)
         with self._compiled_call([_checked_request(req)]):
@@ -787,11 +787,8 @@ class AdapterPipeline:
             decoded = finals if output_type == "latent" else [self.decode(final) for final in finals]
         results = []
         for req, (_run, seed, (w, h), _source), images in zip(requests, prepared, decoded):
-            if output_type == "latent":
-                results.append(GenerationResult(list(images), self._parameters(req, seed, (w, h))))
-                continue
-            results.append(GenerationResult(self._output(images[:, :, :h, :w], output_type),
-                                            self._parameters(req, seed, (w, h))))
+            out = list(images) if output_type == "latent" else self._output(images[:, :, :h, :w], output_type)
+            results.append(GenerationResult(out, self._parameters(req, seed, (w, h))))
         return results
 
     def batch_key(self, req: GenerationRequest) -> tuple | None:
