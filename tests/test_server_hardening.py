@@ -469,16 +469,22 @@ def test_an_extractor_without_its_weights_is_503_for_the_operator(pipe, monkeypa
         assert c.post("/v1/extract", json={"extractor": "canny", "image": image}).status_code == 200
 
 
-def test_a_request_needing_weights_the_server_lacks_is_503(client, monkeypatch, caplog):
-    """A style adapter without CLIP vision weights failed in the worker as a 422 telling the client to pass --model."""
-    from t2iadapter.errors import MissingWeightsError
+def test_a_request_needing_weights_the_server_lacks_is_503(pipe, tmp_path, caplog):
+    """A style adapter without CLIP vision weights: the server finds out at start-up, and a style request is a 503
+    at once (no job id that fails later, no advice only the operator can follow); other adapters still serve."""
+    from t2iadapter.models import StyleAdapterConfig
 
-    def missing(*_a, **_kw):
-        raise MissingWeightsError("style: weights for CLIP are not available. Get them and pass --model DIR")
-
-    monkeypatch.setattr(client.app.state.pipeline, "generate_batch", missing)
-    detail = one_line(client.post("/v1/generate", json=gen_body()), 503)
-    assert "model weights it needs are not installed" in detail and "--model" not in detail
-    assert "--model DIR" in caplog.text
-    monkeypatch.undo()
-    assert client.post("/v1/generate", json=gen_body()).status_code == 200
+    ctx = pipe.base.unet.config.cross_attention_dim
+    torch.manual_seed(0)
+    style = build_adapter(StyleAdapterConfig(width=32, context_dim=ctx, num_heads=4, num_layers=1, num_tokens=2))
+    served = AdapterPipeline(pipe.base, {"sketch": pipe.adapters["sketch"], "style": style},
+                             style_encoder=tmp_path / "no-clip")
+    with caplog.at_level(logging.WARNING), TestClient(create_app(served, limits=LIMITS)) as c:
+        assert "style adapter(s) style will refuse requests (503)" in caplog.text and "--model DIR" in caplog.text
+        styled = gen_body(conditions={"style": base64.b64encode(png(32, 32, "RGB")).decode()})
+        for path in ("/v1/generate", "/v1/jobs"):
+            detail = one_line(c.post(path, json=styled), 503)
+            assert "model weights it needs are not installed" in detail and "--model" not in detail
+        assert c.get("/health").json()["workers"][0]["jobs"] == 0  # refused before the queue
+        assert c.post("/v1/generate", json=gen_body()).status_code == 200
+        assert c.get("/health").json()["workers"][0]["jobs"] == 1

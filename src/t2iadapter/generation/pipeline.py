@@ -608,16 +608,26 @@ class AdapterPipeline:
             out[use.name] = [f.to(self.dtype) for f in module(x)]
         return out
 
-    def _style_tokens(self, image: ConditionInput) -> torch.Tensor:
-        item = conditions.style_image(image)
-        if isinstance(item, torch.Tensor):
-            return item
+    def load_style_encoder(self) -> None:
+        """Load the CLIP-vision encoder that turns a style reference into tokens now, not at the first style request
+        (a server does this at start-up); raises `MissingWeightsError` when its weights are not available."""
+        encoder = self._style_encoder_fn()
+        if callable(getattr(encoder, "load", None)):
+            encoder.load()
+
+    def _style_encoder_fn(self) -> Callable:
         if self._style_encoder is None:
             from t2iadapter import extractors
 
             kwargs = {"model": str(self._style_encoder_source)} if self._style_encoder_source else {}
             self._style_encoder = extractors.get("style", **kwargs)
-        return self._style_encoder(item)
+        return self._style_encoder
+
+    def _style_tokens(self, image: ConditionInput) -> torch.Tensor:
+        item = conditions.style_image(image)
+        if isinstance(item, torch.Tensor):
+            return item
+        return self._style_encoder_fn()(item)
 
     def _sizes(self, req: GenerationRequest) -> tuple[tuple[int, int], tuple[int, int]]:
         """(output size, canvas): the canvas rounds up to `size_multiple`; images are cropped back.

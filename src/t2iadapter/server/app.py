@@ -62,8 +62,16 @@ def create_app(
     metrics.watch(worker)
     pool = ExtractorPool(max_waiting=limits.queue_size)
 
+    unavailable: dict[str, MissingWeightsError] = {}  # adapter name → why it cannot run here, found at start-up
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
+        if pipe.style_names:  # a style reference needs CLIP vision: find out now, not as a job that fails later
+            try:
+                await run_in_threadpool(pipe.load_style_encoder)
+            except MissingWeightsError as exc:
+                log.warning("style adapter(s) %s will refuse requests (503): %s", ", ".join(pipe.style_names), exc)
+                unavailable.update(dict.fromkeys(pipe.style_names, exc))
         worker.start()
         log.info("%d model worker(s) started (%s; %d adapters, queue %d, batches of up to %d)", len(lanes),
                  ", ".join(n for n, _ in named), len(pipe.adapters), limits.queue_size, limits.max_batch)
@@ -179,6 +187,9 @@ def create_app(
     async def submit(request: Request) -> Job:
         req, uploads = await read_generate(request)
         gen = await run_in_threadpool(prepare, req, pipe, limits, uploads)
+        for use in gen.adapters:
+            if use.name in unavailable:
+                raise unavailable[use.name]  # 503 before it takes a queue slot or a job id
         big = gen.size[0] * gen.size[1] * req.num_images >= BIG_OUTPUT
         return worker.submit(gen, limits.timeout, key=batch_key(pipe, gen), images=len(gen.prompts) * gen.num_images,
                              big=big)
