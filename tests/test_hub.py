@@ -117,3 +117,16 @@ def test_a_missing_home_path_is_a_missing_path_not_a_hub_id(load):
     with pytest.raises(CheckpointError, match="no such") as info:
         load_base(source) if load == "base" else load_adapter(source)
     assert "hub" not in str(info.value)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("TencentARC/t2iadapter_sketch_sd15v2", True),
+    ("org/repo/sub/dir/model.safetensors", True),  # a file inside a repo
+    ("./models/sketch", False), ("/abs/sketch", False), ("~/models/x", False), (".hidden/x", False),
+    ("sketch.safetensors", False),  # no `/`: a local name
+    ("my models/sketch", False), ("C:/models/sketch", False),  # characters no repo id has: a path
+])
+def test_hub_ids_and_paths_are_told_apart_by_the_hubs_own_characters(text, expected):
+    from t2iadapter import hub
+
+    assert hub.is_id(text) is expected

@@ -351,16 +351,6 @@ def _load_file(path: Path) -> AdapterModule:
     return adapter_from_state_dict(sd, _config_from_metadata(meta), source=str(path))
 
 
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(/.+)?$")
-
-
-def _download(source: str) -> Path:
-    """A local path for a hub id `org/repo` (whole adapter folder) or `org/repo/file/in/repo` (cache first)."""
-    from t2iadapter import hub
-
-    return hub.adapter_path(source)
-
-
 def resolve(source: str | os.PathLike) -> Path:
     """A local path for a file, folder, packaged demo name (`demo/sketch`) or hub id."""
     text = str(source)
@@ -373,8 +363,8 @@ def resolve(source: str | os.PathLike) -> Path:
         return assets.demo_adapter_path(text[len("demo/") :])
     from t2iadapter import hub
 
-    if hub.is_id(text) and _HUB_ID.match(text):
-        return _download(text)
+    if hub.is_id(text):
+        return hub.adapter_path(text)  # `org/repo` (the adapter's folder) or `org/repo/file/in/repo`, cache first
     raise CheckpointError(f"{text}: no such file or folder")
 
 

@@ -5,6 +5,7 @@ The cache is read with `local_files_only=True` (no network, no retries). Only wh
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,9 +13,12 @@ from typing import Any
 from t2iadapter.errors import CheckpointError
 
 
+_ID = re.compile(r"[\w-][\w.-]*/[\w.-]+(/.+)?")  # the hub's own repo-id characters; a path starts with `.`, `/` or `~`
+
+
 def is_id(text: str) -> bool:
-    """`org/repo[/file]` rather than a local path (one that starts with `.`, `/` or `~`, or has no `/`)."""
-    return "/" in text and not text.startswith((".", "/", "~"))
+    """`org/repo[/file]` rather than a local path (one that starts with `.`, `/` or `~`, has no `/`, or spaces)."""
+    return _ID.fullmatch(text) is not None
 
 
 def offline() -> bool:
