@@ -195,6 +195,7 @@ def test_cli_export_base_writes_a_loadable_folder(tmp_path, capsys):
     (dict(conditions=[torch.rand(1, 64, 64) * 255]), ConditionError, "in \\[0, 1\\]"),
     (dict(conditions=[torch.full((1, 64, 64), float("nan"))]), ConditionError, "NaN"),
     (dict(conditions=[-torch.rand(1, 64, 64)]), ConditionError, "in \\[0, 1\\]"),
+    (dict(init_image=torch.rand(3, 64, 64) * 2 - 1), ConditionError, "init_image values go down to .*x / 2 \\+ 0.5"),
     (dict(conditions=[Image.new("L", (0, 0))]), ConditionError, "empty"),
     (dict(conditions=[torch.rand(1, 0, 0)]), ConditionError, "empty"),
     (dict(init_image=torch.rand(2, 3, 64, 64)), ConditionError, "\\[1, C, H, W\\]"),
@@ -245,3 +246,15 @@ def test_api_mistakes_outside_the_call_are_one_clear_error(base):
         with pytest.raises(ConfigError, match="no CUDA GPU is available here; run on the CPU instead .device 'cpu'"):
             pipe.to("cuda")
     assert pipe.device.type == "cpu" and not pipe.fast
+
+
+def test_a_tensor_condition_is_scanned_once_a_call(base, monkeypatch):
+    """Checking a tensor's range reads all of it (and on a GPU waits for it): once per condition, not per helper."""
+    from t2iadapter.generation import conditions
+
+    pipe = AdapterPipeline(base, [adapter(base, 1, 7)])
+    scans = []
+    real = torch.aminmax
+    monkeypatch.setattr(conditions.torch, "aminmax", lambda x: scans.append(x.shape) or real(x))
+    pipe("a", [torch.rand(1, 64, 64)], steps=1, seed=0, progress=False)
+    assert scans == [(1, 64, 64)]

@@ -8,6 +8,7 @@ Files are read by `extractors.images.open_image`, the one image reader.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -45,16 +46,20 @@ def load_condition(cond: ConditionInput, what: str = "condition image") -> torch
 
 
 def _checked(x: torch.Tensor, what: str) -> torch.Tensor:
-    """A float tensor's values must be finite and at most 1 (8-bit data must be divided by 255 first)."""
+    """A float tensor's values must be finite and in [0, 1] (8-bit data divided by 255 first); one pass, one sync."""
     if x.ndim >= 2 and 0 in x.shape[-2:]:
         raise ConditionError(f"{what} is empty (shape {tuple(x.shape)})")
     if x.numel() and not x.dtype.is_complex:
-        top = x.detach().float()
-        if not torch.isfinite(top).all():
+        low, high = torch.aminmax(x.detach().float())  # NaN and ±inf show in the extremes
+        low, high = low.item(), high.item()
+        if not (math.isfinite(low) and math.isfinite(high)):
             raise ConditionError(f"{what} contains NaN or infinite values")
-        if top.max() > 1.0 + 1e-3:
-            raise ConditionError(f"{what} values go up to {top.max().item():g}; tensors and float arrays are in "
+        if high > 1.0 + 1e-3:
+            raise ConditionError(f"{what} values go up to {high:g}; tensors and float arrays are in "
                                  f"[0, 1] (divide 8-bit data by 255, or pass a uint8 array or PIL image)")
+        if low < -1e-3:
+            raise ConditionError(f"{what} values go down to {low:g}; tensors and float arrays are in [0, 1] "
+                                 f"(a tensor in diffusers' [-1, 1]: pass x / 2 + 0.5)")
     return x
 
 
@@ -76,8 +81,13 @@ def _pad(x: torch.Tensor, canvas: tuple[int, int]) -> torch.Tensor:
 
 def prepare_condition(cond: ConditionInput, channels: int, size: tuple[int, int], canvas: tuple[int, int]) -> torch.Tensor:
     """[1, channels, H', W'] in [0, 1]: channel-converted, resized to `size` (w, h), zero-padded to `canvas`."""
+    return _prepared(load_condition(cond), channels, size, canvas)
+
+
+def _prepared(item: Image.Image | torch.Tensor, channels: int, size: tuple[int, int],
+              canvas: tuple[int, int]) -> torch.Tensor:
+    """`prepare_condition` of what `load_condition` returned (checked already: scanned once per call)."""
     w, h = size
-    item = load_condition(cond)
     if isinstance(item, Image.Image):
         arr = _resized_pil(item, channels, size).astype(np.float32) / 255.0
         return _pad(torch.from_numpy(arr).permute(2, 0, 1)[None], canvas)
@@ -85,8 +95,6 @@ def prepare_condition(cond: ConditionInput, channels: int, size: tuple[int, int]
     if x.ndim != 4 or x.shape[0] != 1:
         raise ConditionError(f"condition tensor must be [C, H, W] or [1, C, H, W], got {tuple(item.shape)}")
     x = x.float()
-    if x.min() < -1e-3:
-        raise ConditionError(f"condition values go down to {x.min().item():g}; a condition is in [0, 1]")
     c = x.shape[1]
     if c == 4:
         x, c = x[:, :3], 3
@@ -127,7 +135,7 @@ def condition_on_device(cond: ConditionInput, channels: int, size: tuple[int, in
     item = load_condition(cond)
     x = condition_bytes(item, channels, size) if as_bytes else None
     if x is None:
-        return prepare_condition(item, channels, size, canvas).to(device, dtype)
+        return _prepared(item, channels, size, canvas).to(device, dtype)
     return bytes_to_condition(x, canvas, device, dtype)
 
 
