@@ -488,3 +488,14 @@ def test_a_request_needing_weights_the_server_lacks_is_503(pipe, tmp_path, caplo
         assert c.get("/health").json()["workers"][0]["jobs"] == 0  # refused before the queue
         assert c.post("/v1/generate", json=gen_body()).status_code == 200
         assert c.get("/health").json()["workers"][0]["jobs"] == 1
+
+
+def test_a_mistyped_path_or_method_says_which(client):
+    """Starlette answered a bare "Not Found" / "Method Not Allowed"; the client learns what it sent and what to do."""
+    detail = one_line(client.post("/v1/generat", json=gen_body()), 404)
+    assert detail == "no endpoint or file at /v1/generat; the API's endpoints are listed at /docs"
+    r = client.get("/v1/generate")
+    detail = one_line(r, 405)
+    assert detail == "GET is not allowed on /v1/generate; use POST" and r.headers["allow"] == "POST"
+    assert one_line(client.get("/v1/jobs/nope"), 404) != "Not Found"  # the app's own 404s keep their words
+    assert client.get("/docs").status_code == 200

@@ -97,6 +97,17 @@ def create_app(
 
     # ------------------------------------------------------------- errors → statuses
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Starlette's bare "Not Found" / "Method Not Allowed" for a mistyped path or method, made to say which."""
+        detail, path = exc.detail, request.url.path
+        if exc.status_code == 404 and detail == "Not Found":
+            detail = f"no endpoint or file at {path}; the API's endpoints are listed at /docs"
+        elif exc.status_code == 405 and detail == "Method Not Allowed":
+            allowed = " or ".join((exc.headers or {}).get("Allow", "").split(", ")) or "another method"
+            detail = f"{request.method} is not allowed on {path}; use {allowed}"
+        return JSONResponse({"detail": detail}, exc.status_code, headers=exc.headers)
+
     @app.exception_handler(T2IAdapterError)
     async def _user_error(_r: Request, exc: T2IAdapterError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, 422)
