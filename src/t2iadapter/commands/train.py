@@ -61,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     from t2iadapter.train.throughput import SUMMARY_FILE
 
     trainer = Trainer(config)
+    if trainer.is_main:
+        print(describe(trainer), flush=True)
     result = trainer.run(resume=args.resume)
     if not trainer.is_main:
         return 0
@@ -76,3 +78,20 @@ def run(args: argparse.Namespace) -> int:
     for path in result.outputs:
         print(f"wrote {path}")
     return 0
+
+
+def describe(trainer) -> str:
+    """The run in one line, before its first step: what trains on which base and data, how long, and where it goes."""
+    cfg, recipe = trainer.config, trainer.config.recipe
+    what = " + ".join(f"{a.kind} {a.condition} adapter" if a.kind != "controlnet" else f"{a.condition} ControlNet"
+                      for a in cfg.adapters) + (" + fuser" if cfg.fuser is not None else "")
+    params = sum(p.numel() for p in trainer.params)
+    base = f"{cfg.base} (a random test base: set base= or give --config)" if cfg.base in ("tiny", "tiny-xl") else cfg.base
+    data = cfg.data.kind + (f" {cfg.data.path}" if cfg.data.path else " (the demo world's scenes)")
+    gpus = trainer.accelerator.num_processes
+    batch = f"batch {recipe.batch_size}" + (f" × {gpus} processes" if gpus > 1 else "")
+    limit = f", at most {recipe.max_minutes:g} min" if recipe.max_minutes else ""
+    every = f"checkpoints every {cfg.checkpoint.every} steps" if cfg.checkpoint.every else "no checkpoints"
+    return (f"training {what} ({params / 1e6:.2f}M parameters) on {base}, {trainer.device}; data {data} at "
+            f"{cfg.data.resolution}x{cfg.data.resolution}; {recipe.max_steps} step{'s' * (recipe.max_steps != 1)} of {batch}{limit}; {every} "
+            f"in {trainer.output_dir} (--resume continues)")

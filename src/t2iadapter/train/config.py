@@ -63,7 +63,8 @@ class DataConfig:
     image_column: str = "image"  # datasets: the image column (webdataset: jpg/png/jpeg/webp are tried)
     text_column: str = "text"  # datasets: the caption column; webdataset: the caption key
     split: str = "train"  # datasets: which split
-    resolution: int = 512  # square training size; images are resized (short side) and centre-cropped
+    resolution: int | None = None  # square training size (short side resized, centre-cropped); None: the base's own
+    # (its UNet's sample size × the VAE factor: 512 for SD1.5, 1024 for SDXL, 256 for the demo, 64 for tiny)
     random_flip: bool = False  # flip image and conditions together (off: flipping breaks left/right captions)
     num_samples: int | None = None  # world: scenes used (None: all TRAIN seeds); others: cap on the samples
     num_workers: int = 0  # DataLoader worker processes (0: load in the training process)
@@ -73,7 +74,7 @@ class DataConfig:
             raise ConfigError(f"data kind {self.kind!r}: expected one of {', '.join(DATA_KINDS)}")
         if self.kind != "world" and not self.path:
             raise ConfigError(f"data kind {self.kind!r} needs data.path")
-        if self.resolution <= 0 or self.resolution % 64:
+        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 64):
             raise ConfigError(f"data.resolution must be a positive multiple of 64, got {self.resolution}")
 
 

@@ -333,6 +333,8 @@ class WebDatasetSource(Source):
 
 def build_source(data: DataConfig, adapters: tuple[AdapterSpec, ...]) -> Source:
     """The raw-sample source `data` describes; conditions without a stored location must have an extractor."""
+    if data.resolution is None:
+        raise ConfigError("data.resolution is not set: the Trainer takes the base's own size; set it to read data alone")
     stored = dict(data.conditions)
     if data.kind == "world":
         from t2iadapter.demo import world

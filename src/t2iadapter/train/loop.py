@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import math
 import time
@@ -258,6 +259,10 @@ class Trainer:
             from t2iadapter.bases import load_base
 
             base = load_base(config.base)
+        if config.data.resolution is None:  # the base's own size; the resolved config is what the run records
+            size = base.unet.config.sample_size
+            size = int(size if isinstance(size, int) else size[0]) * base.vae_scale_factor
+            self.config = config = dataclasses.replace(config, data=dataclasses.replace(config.data, resolution=size))
         self.base = base.freeze()
         self._place_base()
         self.is_sdxl = base.is_sdxl
