@@ -63,6 +63,7 @@ CASES: dict[str, tuple[Callable[[dict[str, Path]], list[str]], str]] = {
     "train checkpoint.every -5": (lambda f: ["train", "--config", TINY, "--set", "checkpoint.every=-5"], "checkpoint.every"),
     "train --output-dir a file": (lambda f: ["train", "--config", TINY, "--output-dir", str(f["plain"])], "is a file"),
     "train over an earlier run": (lambda f: ["train", "--config", TINY, "--output-dir", str(f["run"])], "--resume"),
+    "generate --condition NAME=PATH": (lambda f: ["generate", "--prompt", "x", "--adapter", "sketch=demo/sketch", "--condition", f"sketch={f['image']}", "--out", str(f["folder"] / "o.png")], "conditions take no NAME="),
     "generate --out a folder": (lambda f: ["generate", "--base", "tiny", "--prompt", "x", "--out", str(f["folder"])], "folder"),
     "generate --out a file's child": (lambda f: ["generate", "--base", "tiny", "--prompt", "x", "--out", str(f["plain"] / "x.png")], "does not exist"),
     # issue 14, items 7 and 9: checked before anything loads, by the request's (and the device parser's) own checks

@@ -139,6 +139,11 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"got {len(values)} {name} for {n_adapters} adapters; give one per adapter or none")
     from t2iadapter.extractors.images import require_file
 
+    for cond in args.condition:  # `--condition sketch=a.png`, written like `--adapter sketch=...`
+        name, _, rest = cond.partition("=")
+        if rest and name.isidentifier() and not Path(cond).exists() and Path(rest).exists():
+            raise ConfigError(f"--condition {cond}: conditions take no NAME=; give --condition {rest}, in the order "
+                              f"of the --adapter/--controlnet flags")
     for flag, image in ([("--condition", c) for c in args.condition] + [("--style-image", args.style_image),
                         ("--init-image", args.init_image), ("--mask", args.mask)]):
         if image is not None:  # named by its flag, before anything loads
