@@ -231,7 +231,12 @@ class TrainResult:
 
 
 class Trainer:
-    """One training run of `config`; `base`/`stream` may be given (tests, benchmarks), else built from the config."""
+    """One training run of `config`; `base`/`stream` may be given (tests, benchmarks), else built from the config.
+
+    A given `base` is used in place, not copied (an SDXL base is ~7 GB): it is frozen and moved to the training
+    device and dtype, and gets channels-last or gradient checkpointing when the recipe asks; pass a copy to keep
+    the original as it was.
+    """
 
     def __init__(self, config: TrainConfig, *, base=None, stream=None, accelerator=None) -> None:
         from accelerate import Accelerator
