@@ -92,6 +92,6 @@ def describe(trainer) -> str:
     batch = f"batch {recipe.batch_size}" + (f" × {gpus} processes" if gpus > 1 else "")
     limit = f", at most {recipe.max_minutes:g} min" if recipe.max_minutes else ""
     every = f"checkpoints every {cfg.checkpoint.every} steps" if cfg.checkpoint.every else "no checkpoints"
+    steps = f"{recipe.max_steps} step{'s' * (recipe.max_steps != 1)} of {batch}{limit}"
     return (f"training {what} ({params / 1e6:.2f}M parameters) on {base}, {trainer.device}; data {data} at "
-            f"{cfg.data.resolution}x{cfg.data.resolution}; {recipe.max_steps} step{'s' * (recipe.max_steps != 1)} of {batch}{limit}; {every} "
-            f"in {trainer.output_dir} (--resume continues)")
+            f"{cfg.data.resolution}x{cfg.data.resolution}; {steps}; {every} in {trainer.output_dir} (--resume continues)")
