@@ -196,6 +196,6 @@ def test_train_command_says_what_it_trains_before_the_first_step(tmp_path, capsy
     assert cli(["train", "--set", "max_steps=1", "--set", "batch_size=1", "--set", "checkpoint.every=0",
                 "--set", "data.num_samples=1", "--output-dir", str(tmp_path / "run")]) == 0
     first = capsys.readouterr().out.splitlines()[0]
-    assert first == ("training full sketch adapter (0.23M parameters) on tiny (a random test base: set base= or give "
-                     f"--config), cpu; data world (the demo world's scenes) at 64x64; 1 step of batch 1; no checkpoints "
+    assert first == ("training full sketch adapter (0.23M parameters) on tiny (a random test base, for smoke runs), "
+                     f"cpu; data world (the demo world's scenes) at 64x64; 1 step of batch 1; no checkpoints "
                      f"in {tmp_path / 'run'} (--resume continues)")

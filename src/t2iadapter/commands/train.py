@@ -86,7 +86,7 @@ def describe(trainer) -> str:
     what = " + ".join(f"{a.kind} {a.condition} adapter" if a.kind != "controlnet" else f"{a.condition} ControlNet"
                       for a in cfg.adapters) + (" + fuser" if cfg.fuser is not None else "")
     params = sum(p.numel() for p in trainer.params)
-    base = f"{cfg.base} (a random test base: set base= or give --config)" if cfg.base in ("tiny", "tiny-xl") else cfg.base
+    base = f"{cfg.base} (a random test base, for smoke runs)" if cfg.base in ("tiny", "tiny-xl") else cfg.base
     data = cfg.data.kind + (f" {cfg.data.path}" if cfg.data.path else " (the demo world's scenes)")
     gpus = trainer.accelerator.num_processes
     batch = f"batch {recipe.batch_size}" + (f" × {gpus} processes" if gpus > 1 else "")
