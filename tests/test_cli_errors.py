@@ -64,6 +64,8 @@ CASES: dict[str, tuple[Callable[[dict[str, Path]], list[str]], str]] = {
     "train --output-dir a file": (lambda f: ["train", "--config", TINY, "--output-dir", str(f["plain"])], "is a file"),
     "train over an earlier run": (lambda f: ["train", "--config", TINY, "--output-dir", str(f["run"])], "--resume"),
     "generate --condition NAME=PATH": (lambda f: ["generate", "--prompt", "x", "--adapter", "sketch=demo/sketch", "--condition", f"sketch={f['image']}", "--out", str(f["folder"] / "o.png")], "conditions take no NAME="),
+    "generate --mask without --init-image": (lambda f: ["generate", "--prompt", "x", "--mask", str(f["image"]), "--out", str(f["folder"] / "o.png")], "--mask needs --init-image"),
+    "generate --guidance -1": (lambda f: ["generate", "--prompt", "x", "--guidance", "-1", "--out", str(f["folder"] / "o.png")], "--guidance must be"),
     "generate --out a folder": (lambda f: ["generate", "--base", "tiny", "--prompt", "x", "--out", str(f["folder"])], "folder"),
     "generate --out a file's child": (lambda f: ["generate", "--base", "tiny", "--prompt", "x", "--out", str(f["plain"] / "x.png")], "does not exist"),
     # issue 14, items 7 and 9: checked before anything loads, by the request's (and the device parser's) own checks
@@ -82,8 +84,8 @@ CASES: dict[str, tuple[Callable[[dict[str, Path]], list[str]], str]] = {
     "generate --condition a folder": (lambda f: ["generate", "--prompt", "x", "--adapter", "demo/sketch", "--condition", str(f["folder"]), "--out", str(f["folder"] / "o.png")], "--condition"),
     "generate --style-image missing": (lambda f: ["generate", "--prompt", "x", "--style-adapter", "demo/color", "--style-image", str(f["folder"] / "no.png"), "--out", str(f["folder"] / "o.png")], "--style-image"),
     "generate --init-image a folder": (lambda f: ["generate", "--prompt", "x", "--init-image", str(f["folder"]), "--out", str(f["folder"] / "o.png")], "is a folder"),
-    "generate --init-image not an image": (lambda f: ["generate", "--base", "tiny", "--prompt", "x", "--steps", "2", "--size", "64x64", "--init-image", str(f["plain"]), "--out", str(f["folder"] / "o.png")], "cannot read init_image"),
-    "generate --mask not an image": (lambda f: ["generate", "--base", "tiny", "--prompt", "x", "--steps", "2", "--size", "64x64", "--init-image", str(f["image"]), "--mask", str(f["plain"]), "--out", str(f["folder"] / "o.png")], "cannot read mask_image"),
+    "generate --init-image not an image": (lambda f: ["generate", "--base", "tiny", "--prompt", "x", "--steps", "2", "--size", "64x64", "--init-image", str(f["plain"]), "--out", str(f["folder"] / "o.png")], "cannot read --init-image"),
+    "generate --mask not an image": (lambda f: ["generate", "--base", "tiny", "--prompt", "x", "--steps", "2", "--size", "64x64", "--init-image", str(f["image"]), "--mask", str(f["plain"]), "--out", str(f["folder"] / "o.png")], "cannot read --mask"),
     "generate --lora missing file": (lambda f: ["generate", "--base", "tiny", "--prompt", "x", "--steps", "1", "--size", "64x64", "--lora", str(f["folder"] / "no.safetensors"), "--out", str(f["folder"] / "o.png")], "no such file"),
     "generate --lora without a path": (lambda f: ["generate", "--prompt", "x", "--lora", ":2", "--out", str(f["folder"] / "o.png")], "name a LoRA"),
     "generate --lora scale nan": (lambda f: ["generate", "--prompt", "x", "--lora", "style.safetensors:nan", "--out", str(f["folder"] / "o.png")], "finite"),
@@ -151,3 +153,17 @@ def test_out_of_memory_is_one_line_saying_what_to_ask_for(memory: str, files: di
     assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert err.startswith(f"error: out of {memory} memory in `generate`: ask for less at once"), err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("mask_image needs init_image (the image to start from)", "--mask needs --init-image (the image to start from)"),
+    ("guidance_scale must be a number from 0 to 100, got -1.0", "--guidance must be a number from 0 to 100, got -1.0"),
+    ("steps must be between 1 and 1000, got 0", "--steps must be between 1 and 1000, got 0"),
+    ("cannot read init_image /data/init_image.png: not an image", "cannot read --init-image /data/init_image.png: not an image"),
+    ("prompts differ in length", "prompts differ in length"),  # a bare name only as the message's first word
+    ("got 2 steps", "got 2 steps"),
+])
+def test_request_errors_speak_in_the_flags_a_user_typed(message, expected):
+    from t2iadapter.commands.generate import as_flags
+
+    assert as_flags(message) == expected

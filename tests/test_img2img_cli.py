@@ -31,10 +31,10 @@ def generate(f, *extra):
 CASES = {
     "strength 0": (lambda f: generate(f, "--init-image", str(f["image"]), "--strength", "0"), "strength must be in (0, 1]"),
     "strength 1.5": (lambda f: generate(f, "--init-image", str(f["image"]), "--strength", "1.5"), "(0, 1]"),
-    "strength without image": (lambda f: generate(f, "--strength", "0.5"), "needs init_image"),
-    "mask without image": (lambda f: generate(f, "--mask", str(f["mask"])), "needs init_image"),
+    "strength without image": (lambda f: generate(f, "--strength", "0.5"), "--strength needs --init-image"),
+    "mask without image": (lambda f: generate(f, "--mask", str(f["mask"])), "--mask needs --init-image"),
     "mask of another size": (lambda f: generate(f, "--init-image", str(f["image"]), "--mask", str(f["small"])),
-                             "mask_image is 32x32 but init_image is 64x64"),
+                             "--mask is 32x32 but --init-image is 64x64"),
     "missing init image": (lambda f: generate(f, "--init-image", str(f["dir"] / "nope.png")), "does not exist"),
     "missing lora": (lambda f: generate(f, "--lora", str(f["dir"] / "nope.safetensors") + ":0.5"), "LoRA"),
 }

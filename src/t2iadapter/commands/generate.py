@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from t2iadapter.commands import (add_base_arguments, add_fast_arguments, add_threads_argument, check_fast_arguments,
                                  fast_precision, parse_adapters)
 from t2iadapter.commands import _batch_jobs as batch_jobs
-from t2iadapter.errors import ConfigError
+from t2iadapter.errors import ConditionError, ConfigError
 from t2iadapter.generation.request import FUSER_WINDOW_MODES, defaults
 
 
@@ -119,6 +120,24 @@ def _controlnet_uses(args: argparse.Namespace, names: list[str], conditions: lis
                  for i, (name, cond) in enumerate(zip(names, conditions)))
 
 
+# the request's field names in its messages → the flags a command-line user typed
+FLAGS = {"guidance_scale": "--guidance", "mask_image": "--mask", "init_image": "--init-image",
+         "num_images": "--num-images", "negative_prompt": "--negative-prompt", "paste_back": "--paste-back",
+         "fuser_windows": "--fuser-windows", "steps": "--steps", "strength": "--strength", "seed": "--seed",
+         "size": "--size", "scheduler": "--scheduler", "prompt": "--prompt"}
+
+
+def as_flags(message: str) -> str:
+    """A request error in the CLI's words: `mask_image needs init_image` → `--mask needs --init-image`; the bare
+    names (steps, seed, size, ...) only where they begin the message, which is where the request names a field."""
+    for field, flag in FLAGS.items():
+        if "_" in field:
+            message = re.sub(rf"(?<![\w/.\\-]){field}(?![\w/\\-]|\.\w)", flag, message)  # not inside a path
+        elif re.match(rf"{field}\b(?!-)", message):
+            message = flag + message[len(field):]
+    return message
+
+
 def run(args: argparse.Namespace) -> int:
     if args.batch:
         return batch_jobs.run(args)
@@ -160,11 +179,15 @@ def run(args: argparse.Namespace) -> int:
     from t2iadapter.pngmeta import save_png
 
     # the request's own checks (seed, guidance, size, strength, ...) run before anything loads
-    request = GenerationRequest(args.prompt, (), negative_prompt=args.negative_prompt, steps=args.steps,
-                                guidance_scale=args.guidance, size=args.size, seed=args.seed, scheduler=args.scheduler,
-                                num_images=args.num_images, compose="fuser" if args.fuser else "sum",
-                                fuser_windows=args.fuser_windows, init_image=args.init_image, strength=args.strength,
-                                mask_image=args.mask, paste_back=args.paste_back)
+    try:
+        request = GenerationRequest(args.prompt, (), negative_prompt=args.negative_prompt, steps=args.steps,
+                                    guidance_scale=args.guidance, size=args.size, seed=args.seed,
+                                    scheduler=args.scheduler, num_images=args.num_images,
+                                    compose="fuser" if args.fuser else "sum", fuser_windows=args.fuser_windows,
+                                    init_image=args.init_image, strength=args.strength, mask_image=args.mask,
+                                    paste_back=args.paste_back)
+    except ConfigError as exc:
+        raise ConfigError(as_flags(str(exc))) from None
     windows = [Window.parse(w) for w in args.window]
     for w in args.weight:  # AdapterUse's check (a finite number), before anything loads
         AdapterUse("--weight", None, w)
@@ -199,7 +222,10 @@ def run(args: argparse.Namespace) -> int:
                  for i, (name, cond) in enumerate(zip(pipe.adapters, conditions)))
     request = dataclasses.replace(request, adapters=uses,
                                   controlnets=_controlnet_uses(args, list(pipe.controlnets), controlnet_conditions))
-    result = pipe.generate(request, progress=True)
+    try:
+        result = pipe.generate(request, progress=True)
+    except (ConfigError, ConditionError) as exc:  # e.g. a mask of another size than the image
+        raise type(exc)(as_flags(str(exc))) from None
     params = dict(result.parameters, adapter_sources=adapters, conditions=adapter_conditions, fuser=args.fuser,
                   style_image=args.style_image,
                   **({"controlnet_sources": list(controlnets.values()), "controlnet_conditions": controlnet_conditions}
