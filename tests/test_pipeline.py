@@ -258,3 +258,23 @@ def test_a_tensor_condition_is_scanned_once_a_call(base, monkeypatch):
     monkeypatch.setattr(conditions.torch, "aminmax", lambda x: scans.append(x.shape) or real(x))
     pipe("a", [torch.rand(1, 64, 64)], steps=1, seed=0, progress=False)
     assert scans == [(1, 64, 64)]
+
+
+def test_moving_the_pipeline_leaves_out_diffusers_fp32_advice_for_models_without_fp32_modules(base):
+    """diffusers 0.42 warns "There are modules ... kept in float32: []" on any dtype argument, even None."""
+    import logging
+
+    pipe = AdapterPipeline(base, [adapter(base, 1, 7)])
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    diffusers_log = logging.getLogger("diffusers")  # diffusers' loggers do not propagate: listen at its root
+    diffusers_log.addHandler(handler)
+    try:
+        pipe.to(dtype=torch.float64)
+        pipe.to(device="cpu", dtype=torch.float32)
+        base.unet.to(dtype=torch.float32)  # diffusers' own `to` still says it (the listener hears it)
+    finally:
+        diffusers_log.removeHandler(handler)
+    assert sum("kept in float32" in m for m in seen) == 1
+    assert {m.dtype for m in pipe.base.modules.values()} == {torch.float32}

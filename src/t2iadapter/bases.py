@@ -20,6 +20,19 @@ from t2iadapter.errors import CheckpointError, ConfigError
 log = logging.getLogger(__name__)
 
 
+def move(module: torch.nn.Module, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+    """`module.to(device, dtype)`, for a diffusers model without diffusers' warning about fp32 modules it does not
+    have (0.42 warns on any dtype argument, even None); its own `to` where that advice, or its refusal to cast a
+    quantized model, applies, and for transformers' models."""
+    from diffusers import ModelMixin
+
+    moves = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+    if isinstance(module, ModelMixin) and not module._keep_in_fp32_modules and not getattr(module, "is_quantized", False):
+        torch.nn.Module.to(module, **moves)
+    else:
+        module.to(**moves)
+
+
 @dataclass
 class BaseModel:
     """The frozen components an adapter pipeline or trainer needs."""
@@ -53,7 +66,7 @@ class BaseModel:
         if device is None and dtype is None:
             return self
         for module in self.modules.values():
-            module.to(device=device, dtype=dtype)
+            move(module, device=device, dtype=dtype)
         return self
 
     def freeze(self) -> "BaseModel":

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from t2iadapter.bases import move
 from t2iadapter.errors import CheckpointError, ConfigError
 from t2iadapter.generation.latents import posterior, sample_posterior, to_scaled
 from t2iadapter.train import checkpoint as ckpt
@@ -330,9 +331,7 @@ class Trainer:
             dtype = self.base_dtype
             if name == "vae" and base.is_sdxl and dtype == torch.float16:
                 dtype = torch.float32
-            module.to(device=self.device)
-            if module.dtype != dtype:
-                module.to(dtype=dtype)
+            move(module, device=self.device, dtype=dtype if module.dtype != dtype else None)
 
     @property
     def stream(self):
