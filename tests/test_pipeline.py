@@ -268,13 +268,18 @@ def test_moving_the_pipeline_leaves_out_diffusers_fp32_advice_for_models_without
     seen: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: seen.append(record.getMessage())
+    from diffusers.utils import logging as diffusers_logging
+
     diffusers_log = logging.getLogger("diffusers")  # diffusers' loggers do not propagate: listen at its root
     diffusers_log.addHandler(handler)
+    verbosity = diffusers_logging.get_verbosity()  # a CLI test in this process may have quietened diffusers
+    diffusers_logging.set_verbosity_warning()
     try:
         pipe.to(dtype=torch.float64)
         pipe.to(device="cpu", dtype=torch.float32)
         base.unet.to(dtype=torch.float32)  # diffusers' own `to` still says it (the listener hears it)
     finally:
+        diffusers_logging.set_verbosity(verbosity)
         diffusers_log.removeHandler(handler)
     assert sum("kept in float32" in m for m in seen) == 1
     assert {m.dtype for m in pipe.base.modules.values()} == {torch.float32}
