@@ -58,6 +58,13 @@ class BaseModel:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
+    def default_size(self) -> tuple[int, int]:
+        """(width, height) the UNet was made for: its sample size (an int, or diffusers' (h, w)) × the VAE factor."""
+        size = self.unet.config.sample_size
+        h, w = (size, size) if isinstance(size, int) else size
+        return w * self.vae_scale_factor, h * self.vae_scale_factor
+
+    @property
     def modules(self) -> dict[str, torch.nn.Module]:
         mods = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
         return {k: v for k, v in mods.items() if v is not None}

@@ -199,15 +199,12 @@ def save_demo_base(
 
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from diffusers.utils import logging as diffusers_logging
+    from t2iadapter.bases import move
 
     out = Path(out_dir)
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # casting a whole model with .to(dtype) is intended here
-    try:
-        nets = {k: copy.deepcopy(modules[k]).to(device="cpu", dtype=dtype).eval() for k in NETWORKS}
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
+    nets = {k: copy.deepcopy(modules[k]).eval() for k in NETWORKS}
+    for net in nets.values():
+        move(net, device="cpu", dtype=dtype)
     scheduler = modules.get("scheduler") or DDIMScheduler(**scheduler_config())
     pipe = StableDiffusionPipeline(
         vae=nets["vae"],

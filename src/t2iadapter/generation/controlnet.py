@@ -106,6 +106,8 @@ def read_single_file(path: str | os.PathLike) -> ControlNetModel:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
+    from t2iadapter.bases import move
+
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
     if METADATA_KEY not in meta:
@@ -113,8 +115,8 @@ def read_single_file(path: str | os.PathLike) -> ControlNetModel:
     tensors = load_file(str(path))
     module = ControlNetModel.from_config(json.loads(meta[METADATA_KEY]))
     dtypes = {t.dtype for t in tensors.values()}
-    if len(dtypes) == 1:  # nn.Module's own `to` (diffusers' ModelMixin.to warns on every dtype)
-        torch.nn.Module.to(module, dtype=dtypes.pop())
+    if len(dtypes) == 1:
+        move(module, dtype=dtypes.pop())
     module.load_state_dict(tensors)
     return module
 

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from t2iadapter import unet_hook
-from t2iadapter.bases import BaseModel, load_base
+from t2iadapter.bases import BaseModel, load_base, move
 from t2iadapter.errors import ConditionError, ConfigError
 from t2iadapter.formats import load_adapter
 from t2iadapter.generation import (compile_cache, conditions, controlnet, fast, img2img, latents, lora, loop,
@@ -208,7 +208,7 @@ class AdapterPipeline:
         self._offload: torch.device | None = None  # enable_model_cpu_offload(): the device models run on
         self.to(device=device, dtype=dtype)
         for module in self.modules_to_move():  # adapters run in the base's dtype (checkpoints may be fp16)
-            torch.nn.Module.to(module, device=self.device, dtype=self.dtype)
+            move(module, device=self.device, dtype=self.dtype)
 
     # ------------------------------------------------------------------ load, move, optimize
 
@@ -261,8 +261,8 @@ class AdapterPipeline:
             resolve_device(device, None)  # an unknown device, or CUDA where there is none: one clear error
             self._offload = None  # an explicit device ends model CPU offload
         self.base.to(device=device, dtype=dtype)
-        for module in self.modules_to_move():  # nn.Module's own `to` (diffusers' ModelMixin.to warns on every dtype)
-            torch.nn.Module.to(module, device=device, dtype=dtype)
+        for module in self.modules_to_move():
+            move(module, device=device, dtype=dtype)
         return self
 
     def modules_to_move(self) -> list[torch.nn.Module]:
@@ -412,8 +412,7 @@ class AdapterPipeline:
 
     @property
     def default_size(self) -> tuple[int, int]:
-        side = self.base.unet.config.sample_size * self.base.vae_scale_factor
-        return side, side
+        return self.base.default_size
 
     @property
     def size_multiple(self) -> int:

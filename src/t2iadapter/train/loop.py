@@ -266,9 +266,8 @@ class Trainer:
 
             base = load_base(config.base)
         if config.data.resolution is None:  # the base's own size; the resolved config is what the run records
-            size = base.unet.config.sample_size
-            size = int(size if isinstance(size, int) else size[0]) * base.vae_scale_factor
-            self.config = config = dataclasses.replace(config, data=dataclasses.replace(config.data, resolution=size))
+            height = base.default_size[1]  # square training: the height of a (h, w) sample size
+            self.config = config = dataclasses.replace(config, data=dataclasses.replace(config.data, resolution=height))
         self.base = base.freeze()
         self._place_base()
         self.is_sdxl = base.is_sdxl
@@ -331,7 +330,7 @@ class Trainer:
             dtype = self.base_dtype
             if name == "vae" and base.is_sdxl and dtype == torch.float16:
                 dtype = torch.float32
-            move(module, device=self.device, dtype=dtype if module.dtype != dtype else None)
+            move(module, device=self.device, dtype=dtype)
 
     @property
     def stream(self):
