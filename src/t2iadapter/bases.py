@@ -33,6 +33,24 @@ def move(module: torch.nn.Module, *, device: str | torch.device | None = None, d
         module.to(**moves)
 
 
+_FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def placement(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """(device, dtype) a model's inputs must have: those of its first floating-point weight.
+
+    What diffusers' `model.device` and `model.dtype` answer, without their walk over every submodule in search of
+    offloading and casting hooks on every query (1.9 ms on an SD1.5 UNet, 5.8 ms on SDXL's, on a 2-core CPU; a
+    generation asked a dozen times, once per step in fast mode). A model with such hooks (diffusers' group
+    offloading on the model, layerwise casting's float8 storage) or with modules kept in fp32 gets diffusers' answer.
+    """
+    if getattr(model, "_diffusers_hook", None) is None and not getattr(model, "_keep_in_fp32_modules", None):
+        weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+        if weight is not None and weight.dtype not in _FLOAT8:
+            return weight.device, weight.dtype
+    return model.device, model.dtype
+
+
 @dataclass
 class BaseModel:
     """The frozen components an adapter pipeline or trainer needs."""

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from t2iadapter.bases import placement
 from t2iadapter.errors import ConditionError, ConfigError
 from t2iadapter.generation import latents as latent_space
 from t2iadapter.generation.conditions import load_condition
@@ -69,7 +70,7 @@ class Source:
         d.run_timesteps = sched.timesteps[t_start * sched.order:]
         if hasattr(sched, "set_begin_index"):
             sched.set_begin_index(t_start * sched.order)
-        batch, device = d.shape[0], base.unet.device
+        batch, device = d.shape[0], placement(base.unet)[0]
         first = d.run_timesteps[:1].repeat(batch)
         full = self.mask is not None and self.strength == 1.0  # inpainting from pure noise, as diffusers
         if self.mask is None or not self.inpaint_unet or not full:
@@ -92,7 +93,7 @@ class Source:
 
     @staticmethod
     def _encode(base: Any, pixels: torch.Tensor, g: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
-        return latent_space.encode(base.vae, pixels, g, upcast=base.is_sdxl).to(base.unet.device, dtype)
+        return latent_space.encode(base.vae, pixels, g, upcast=base.is_sdxl).to(placement(base.unet)[0], dtype)
 
     def unet_input(self, x: torch.Tensor) -> torch.Tensor:
         """An inpainting UNet's input: the scaled latents with the mask and masked-image latents appended."""

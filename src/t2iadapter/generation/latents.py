@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from t2iadapter.bases import placement
+
 
 def posterior(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
     """The VAE encoder's diagonal Gaussian posterior parameters [B, 2C, h, w] (mean, log-variance) of images in [-1, 1]."""
@@ -47,11 +49,11 @@ def from_scaled(vae_config: Any, latents: torch.Tensor) -> torch.Tensor:
 
 def decode(vae: Any, latents: torch.Tensor, *, upcast: bool = False) -> torch.Tensor:
     """Normalised latents → images in [0, 1]; `upcast` decodes an fp16 VAE in fp32 (SDXL's `force_upcast`)."""
-    upcast = upcast and vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    upcast = upcast and placement(vae)[1] == torch.float16 and getattr(vae.config, "force_upcast", False)
     if upcast:
         vae.to(torch.float32)
     try:
-        latents = from_scaled(vae.config, latents.to(vae.dtype))
+        latents = from_scaled(vae.config, latents.to(placement(vae)[1]))
         image = vae.decode(latents, return_dict=False)[0]
     finally:
         if upcast:
@@ -65,11 +67,11 @@ def encode(vae: Any, pixels: torch.Tensor, generator: torch.Generator, *, upcast
     The draw uses `generator` as diffusers does (same order, same numbers); `upcast` encodes an fp16 VAE in
     fp32 (SDXL's `force_upcast`).
     """
-    upcast = upcast and vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    upcast = upcast and placement(vae)[1] == torch.float16 and getattr(vae.config, "force_upcast", False)
     if upcast:
         vae.to(torch.float32)
     try:
-        raw = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample(generator)
+        raw = vae.encode(pixels.to(*placement(vae))).latent_dist.sample(generator)
     finally:
         if upcast:
             vae.to(torch.float16)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from t2iadapter import unet_hook
+from t2iadapter.bases import placement
 from t2iadapter.generation.composition import Composition
 from t2iadapter.generation.fast import LoopClock
 from t2iadapter.generation.schedulers import step_kwargs
@@ -49,9 +50,9 @@ class Denoise:
             return self.source.start(self, dtype)
         g = self.generator
         if self.latents is not None:
-            noise = self.latents.to(self.base.unet.device, dtype)
+            noise = self.latents.to(placement(self.base.unet)[0], dtype)
         else:
-            noise = torch.randn(self.shape, generator=g, device=g.device, dtype=dtype).to(self.base.unet.device)
+            noise = torch.randn(self.shape, generator=g, device=g.device, dtype=dtype).to(placement(self.base.unet)[0])
         return noise * self.scheduler.init_noise_sigma
 
     def timesteps(self):
@@ -86,7 +87,7 @@ class Denoise:
 def denoise_eager(d: Denoise) -> torch.Tensor:
     """The loop as diffusers writes it: features absent (not zero) outside every window."""
     unet = d.base.unet
-    latents = d.start(unet.device, d.prompts.text.context.dtype)
+    latents = d.start(placement(unet)[0], d.prompts.text.context.dtype)
     kwargs = step_kwargs(d.scheduler, d.generator, d.eta)
     for i, t in d.timesteps():
         maps, seq = d.composition.at(i, d.steps)
@@ -106,16 +107,17 @@ def denoise_fast(d: Denoise) -> torch.Tensor:
     before the next replay (schedulers keep outputs).
     """
     unet = d.base.unet
+    device, dtype = placement(unet)
     latents = d.start("cpu", torch.float32)  # half-precision randn is a rounded float32 draw: same noise
     kwargs = step_kwargs(d.scheduler, d.generator, d.eta)
     clock = LoopClock(d.run_timesteps, latents.device)
     spatial = d.composition.spatial
     zeros = unet_hook.zero_features(unet, d.composition.of(spatial)[0]) if spatial else \
-        unet_hook.no_features(unet, d.shape[0] * (2 if d.prompts.cfg else 1), d.shape[2:], dtype=unet.dtype,
-                              device=unet.device)
+        unet_hook.no_features(unet, d.shape[0] * (2 if d.prompts.cfg else 1), d.shape[2:], dtype=dtype,
+                              device=device)
     for i, t in d.timesteps():
         maps, seq = d.composition.at(i, d.steps)
-        scaled, ut, context = d.scaled_input(latents, t).to(unet.dtype), clock.unet_timestep(i), d.prompts.context(seq)
+        scaled, ut, context = d.scaled_input(latents, t).to(dtype), clock.unet_timestep(i), d.prompts.context(seq)
         control = d.controlnets.at(i, d.steps, scaled, ut, context, d.added, static=True) if d.controlnets else None  # issue 16
         noise = unet_hook.unet_forward(unet, d.unet_input(scaled), ut, context, zeros if maps is None else maps,
                                        added_cond_kwargs=d.added, control=control)
@@ -149,6 +151,7 @@ def batched_unet(unet: Any, inputs: list[tuple[torch.Tensor, torch.Tensor, list[
     are padded to a power of two, so a compiled UNet meets few batch shapes (`fast_rows`).
     """
     outs: list[torch.Tensor | None] = [None] * len(inputs)
+    device, dtype = placement(unet)
     groups: dict[int, list[int]] = {}
     for k, (_x, ctx, _maps, _added) in enumerate(inputs):
         groups.setdefault(ctx.shape[1], []).append(k)
@@ -159,7 +162,7 @@ def batched_unet(unet: Any, inputs: list[tuple[torch.Tensor, torch.Tensor, list[
         ctx = _rows(torch.cat([inputs[k][1] for k in members]), total)
         like = next((inputs[k][2] for k in members if inputs[k][2] is not None), None)
         if like is None and fast:
-            like = unet_hook.no_features(unet, 1, x.shape[2:], dtype=unet.dtype, device=unet.device)
+            like = unet_hook.no_features(unet, 1, x.shape[2:], dtype=dtype, device=device)
         maps = None
         if like is not None:
             per = [inputs[k][2] or [torch.zeros((n, *f.shape[1:]), dtype=f.dtype, device=f.device) for f in like]
@@ -170,7 +173,7 @@ def batched_unet(unet: Any, inputs: list[tuple[torch.Tensor, torch.Tensor, list[
         added = inputs[members[0]][3]
         if added is not None:
             added = {key: _rows(torch.cat([inputs[k][3][key] for k in members]), total) for key in added}
-        out = unet_hook.unet_forward(unet, x.to(unet.dtype) if fast else x, timestep, ctx, maps, added_cond_kwargs=added)
+        out = unet_hook.unet_forward(unet, x.to(dtype) if fast else x, timestep, ctx, maps, added_cond_kwargs=added)
         if fast:
             out = out.to(torch.float32, copy=True)  # out of the CUDA-graph buffer before the next replay
         for k, part in zip(members, out[: sum(sizes)].split(sizes)):
@@ -184,7 +187,7 @@ def denoise_batch(runs: list[Denoise], *, fast: bool = False,
     scheduler, generator (noise), prompts, features, weights and windows. `callback(step, total)` after each step.
     """
     unet = runs[0].base.unet
-    latents = [d.start("cpu", torch.float32) if fast else d.start(unet.device, d.prompts.text.context.dtype)
+    latents = [d.start("cpu", torch.float32) if fast else d.start(placement(unet)[0], d.prompts.text.context.dtype)
                for d in runs]
     kwargs = [step_kwargs(d.scheduler, d.generator, d.eta) for d in runs]
     lead = runs[0]

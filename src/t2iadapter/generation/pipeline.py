@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from t2iadapter import unet_hook
-from t2iadapter.bases import BaseModel, load_base, move
+from t2iadapter.bases import BaseModel, load_base, move, placement
 from t2iadapter.errors import ConditionError, ConfigError
 from t2iadapter.formats import load_adapter
 from t2iadapter.generation import (compile_cache, conditions, controlnet, fast, img2img, latents, lora, loop,
@@ -396,11 +396,11 @@ class AdapterPipeline:
     @property
     def device(self) -> torch.device:
         """Where the models run (with CPU offload: the execution device, not where they wait)."""
-        return self._offload if self._offload is not None else self.base.unet.device
+        return self._offload if self._offload is not None else placement(self.base.unet)[0]
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.base.unet.dtype
+        return placement(self.base.unet)[1]
 
     @property
     def spatial_names(self) -> list[str]:

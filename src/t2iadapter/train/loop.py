@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from t2iadapter.bases import move
+from t2iadapter.bases import move, placement
 from t2iadapter.errors import CheckpointError, ConfigError
 from t2iadapter.generation.latents import posterior, sample_posterior, to_scaled
 from t2iadapter.train import checkpoint as ckpt
@@ -356,7 +356,7 @@ class Trainer:
         if self.config.recipe.cache_latents and all(i in self.latent_cache for i in idx):
             moments = torch.stack([self.latent_cache[i] for i in idx]).to(self.device, non_blocking=True)
         if moments is None:
-            pixels = batch["pixels"].to(self.device, vae.dtype, non_blocking=True)
+            pixels = batch["pixels"].to(self.device, placement(vae)[1], non_blocking=True)
             moments = posterior(vae, pixels)
             if self.config.recipe.cache_latents:
                 for i, m in zip(idx, moments.cpu()):
@@ -450,7 +450,7 @@ class Trainer:
         noise = torch.randn(latents.shape, generator=g, device=g.device).to(self.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         target = training_target(self.noise_scheduler, latents, noise, t)
-        unet_dtype = self.base.unet.dtype
+        unet_dtype = placement(self.base.unet)[1]
         noisy = noisy.to(unet_dtype)
         if recipe.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
