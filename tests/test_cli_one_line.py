@@ -69,3 +69,21 @@ def test_corrupt_and_malicious_trainer_checkpoints_are_one_line(tmp_path):
     (folder / ckpt.TRAINER_FILE).unlink()
     with pytest.raises(CheckpointError, match="has no trainer.pt"):
         ckpt.load(folder)
+
+
+def test_a_reader_that_goes_away_stops_the_cli_quietly(tmp_path):
+    """`t2iadapter info X | head -1`: was "error: Broken pipe" and exit 2; now silent, 141 as a shell tool's SIGPIPE."""
+    import subprocess
+    import sys
+
+    from t2iadapter.bases import load_base, tiny_adapter_config
+    from t2iadapter.models import build_adapter
+
+    path = tmp_path / "sketch.safetensors"
+    build_adapter(tiny_adapter_config(load_base("tiny"), 1)).save_file(path)
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the CLI writes
+    done = subprocess.run([sys.executable, "-m", "t2iadapter.cli", "info", str(path)], stdout=write,
+                          stderr=subprocess.PIPE, text=True, timeout=120)
+    os.close(write)
+    assert (done.returncode, done.stderr) == (141, "")
