@@ -123,3 +123,39 @@ def test_kohya_lora_loads_through_diffusers(loras, tmp_path):
     plain = ours(AdapterPipeline(load_base("tiny")))
     assert np.abs(images[0] - images[1]).max() <= 1e-5
     assert np.abs(images[0] - plain).max() > 1e-3
+
+
+@pytest.mark.parametrize("scale", [None, "0.5", float("nan"), float("inf"), True])
+def test_a_bad_scale_is_refused_before_anything_loads(loras, scale):
+    """It was checked after loading: the LoRA stayed active yet unlisted (unload could not reach it), or NaN images."""
+    a, _ = loras
+    pipe = AdapterPipeline(load_base("tiny"))
+    plain = ours(pipe)
+    with pytest.raises(ConfigError, match="finite number"):
+        pipe.load_lora(a, scale=scale)
+    assert pipe.loras.scales == {} and pipe.load_lora(a, scale=0.7) == "pytorch_lora_weights"  # nothing left behind
+    pipe.unload_lora("pytorch_lora_weights")
+    assert np.abs(ours(pipe) - plain).max() <= 1e-5
+
+
+def test_unnamed_loras_get_free_peft_names(loras, tmp_path):
+    """Names come from the file's stem: two `pytorch_lora_weights.safetensors` (as the CLI loads them, unnamed) and a
+    dotted stem (peft refuses dots in adapter names) used to be refused; a state dict's default name could collide."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    a, b = loras
+    dotted = tmp_path / "detail_v1.5.safetensors"
+    shutil.copy(a, dotted)
+    pipe = AdapterPipeline(load_base("tiny"))
+    assert [pipe.load_lora(p, scale=0.5) for p in (a, b, dotted)] == \
+        ["pytorch_lora_weights", "pytorch_lora_weights_2", "detail_v1_5"]
+    mixed = ours(pipe)
+    assert np.abs(mixed - theirs(load_base("tiny"), [(a, 0.5), (b, 0.5), (a, 0.5)])).max() <= 1e-4
+    sd = load_file(str(b))
+    assert [pipe.load_lora(sd, scale=0.1) for _ in range(2)] == ["lora", "lora_2"]
+    pipe.unload_lora("lora")
+    assert pipe.load_lora(sd, scale=0.1) == "lora"
+    with pytest.raises(ConfigError, match="without dots"):
+        pipe.load_lora(a, name="my.lora")

@@ -64,9 +64,14 @@ class Loras:
         """Load a LoRA (file, folder, hub id or state dict; `kwargs` go to diffusers, e.g. `weight_name=`)."""
         if self.fused:
             raise ConfigError("LoRAs are fused into the weights in fast mode; load them before optimize()")
-        name = name or (Path(str(source)).stem if not isinstance(source, dict) else f"lora{len(self.scales)}")
+        # checked before anything is loaded: a refused call leaves no LoRA behind
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ConfigError(f"LoRA scale must be a finite number (1.0: as trained, 0: off), got {scale!r}")
+        name = self._name(source) if name is None else name
         if name in self.scales:
             raise ConfigError(f"a LoRA named {name!r} is already loaded; give another name= or unload it first")
+        if not name or "." in name:
+            raise ConfigError(f"LoRA name {name!r}: give a name without dots (peft's adapter names cannot hold one)")
         what = source if not isinstance(source, dict) else "(state dict)"
         if not isinstance(source, dict) and not Path(source).expanduser().exists() and not hub.is_id(str(source)):
             raise MissingWeightsError(f"LoRA {source}: no such file or folder")
@@ -86,6 +91,16 @@ class Loras:
                               f"{str(e).splitlines()[0]}") from None
         self.scales[name] = float(scale)
         self._apply()
+        return name
+
+    def _name(self, source: Any) -> str:
+        """A free name for an unnamed LoRA: its file's stem with dots made underscores (`detail_v1.5` →
+        `detail_v1_5`), or `lora`; `_2`, `_3`, … where taken (two `pytorch_lora_weights.safetensors` files)."""
+        stem = "lora" if isinstance(source, dict) else Path(str(source).rstrip("/\\")).stem.replace(".", "_") or "lora"
+        name, n = stem, 1
+        while name in self.scales:
+            n += 1
+            name = f"{stem}_{n}"
         return name
 
     def unload(self, name: str) -> None:
