@@ -50,14 +50,16 @@ def test_sd_controlnet_matches_diffusers(sd_base):
     cond = condition(64, 0)
     pipe = AdapterPipeline(sd_base, controlnets={"pose": cn})
     ref_pipe = sd_reference(sd_base, cn)
-    for scale, (start, end) in ((0.7, (0.0, 1.0)), (1.0, (0.0, 0.5)), (1.2, (0.5, 1.0))):
-        ours = pipe(PROMPT, {"pose": cond}, steps=4, seed=0, size=(64, 64), weights={"pose": scale},
+    # (5 steps: windows whose ends fall between steps, where diffusers keeps one step fewer than the adapters' rule)
+    for steps, scale, (start, end) in ((4, 0.7, (0.0, 1.0)), (4, 1.0, (0.0, 0.5)), (4, 1.2, (0.5, 1.0)),
+                                       (5, 1.0, (0.0, 0.5)), (5, 0.8, (0.3, 0.9))):
+        ours = pipe(PROMPT, {"pose": cond}, steps=steps, seed=0, size=(64, 64), weights={"pose": scale},
                     windows={"pose": (start, end)}, output_type="np", progress=False).images[0]
-        ref = ref_pipe(PROMPT, image=cond, num_inference_steps=4, height=64, width=64,
+        ref = ref_pipe(PROMPT, image=cond, num_inference_steps=steps, height=64, width=64,
                        generator=torch.Generator().manual_seed(0), controlnet_conditioning_scale=scale,
                        control_guidance_start=start, control_guidance_end=end, output_type="np").images[0]
-        assert np.abs(ours - ref).max() <= 1e-4, (scale, start, end)
-    plain = sd_base.diffusers_pipeline()(PROMPT, num_inference_steps=4, height=64, width=64,
+        assert np.abs(ours - ref).max() <= 1e-4, (steps, scale, start, end)
+    plain = sd_base.diffusers_pipeline()(PROMPT, num_inference_steps=5, height=64, width=64,
                                          generator=torch.Generator().manual_seed(0), output_type="np").images[0]
     assert np.abs(ours - plain).max() > 1e-2  # the ControlNet really acts
 
@@ -125,6 +127,9 @@ def test_controlnet_loads_from_folder_and_single_file(sd_base, tmp_path):
     assert loaded is not cn and not any(p.requires_grad for p in loaded.parameters())
     pipe2 = AdapterPipeline(sd_base, controlnets=[str(tmp_path / "cn")])
     assert list(pipe2.controlnets) == ["cn"]
+    # one ControlNet without a list, as `adapters=` takes one (a path was walked letter by letter)
+    assert list(AdapterPipeline(sd_base, controlnets=str(tmp_path / "cn")).controlnets) == ["cn"]
+    assert list(AdapterPipeline(sd_base, controlnets=cn).controlnets) == ["controlnet0"]
 
 
 def test_controlnet_checks(sd_base, xl_base, tmp_path):

@@ -154,8 +154,9 @@ def residuals(controlnet: ControlNetModel, sample: torch.Tensor, t: Any, context
 
 
 class ControlNets:
-    """The ControlNets of one call: condition images (batched for CFG), weights and windows; `at()` gives the
-    summed residuals for one step, or None when none is active."""
+    """The ControlNets of one call: condition images (batched for CFG), weights and windows (diffusers'
+    `control_guidance_start/end` rule, `Window.controlnet_active`); `at()` gives the summed residuals for one step,
+    or None when none is active."""
 
     def __init__(self, modules: Mapping[str, ControlNetModel], images: Mapping[str, torch.Tensor],
                  weights: Mapping[str, float], windows: Mapping[str, Window]) -> None:
@@ -173,7 +174,7 @@ class ControlNets:
         down: list[torch.Tensor] | None = None
         mid: torch.Tensor | None = None
         for n in self.names:
-            active = self.windows[n].active(step, total)
+            active = self.windows[n].controlnet_active(step, total)
             if not (active or static):
                 continue
             d, m = residuals(self.modules[n], sample, t, context, self.images[n], self.weights[n] if active else 0.0,

@@ -234,6 +234,8 @@ class AdapterPipeline:
 
     def _load_controlnets(self, sources: Sequence[Any] | Mapping[str, Any]) -> dict[str, torch.nn.Module]:
         """ControlNets (issue 16) by name; names are shared with the adapters, so they must differ from them."""
+        if isinstance(sources, (str, os.PathLike, torch.nn.Module)):  # one ControlNet, as `adapters=` takes one
+            sources = [sources]
         items = sources.items() if isinstance(sources, Mapping) else [(None, c) for c in sources]
         out: dict[str, torch.nn.Module] = {}
         for i, (name, source) in enumerate(items):

@@ -71,6 +71,11 @@ class Window:
     def active(self, step: int, total: int) -> bool:
         return step in self.steps(total)
 
+    def controlnet_active(self, step: int, total: int) -> bool:
+        """A ControlNet's window, as diffusers' `control_guidance_start/end` keep step i of N: i/N >= start and
+        (i+1)/N <= end (one step fewer than `active` where end·N is not whole, e.g. 0:0.5 of 25 steps: 12, not 13)."""
+        return not (step / total < self.start or (step + 1) / total > self.end)
+
     def __str__(self) -> str:
         return f"{self.start:g}:{self.end:g}"
 
