@@ -186,6 +186,25 @@ def test_bad_image_combinations(sd_base):
             inpaint("a", steps=2, progress=False, **options)
 
 
+def test_image_inputs_a_user_gets_wrong_are_refused_or_read_as_meant(sd_base):
+    """An opaque RGBA array was taken for latents by diffusers' processor (pixels in [0, 1] reached the VAE); a 0/1
+    label mask binarised to nothing (nothing repainted, no word); latents= with init_image was silently ignored."""
+    pipe = AdapterPipeline(sd_base)
+    rgb = np.asarray(photo(64, 0))
+    rgba = np.concatenate([rgb, np.full((64, 64, 1), 255, np.uint8)], -1)
+    kwargs = dict(strength=0.5, steps=4, seed=3, output_type="np", progress=False)
+    assert np.array_equal(pipe("a", init_image=rgba, **kwargs).images[0], pipe("a", init_image=rgb, **kwargs).images[0])
+    tensor = torch.from_numpy(rgba).permute(2, 0, 1).float() / 255
+    assert np.array_equal(pipe("a", init_image=tensor, **kwargs).images[0], pipe("a", init_image=rgb, **kwargs).images[0])
+    with pytest.raises(ConditionError, match="init_image has 2 channels"):
+        pipe("a", init_image=tensor[:2], **kwargs)
+    labels = (np.asarray(mask_of(64)) > 0).astype(np.uint8)  # 0/1, as segmentation tools give
+    with pytest.raises(ConditionError, match="nothing to repaint.*multiply it by 255"):
+        pipe("a", init_image=rgb, mask_image=labels, **kwargs)
+    with pytest.raises(ConfigError, match="latents= is text-to-image's starting noise"):
+        pipe("a", init_image=rgb, latents=torch.zeros(1, 4, 8, 8), **kwargs)
+
+
 def test_fast_mode_loop_gives_the_eager_images(sd_base):
     """denoise_fast (host timesteps, static UNet inputs) runs img2img and inpainting as denoise_eager does."""
     base = load_base("tiny")

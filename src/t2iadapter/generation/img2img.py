@@ -32,12 +32,16 @@ def _size_of(item: Any) -> tuple[int, int]:
     return item.size if hasattr(item, "size") and not isinstance(item, torch.Tensor) else (item.shape[-1], item.shape[-2])
 
 
-def _as_batch(item: Any) -> Any:
-    """PIL images in RGB (diffusers' processor keeps L/RGBA as they are), tensors [1, C, H, W]."""
+def _as_batch(item: Any, what: str) -> Any:
+    """PIL images in RGB (diffusers' processor keeps L/RGBA as they are), tensors [1, C, H, W] with C 1 or 3: an
+    alpha channel is dropped, as for PIL images (diffusers' processor would take 4 channels for latents)."""
     if isinstance(item, torch.Tensor):
         if item.ndim not in (3, 4) or (item.ndim == 4 and item.shape[0] != 1):
-            raise ConditionError(f"an image tensor must be [C, H, W] or [1, C, H, W], got {tuple(item.shape)}")
-        return item[None] if item.ndim == 3 else item
+            raise ConditionError(f"{what} tensor must be [C, H, W] or [1, C, H, W], got {tuple(item.shape)}")
+        item = item[None] if item.ndim == 3 else item
+        if item.shape[1] not in (1, 3, 4):
+            raise ConditionError(f"{what} has {item.shape[1]} channels; give 1 (grey), 3 (RGB) or 4 (RGBA)")
+        return item[:, :3]
     return item if item.mode == "RGB" else item.convert("RGB")
 
 
@@ -127,7 +131,7 @@ def prepare(init_image: Any, mask_image: Any, strength: float, steps: int, size:
     inpaint_unet = unet_channels == INPAINT_UNET_CHANNELS
     if inpaint_unet and mask_image is None:
         raise ConfigError("this base has an inpainting UNet (9 input channels); give mask_image (white = repaint)")
-    image = _as_batch(load_condition(init_image, "init_image"))
+    image = _as_batch(load_condition(init_image, "init_image"), "init_image")
     w, h = size
     pad = (0, canvas[0] - w, 0, canvas[1] - h)
     pixels = VaeImageProcessor(vae_scale_factor=vae_scale_factor).preprocess(image, height=h, width=w)
@@ -136,11 +140,14 @@ def prepare(init_image: Any, mask_image: Any, strength: float, steps: int, size:
     pixels = F.pad(pixels.float()[:, :3], pad)
     mask = None
     if mask_image is not None:
-        mask_item = _as_batch(load_condition(mask_image, "mask_image"))
+        mask_item = _as_batch(load_condition(mask_image, "mask_image"), "mask_image")
         if _size_of(mask_item) != _size_of(image):
             raise ConditionError(f"mask_image is {'x'.join(map(str, _size_of(mask_item)))} but init_image is "
                                  f"{'x'.join(map(str, _size_of(image)))}; give a mask of the image's size")
         processor = VaeImageProcessor(vae_scale_factor=vae_scale_factor, do_normalize=False, do_binarize=True,
                                       do_convert_grayscale=True)
         mask = F.pad(processor.preprocess(mask_item, height=h, width=w).float()[:, :1], pad)
+        if not mask.any():
+            raise ConditionError("mask_image has nothing to repaint: white (over half) = repaint, black = keep; 8-bit "
+                                 "masks are 0/255 (a 0/1 label array: multiply it by 255)")
     return Source(pixels, mask, strength, steps, inpaint_unet)

@@ -682,6 +682,9 @@ class AdapterPipeline:
             seed = random.randrange(2**32)
         if generator is None:
             generator = torch.Generator("cpu").manual_seed(int(seed))
+        if latents is not None and source is not None:
+            raise ConfigError("latents= is text-to-image's starting noise; with init_image the start is the image's "
+                              "latents noised from the seed or generator: give one of the two")
         if isinstance(generator, (list, tuple)):
             if source is not None:
                 raise ConfigError("a list of generators is for text-to-image; give one generator with init_image")
