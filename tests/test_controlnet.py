@@ -78,6 +78,29 @@ def test_sdxl_controlnet_matches_diffusers(xl_base):
     assert np.abs(ours - plain).max() > 1e-2
 
 
+def pooled(cn):
+    """The same ControlNet with `global_pool_conditions` (as shuffle's): diffusers runs it in guess mode."""
+    config = {k: v for k, v in cn.config.items() if not k.startswith("_")}
+    out = ControlNetModel(**{**config, "global_pool_conditions": True}).eval()
+    out.load_state_dict(cn.state_dict())
+    return out
+
+
+def test_a_pooled_controlnet_runs_in_guess_mode_as_in_diffusers(sd_base, xl_base):
+    """diffusers forces guess mode for it: the conditional CFG half alone, zeros for the unconditional (it ran on
+    both halves here: 0.54 apart). Eager and fast-mode loops, SD and SDXL."""
+    for base, size, reference in ((sd_base, 64, sd_reference), (xl_base, 128, xl_reference)):
+        cn, cond = pooled(random_controlnet(base, 0)), condition(size, 0)
+        kwargs = dict(steps=3, seed=0, size=(size, size), guidance_scale=5.0, output_type="np", progress=False)
+        ref = reference(base, cn)(PROMPT, image=cond, num_inference_steps=3, height=size, width=size, guidance_scale=5.0,
+                                  generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+        assert np.abs(AdapterPipeline(base, controlnets={"shuffle": cn})(PROMPT, {"shuffle": cond}, **kwargs).images[0]
+                      - ref).max() <= 1e-4
+        fast = AdapterPipeline(load_base(base.source), controlnets={"shuffle": cn})  # optimize() takes its base over
+        fast.optimize(compile=False, dtype=torch.float32)  # the fast loop: static ControlNet inputs
+        assert np.abs(fast(PROMPT, {"shuffle": cond}, **kwargs).images[0] - ref).max() <= 1e-4
+
+
 def test_adapter_and_controlnet_compose_as_diffusers_unet_with_both_residuals(sd_base):
     """Reference: diffusers' ControlNet pipeline whose UNet also gets diffusers' T2IAdapter features every step."""
     torch.manual_seed(3)

@@ -10,8 +10,10 @@ skips carry them), the ControlNet's to the skips and the mid block afterwards; t
 As diffusers' `StableDiffusion(XL)ControlNetPipeline` (guess_mode off): the ControlNet sees the same
 scaled model input and context as the UNet (both CFG branches), SDXL's pooled text and time ids too, and
 its residuals are scaled by `conditioning_scale` (our weight). Several ControlNets sum (MultiControlNet).
-Outside its window (`Window`, the adapters' rule) a ControlNet does not run, which equals diffusers'
-scale 0 (adding zeros). Fast mode keeps the UNet's inputs static instead: every ControlNet runs every
+A ControlNet with `global_pool_conditions` (shuffle, for one) puts diffusers in guess mode: it runs on the
+conditional CFG half only, and the unconditional half gets zero residuals; so it does here.
+Outside its window (`Window.controlnet_active`: diffusers' control_guidance_start/end) a ControlNet does not
+run, which equals diffusers' scale 0 (adding zeros). Fast mode keeps the UNet's inputs static instead: every ControlNet runs every
 step, with scale 0 outside its window, so the compiled UNet always gets the same residual shapes; the
 ControlNets themselves run eagerly in the base's dtype (not compiled).
 
@@ -159,10 +161,11 @@ class ControlNets:
     or None when none is active."""
 
     def __init__(self, modules: Mapping[str, ControlNetModel], images: Mapping[str, torch.Tensor],
-                 weights: Mapping[str, float], windows: Mapping[str, Window]) -> None:
+                 weights: Mapping[str, float], windows: Mapping[str, Window], cond_only: frozenset[str] = frozenset()) -> None:
         self.names = list(images)
         self.modules = {n: modules[n] for n in self.names}
         self.images, self.weights, self.windows = dict(images), dict(weights), dict(windows)
+        self.cond_only = cond_only  # guess mode (global_pool_conditions under CFG): the conditional half alone
 
     def __bool__(self) -> bool:
         return bool(self.names)
@@ -177,8 +180,14 @@ class ControlNets:
             active = self.windows[n].controlnet_active(step, total)
             if not (active or static):
                 continue
-            d, m = residuals(self.modules[n], sample, t, context, self.images[n], self.weights[n] if active else 0.0,
-                             added)
+            scale = self.weights[n] if active else 0.0
+            if n in self.cond_only:  # diffusers' guess mode: [uncond, cond] → zeros for uncond, the cond half's own
+                half = sample.shape[0] // 2
+                cond_added = None if added is None else {k: v[half:] for k, v in added.items()}
+                d, m = residuals(self.modules[n], sample[half:], t, context[half:], self.images[n], scale, cond_added)
+                d, m = [torch.cat([torch.zeros_like(x), x]) for x in d], torch.cat([torch.zeros_like(m), m])
+            else:
+                d, m = residuals(self.modules[n], sample, t, context, self.images[n], scale, added)
             if down is None:
                 down, mid = list(d), m
             else:  # diffusers' MultiControlNetModel: residuals sum
@@ -191,10 +200,11 @@ def prepare(modules: Mapping[str, ControlNetModel], uses: Any, on_device: Callab
     """`ControlNets` of a request's uses; `on_device(condition, channels)` gives [1, C, H, W] in [0, 1] (as
     diffusers' control image processor: no normalisation), repeated to the batch and doubled for CFG."""
     images = {}
+    cond_only = frozenset(u.name for u in uses if cfg and modules[u.name].config.get("global_pool_conditions", False))
     for use in uses:
         x = on_device(use.condition, modules[use.name].config.conditioning_channels).repeat(batch, 1, 1, 1)
-        images[use.name] = torch.cat([x] * 2) if cfg else x
-    return ControlNets(modules, images, {u.name: u.weight for u in uses}, {u.name: u.window for u in uses})
+        images[use.name] = torch.cat([x] * 2) if cfg and use.name not in cond_only else x
+    return ControlNets(modules, images, {u.name: u.weight for u in uses}, {u.name: u.window for u in uses}, cond_only)
 
 
 __all__ = ["ControlNets", "METADATA_KEY", "residuals", "check_fits", "controlnet_from_unet", "is_controlnet", "is_single_file",
