@@ -164,6 +164,19 @@ def test_controlnet_checks(sd_base, xl_base, tmp_path):
 
     with pytest.raises(CheckpointError, match="no such file"):
         AdapterPipeline(sd_base, controlnets={"x": str(tmp_path / "missing")})
+    # beside an inpainting UNet (9 input channels) a ControlNet still takes the 4 latent channels, as in diffusers'
+    # StableDiffusionControlNetInpaintPipeline: one made from the 9-channel UNet failed mid-run
+    import dataclasses
+
+    from diffusers import UNet2DConditionModel
+
+    inpaint = dataclasses.replace(sd_base, unet=UNet2DConditionModel.from_config({**sd_base.unet.config, "in_channels": 9}))
+    with pytest.raises(ConfigError, match="from a 4-channel UNet, not an inpainting one"):
+        controlnet_from_unet(inpaint.unet)
+    nine = ControlNetModel.from_config({**random_controlnet(sd_base, 0).config, "in_channels": 9})
+    with pytest.raises(ConfigError, match="in_channels 9 .*4 latent channels; an inpainting UNet's ControlNets"):
+        AdapterPipeline(inpaint, controlnets={"x": nine})
+    assert list(AdapterPipeline(inpaint, controlnets={"x": random_controlnet(sd_base, 0)}).controlnets) == ["x"]
     pipe = AdapterPipeline(sd_base, controlnets={"pose": random_controlnet(sd_base, 0)})
     with pytest.raises(ConfigError, match="unknown adapters"):
         pipe(PROMPT, {"pose": condition(64, 0)}, weights={"posse": 1.0}, steps=1, size=(64, 64), progress=False)
@@ -290,3 +303,19 @@ def test_serve_registers_controlnets(tmp_path):
     args = sub.choices["serve"].parse_args(["--base", "tiny", "--adapter", "a=x.safetensors", "--controlnet", "pose=cn-folder"])
     settings, _ = serve.settings_from(args)
     assert settings.controlnets == {"pose": "cn-folder"} and settings.adapters == {"a": "x.safetensors"}
+
+
+def test_controlnet_beside_an_inpainting_unet_matches_diffusers(sd_base):
+    """The ControlNet gets the 4 latent channels, the 9-channel UNet latents + mask + masked image, as in
+    diffusers' StableDiffusionControlNetInpaintPipeline."""
+    from diffusers import StableDiffusionControlNetInpaintPipeline
+    from test_img2img import inpaint_unet_base, mask_of, photo, sd_kwargs
+
+    base, cn = inpaint_unet_base(sd_base), random_controlnet(sd_base, 0)
+    image, mask, cond = photo(64, 1), mask_of(64), condition(64, 2)
+    ours = AdapterPipeline(base, controlnets={"c": cn})(PROMPT, {"c": cond}, init_image=image, mask_image=mask, steps=4,
+                                                         seed=3, output_type="np", progress=False).images[0]
+    ref = StableDiffusionControlNetInpaintPipeline(**sd_kwargs(base), controlnet=cn)(
+        PROMPT, image=image, mask_image=mask, control_image=cond, num_inference_steps=4, height=64, width=64,
+        generator=torch.Generator().manual_seed(3), controlnet_conditioning_scale=1.0, output_type="np").images[0]
+    assert np.abs(ours - ref).max() <= 1e-4

@@ -35,6 +35,7 @@ import torch
 
 from t2iadapter import hub
 from t2iadapter.errors import CheckpointError, ConfigError
+from t2iadapter.generation.img2img import INPAINT_UNET_CHANNELS
 from t2iadapter.generation.request import Window
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ METADATA_KEY = "t2iadapter_controlnet_config"  # our single file: the ControlNet
 # The ControlNet paper's condition encoder: 4 convs to 16, 32, 96, 256 channels, three of them stride 2
 # (512² image → 64² latent, the VAE's factor 8); bases with another VAE factor keep log2(factor) downsamples.
 CONDITION_ENCODER_CHANNELS = (16, 32, 96, 256)
+LATENT_CHANNELS = (INPAINT_UNET_CHANNELS - 1) // 2  # beside an inpainting UNet: its latents, not mask + masked image
 
 Residuals = tuple[list[torch.Tensor], torch.Tensor]  # (one per UNet skip connection, mid block)
 
@@ -128,6 +130,9 @@ def controlnet_from_unet(unet: UNet2DConditionModel, vae_scale_factor: int = 8, 
     """A new ControlNet initialised from the base UNet's encoder (the ControlNet paper, §3.2; zero convs at 0)."""
     from diffusers import ControlNetModel
 
+    if unet.config.in_channels == INPAINT_UNET_CHANNELS:
+        raise ConfigError("a ControlNet is made from a 4-channel UNet, not an inpainting one (9 input channels): train "
+                          "it on the inpainting model's ordinary base; it then works beside the inpainting UNet too")
     n = int(math.log2(vae_scale_factor))
     if 2**n != vae_scale_factor or n + 1 > len(CONDITION_ENCODER_CHANNELS):
         raise ConfigError(f"no ControlNet condition encoder for a VAE factor of {vae_scale_factor}")
@@ -143,6 +148,10 @@ def check_fits(unet: UNet2DConditionModel, controlnet: ControlNetModel, name: st
     given = {"block_out_channels": tuple(c.block_out_channels), "cross_attention_dim": c.cross_attention_dim,
              "layers_per_block": c.layers_per_block, "addition_embed_type": c.get("addition_embed_type")}
     bad = [f"{k} {given[k]} (base: {wanted[k]})" for k in wanted if given[k] != wanted[k]]
+    latent = LATENT_CHANNELS if u.in_channels == INPAINT_UNET_CHANNELS else u.in_channels
+    if c.in_channels != latent:  # a ControlNet sees the latents alone, also beside an inpainting UNet (as diffusers')
+        bad.append(f"in_channels {c.in_channels} (it must take the {latent} latent channels"
+                   + (f"; an inpainting UNet's ControlNets are those of its {latent}-channel base)" if latent != u.in_channels else ")"))
     if bad:
         raise ConfigError(f"ControlNet {name!r} does not fit this base: " + "; ".join(bad))
 
