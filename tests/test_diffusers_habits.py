@@ -209,3 +209,28 @@ def test_model_cpu_offload_moves_each_model_only_while_it_runs(sd_base, monkeypa
     assert pipe.device == torch.device("cpu")
     with pytest.raises(ConfigError, match="offload"):
         AdapterPipeline(load_base("tiny"), [ad]).optimize(compile=False).enable_model_cpu_offload("cpu")
+
+
+def test_model_cpu_offload_encodes_an_init_image_on_the_execution_device(sd_base, monkeypatch):
+    """img2img's VAE encode runs as the loop starts; the VAE was on the execution device only around the request's
+    preparation, so on a GPU the encode ran on the CPU."""
+    from t2iadapter.generation import latents
+
+    image = condition(64, "RGB", 2)
+    want = AdapterPipeline(sd_base)(PROMPT, init_image=image, strength=0.5, seed=1, **FAST).images[0]
+    pipe = AdapterPipeline(sd_base).enable_model_cpu_offload("cpu")
+    events: list[str] = []
+    real_to, real_encode = torch.nn.Module.to, latents.encode
+
+    def spy(self, *args, **kwargs):
+        if self is sd_base.vae:
+            events.append("vae moved")
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", spy)
+    monkeypatch.setattr(latents, "encode", lambda *a, **k: events.append("encode") or real_encode(*a, **k))
+    got = pipe(PROMPT, init_image=image, strength=0.5, seed=1, **FAST).images[0]
+    monkeypatch.undo()
+    assert np.abs(got - want).max() <= 1e-6
+    at = events.index("encode")
+    assert events[:at].count("vae moved") % 2 == 1, events  # moved in (to the execution device), not yet out

@@ -650,8 +650,10 @@ class AdapterPipeline:
             _check_callback(callback)
         with self._compiled_call([_checked_request(req)]):
             run, seed, (w, h), source = self._denoise(req, generator, callback, progress, latents, prompt_embeds)
-            # fuser_windows="active" re-fuses per step; ControlNets run every step
-            with self._running(self.base.unet, self.fuser, *self.controlnets.values()):
+            # fuser_windows="active" re-fuses per step; ControlNets run every step; img2img encodes its image as the
+            # loop starts (the generator draws in diffusers' order: image, noise, masked image)
+            with self._running(self.base.unet, self.fuser, *self.controlnets.values(),
+                               self.base.vae if source is not None else None):
                 final = loop.denoise_fast(run) if self.fast else loop.denoise_eager(run)
             params = self._parameters(req, seed, (w, h))
             if output_type == "latent":
@@ -670,8 +672,7 @@ class AdapterPipeline:
         output size and start image; `generate` runs it alone, `generate_batch` with others."""
         tasks = self._check(req)
         (w, h), canvas = self._sizes(req)
-        with self._running(self.base.vae if req.init_image is not None else None):  # img2img encodes its image
-            source = self._source(req, (w, h), canvas)
+        source = self._source(req, (w, h), canvas)  # (encoded as the loop starts: the VAE runs with the UNet then)
         batch = len(req.prompts) * req.num_images
         f = self.base.vae_scale_factor
         shape = (batch, self.base.vae.config.latent_channels, canvas[1] // f, canvas[0] // f)
