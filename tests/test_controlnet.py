@@ -178,6 +178,10 @@ def test_controlnet_checks(sd_base, xl_base, tmp_path):
         AdapterPipeline(inpaint, controlnets={"x": nine})
     assert list(AdapterPipeline(inpaint, controlnets={"x": random_controlnet(sd_base, 0)}).controlnets) == ["x"]
     pipe = AdapterPipeline(sd_base, controlnets={"pose": random_controlnet(sd_base, 0)})
+    from t2iadapter.errors import ConditionError
+
+    with pytest.raises(ConditionError, match="one image for the whole call .* one call per prompt"):  # diffusers' habit
+        pipe([PROMPT, PROMPT], {"pose": [condition(64, 0), condition(64, 1)]}, steps=1, size=(64, 64), progress=False)
     with pytest.raises(ConfigError, match="unknown adapters"):
         pipe(PROMPT, {"pose": condition(64, 0)}, weights={"posse": 1.0}, steps=1, size=(64, 64), progress=False)
 

@@ -159,3 +159,18 @@ def test_unnamed_loras_get_free_peft_names(loras, tmp_path):
     assert pipe.load_lora(sd, scale=0.1) == "lora"
     with pytest.raises(ConfigError, match="without dots"):
         pipe.load_lora(a, name="my.lora")
+
+
+def test_a_file_that_is_not_a_lora_says_so(tmp_path):
+    """An adapter checkpoint given as a LoRA was reported as a LoRA for another base ("does not fit this base")."""
+    from t2iadapter.bases import tiny_adapter_config
+    from t2iadapter.errors import CheckpointError
+    from t2iadapter.models import build_adapter
+
+    path = tmp_path / "sketch.safetensors"
+    base = load_base("tiny")
+    build_adapter(tiny_adapter_config(base, 1)).save_file(path)
+    pipe = AdapterPipeline(base)
+    with pytest.raises(CheckpointError, match="is not a LoRA: none of its .* tensors is a LoRA weight"):
+        pipe.load_lora(path)
+    assert pipe.loras.scales == {}

@@ -42,6 +42,9 @@ def load_condition(cond: ConditionInput, what: str = "condition image") -> torch
         return cond
     if isinstance(cond, torch.Tensor):
         return _checked(cond, what)
+    if isinstance(cond, (list, tuple)):  # diffusers' ControlNet pipelines take one image per prompt
+        raise ConditionError(f"{what} is one image for the whole call (every prompt and image of it), not a "
+                             f"{type(cond).__name__}; for a different one per prompt, make one call per prompt")
     raise ConditionError(f"a condition must be an image, array, tensor or path, not {type(cond).__name__}")
 
 

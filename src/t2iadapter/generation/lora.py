@@ -137,6 +137,9 @@ class Loras:
         One width that differs, or most of its modules missing, means another base family; a few missing
         modules are left to diffusers (it skips them with a warning, as for any pipeline).
         """
+        if not any("lora" in key for key in state_dict):
+            raise CheckpointError(f"{what} is not a LoRA: none of its {len(state_dict)} tensors is a LoRA weight "
+                                  "(lora_A/lora_B, lora_down/lora_up); an adapter or ControlNet file loads as one")
         modules = {"unet": dict(self.base.unet.named_modules()),
                    "text_encoder": dict(self.base.text_encoder.named_modules())}
         if self.base.text_encoder_2 is not None:
