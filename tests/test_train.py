@@ -157,7 +157,11 @@ def test_cli_train_and_its_errors(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "trained to step 3" in out and (tmp_path / "adapter.safetensors").is_file()
     assert (tmp_path / "validation" / "step-00000003.png").is_file()  # condition | base | with adapter
-    assert main(["train", "--config", str(TINY), "--max-steps", "4", "--output-dir", str(tmp_path), "--resume"]) == 0
+    # a resume takes a longer run and other checkpoint/validation settings, not another recipe
+    assert main(["train", "--config", str(TINY), "--max-steps", "5", "--output-dir", str(tmp_path), "--resume"]) == 2
+    assert "was written with another config: recipe.grad_accumulation 2 → 1" in capsys.readouterr().err
+    assert main(["train", "--config", str(TINY), "--max-steps", "4", "--output-dir", str(tmp_path), "--resume",
+                 "--set", "grad_accumulation=2", "--set", "checkpoint.every=1"]) == 0
     assert "resumed from" in capsys.readouterr().out
     assert main(["train", "--config", str(TINY), "--set", "recipe.bogus=1"]) == 2
     err = capsys.readouterr().err
@@ -199,3 +203,18 @@ def test_train_command_says_what_it_trains_before_the_first_step(tmp_path, capsy
     assert first == ("training full sketch adapter (0.23M parameters) on tiny (a random test base, for smoke runs), "
                      f"cpu; data world (the demo world's scenes) at 64x64; 1 step of batch 1; no checkpoints "
                      f"in {tmp_path / 'run'} (--resume continues)")
+
+
+def test_force_starts_over_and_a_resume_then_continues_the_new_run(tmp_path, capsys):
+    """--force kept the earlier run's checkpoints: they counted as newer than the new run's (whose own were pruned
+    at once) and a later --resume continued the earlier run, silently."""
+    from t2iadapter.cli import main
+
+    common = ["train", "--config", str(TINY), "--output-dir", str(tmp_path), "--set", "checkpoint.keep=2",
+              "--set", "batch_size=1", "--set", "data.num_samples=4"]
+    assert main([*common, "--max-steps", "8", "--set", "checkpoint.every=4"]) == 0
+    assert main([*common, "--max-steps", "3", "--set", "checkpoint.every=1", "--set", "recipe.lr=0.01", "--force"]) == 0
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
+    capsys.readouterr()
+    assert main([*common, "--max-steps", "5", "--set", "checkpoint.every=1", "--set", "recipe.lr=0.01", "--resume"]) == 0
+    assert f"trained to step 5 (resumed from {tmp_path / 'checkpoints' / 'step-00000003'})" in capsys.readouterr().out

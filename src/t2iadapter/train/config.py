@@ -360,6 +360,8 @@ def _build(cls: type, data: Any, where: str) -> Any:
         if name == "adapters":
             kwargs[name] = value
             continue
+        if sub and value is None and type(None) not in typing.get_args(hint):
+            value = {}  # a section whose keys are all commented out (YAML reads it as null): its defaults
         if sub and value is not None:
             kwargs[name] = _build(sub[0], value, path)
             continue

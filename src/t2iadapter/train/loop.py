@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,6 +231,32 @@ class TrainResult:
     resumed_from: Path | None = None
     throughput: Throughput | None = None  # samples/s of this run (main process's view)
     peak_memory_gib: float | None = None  # accelerator memory peak of this process (None off CUDA)
+
+
+# settings a resumed run may change: where and how often it writes, how long it runs, how fast (not what it computes)
+RESUMABLE_CHANGES = ("output_dir", "log_every", "checkpoint.", "validation.", "data.path", "data.num_workers",
+                     "recipe.max_steps", "recipe.max_minutes", "recipe.compile", "recipe.channels_last",
+                     "recipe.gradient_checkpointing", "recipe.cache_latents", "recipe.cache_text", "recipe.fused_adamw")
+
+
+def changed_settings(stored: str | None, current: str) -> list[str]:
+    """`key old → new` for each setting of a checkpoint's stored config (JSON) that this run changes and a resume
+    cannot take (the seed, the learning rate, the data, the adapters, …); none for a checkpoint without one."""
+    if not stored:
+        return []
+
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[prefix + k] = v
+        return out
+
+    old, new = flat(json.loads(stored)), flat(json.loads(current))
+    return [f"{k} {old.get(k)!r} → {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES)]
 
 
 class Trainer:
@@ -548,8 +576,14 @@ class Trainer:
         return path
 
     def load_checkpoint(self, path: Path) -> None:
-        """Restore weights, optimiser, LR schedule, EMA, step and this process's RNG from checkpoint `path`."""
+        """Restore weights, optimiser, LR schedule, EMA, step and this process's RNG from checkpoint `path`; the
+        config it was written with must agree with this run's (`changed_settings`)."""
         state, rng = ckpt.load(path, self.accelerator.process_index)
+        changed = changed_settings(state.get("config"), self.config.to_json())
+        if changed:
+            raise ConfigError(f"{path} was written with another config: {'; '.join(changed)} (a resumed run continues "
+                              "the same training); put the old values back, or start a new run (another "
+                              "--output-dir, or --force here)")
         modules = module_files(dict(self.model.adapters), self.model.fuser)
         for stem, module in modules.items():
             file = path / f"{stem}.safetensors"
@@ -638,7 +672,7 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------
 
-    def run(self, resume: str | None = None, stop_at: int | None = None) -> TrainResult:
+    def run(self, resume: str | None = None, stop_at: int | None = None, *, start_over: bool = False) -> TrainResult:
         """Train to `recipe.max_steps` (or stop early at `stop_at`, as a preempted job would), checkpointing,
         logging and validating; `resume`: 'latest' (newest in output_dir) or a checkpoint folder."""
         from tqdm.auto import tqdm
@@ -649,6 +683,10 @@ class Trainer:
         t0 = time.time()
         reset_peak_memory(self.device)
         resumed_from = None
+        if start_over and not resume and self.is_main and self.ckpt_dir.is_dir():
+            # --force: an earlier run's checkpoints would count as newer than this run's, and a later --resume
+            # would continue that run
+            shutil.rmtree(self.ckpt_dir)
         if resume:
             path = ckpt.resolve(resume, self.ckpt_dir)
             if path is None:
