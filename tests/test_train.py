@@ -218,3 +218,15 @@ def test_force_starts_over_and_a_resume_then_continues_the_new_run(tmp_path, cap
     capsys.readouterr()
     assert main([*common, "--max-steps", "5", "--set", "checkpoint.every=1", "--set", "recipe.lr=0.01", "--resume"]) == 0
     assert f"trained to step 5 (resumed from {tmp_path / 'checkpoints' / 'step-00000003'})" in capsys.readouterr().out
+
+
+def test_a_section_with_every_key_commented_out_is_its_defaults(tmp_path):
+    """YAML reads such a section as null; it ended in AttributeError tracebacks (validation, data)."""
+    from t2iadapter.train import load_config
+    from t2iadapter.train.config import DataConfig, ValidationConfig
+
+    path = tmp_path / "c.yaml"
+    path.write_text("base: tiny\nadapters:\n  - {kind: full, condition: sketch, in_channels: 1}\nvalidation:\n"
+                    "  # every: 20\ndata:\nfuser:\n")
+    config = load_config(path, [])
+    assert config.validation == ValidationConfig() and config.data == DataConfig() and config.fuser is None
