@@ -383,3 +383,20 @@ def test_crafted_diffusers_config_is_refused_at_once(tmp_path):
             load_adapter(folder)
         assert time.perf_counter() - start < 1.0
         (folder / "config.json").write_text(json.dumps(data))
+
+
+def test_original_format_refuses_what_its_tensors_cannot_carry(tmp_path):
+    """A style adapter with 4 heads went out as .pth and came back with 8 (the original format has no config): its
+    outputs changed, silently. Ours and a standard adapter still round-trip."""
+    from t2iadapter.errors import ConfigError
+    from t2iadapter.models import StyleAdapterConfig, build_adapter
+
+    style = build_adapter(StyleAdapterConfig(width=32, context_dim=16, num_heads=4, num_layers=1, num_tokens=2))
+    style.save_file(tmp_path / "style.safetensors")
+    with pytest.raises(ConfigError, match=r"num_heads 4 \(read back as 8\).*--to single"):
+        convert(tmp_path / "style.safetensors", tmp_path / "style.pth")
+    assert not (tmp_path / "style.pth").exists()
+    eight = build_adapter(StyleAdapterConfig(width=32, context_dim=16, num_heads=8, num_layers=1, num_tokens=2))
+    eight.save_file(tmp_path / "eight.safetensors")
+    convert(tmp_path / "eight.safetensors", tmp_path / "eight.pth")
+    assert load_adapter(tmp_path / "eight.pth").config == eight.config

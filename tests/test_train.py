@@ -230,3 +230,18 @@ def test_a_section_with_every_key_commented_out_is_its_defaults(tmp_path):
                     "  # every: 20\ndata:\nfuser:\n")
     config = load_config(path, [])
     assert config.validation == ValidationConfig() and config.data == DataConfig() and config.fuser is None
+
+
+def test_no_stale_or_empty_diffusers_folder_when_diffusers_cannot_express_the_adapter(tmp_path):
+    """A ksize-3 adapter has no diffusers form: a fresh run left an empty adapter-diffusers/, a --force run the
+    earlier run's (another adapter's weights beside this run's adapter.safetensors)."""
+    from t2iadapter.cli import main
+
+    common = ["train", "--config", str(TINY), "--output-dir", str(tmp_path), "--max-steps", "1",
+              "--set", "checkpoint.every=0", "--set", "batch_size=1", "--set", "data.num_samples=1"]
+    assert main(common) == 0 and (tmp_path / "adapter-diffusers" / "config.json").is_file()
+    assert main([*common, "--set", "adapter.options={ksize: 3}", "--force"]) == 0
+    assert (tmp_path / "adapter.safetensors").is_file() and not (tmp_path / "adapter-diffusers").exists()
+    fresh = tmp_path / "fresh"
+    common[4] = str(fresh)
+    assert main([*common, "--set", "adapter.options={ksize: 3}"]) == 0 and not (fresh / "adapter-diffusers").exists()

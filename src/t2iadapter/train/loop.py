@@ -667,6 +667,9 @@ class Trainer:
                     out.append(module.save_pretrained(self.output_dir / f"{stem}-diffusers", overwrite=True))
                 except ConfigError as exc:  # e.g. a light adapter whose channels diffusers cannot express
                     log.info("no diffusers folder for %s: %s", stem, exc)
+                    stale = self.output_dir / f"{stem}-diffusers"  # an earlier run's (--force), another adapter
+                    if stale.is_dir():
+                        shutil.rmtree(stale)
             module.to(self.device)
         return out
 
