@@ -94,3 +94,26 @@ def test_sdxl_base_and_gradient_checkpointing_steps():
     for a, b in zip(*grads):  # recomputation changes nothing, even with the UNet's own weights frozen
         torch.testing.assert_close(a, b)
     assert any(g.abs().sum() > 0 for g in grads[1])
+
+
+def test_folder_images_without_a_caption_are_counted_aloud(tmp_path, caplog):
+    """A folder without captions, or a metadata.jsonl whose file_name misses every image (a wrong prefix), trained
+    text-free adapters with no word."""
+    import json
+    import logging
+
+    import numpy as np
+    from PIL import Image
+
+    from t2iadapter.train.data import FolderSource
+
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "1.txt").write_text("a red circle")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "train/0.png", "text": "a blue square"}) + "\n")
+    with caplog.at_level(logging.WARNING, logger="t2iadapter.train.data"):
+        source = FolderSource(tmp_path, {})
+    assert [source._caption(p) for p in source.files] == ["", "a red circle", ""]
+    said = " | ".join(r.getMessage() for r in caplog.records)
+    assert "1 of its 1 rows name no image" in said and "'train/0.png'" in said
+    assert "2 of 3 images under" in said and "empty prompt" in said
