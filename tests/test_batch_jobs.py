@@ -140,3 +140,36 @@ def test_extract_input_dir_shards_across_ranks(tmp_path, monkeypatch, capsys):
                     "--no-progress"]) == 0
         assert f"{3 - r} done, 0 already there" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == [f"{i}.png" for i in range(5)]
+
+
+def test_batch_refuses_flags_it_would_ignore_and_names_adapters(jobs, tmp_path, capsys):
+    """--lora, --controlnet, --init-image, --weight … were dropped silently (plain text-to-image, exit 0); NAME=PATH
+    adapters were read as a path."""
+    for extra in (["--lora", "x.safetensors"], ["--weight", "0"], ["--init-image", "x.png"], ["--paste-back"]):
+        assert cli(argv(jobs, tmp_path / "o", *extra)) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{extra[0]} would be ignored" in err, err
+    path, adapter = jobs
+    named = ["generate", "--base", "tiny", "--adapter", f"sketch={adapter}", "--batch", str(path), "--out",
+             str(tmp_path / "named"), "--steps", "1", "--size", "64x64", "--device", "cpu"]
+    assert cli(named) == 0 and len(list((tmp_path / "named").glob("*.png"))) == len(ALL)
+
+
+def test_bad_lines_fail_alone_and_sides_default_as_in_the_api(jobs, tmp_path, capsys):
+    """An unreadable image file stopped the whole run (exit 2, no line named); width alone gave a 0 height; width 0
+    fell back silently; a list prompt wrote one of its two images."""
+    root = jobs[0].parent
+    (root / "bad.png").write_text("not an image")
+    lines = [{"prompt": "fine", "seed": 1}, {"prompt": "x", "conditions": {"sketch": "bad.png"}},
+             {"prompt": "wide", "width": 128, "seed": 2}, {"prompt": "x", "width": 0}, {"prompt": ["x", "y"]}]
+    path = root / "mixed.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    out = tmp_path / "mixed"
+    assert cli(["generate", "--base", "tiny", "--adapter", str(jobs[1]), "--batch", str(path), "--out", str(out),
+                "--steps", "1", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "mixed.jsonl:2: conditions.sketch: " in err and "not an image PIL can read" in err
+    assert "mixed.jsonl:4: width must be a whole number of pixels, at least 8, got 0" in err
+    assert "mixed.jsonl:5: prompt is one string, not list" in err
+    assert sorted(p.name for p in out.glob("*.png")) == ["job-000000.png", "job-000002.png"]
+    assert Image.open(out / "job-000002.png").size == (128, load_base("tiny").default_size[1])

@@ -120,7 +120,12 @@ def condition(value: Any, root: Path, where: str) -> Any:
         raise ConfigError(f"{where}: a condition is an image path or base64 text")
     path = Path(value) if Path(value).is_absolute() else root / value
     if len(value) < 4096 and path.is_file():
-        return Image.open(path)
+        try:
+            image = Image.open(path)
+            image.load()
+            return image
+        except OSError as exc:  # this line fails, the others still run
+            raise ConfigError(f"{where}: {path} is not an image PIL can read ({exc})") from None
     try:
         data = base64.b64decode(value.split(",", 1)[1] if value.startswith("data:") else value, validate=True)
         return Image.open(io.BytesIO(data))
@@ -128,13 +133,21 @@ def condition(value: Any, root: Path, where: str) -> Any:
         raise ConfigError(f"{where}: {value[:80]!r} is neither an image file nor base64 image data") from None
 
 
-def to_request(job: dict[str, Any], index: int, where: str, root: Path, args: argparse.Namespace):
-    """A line → a GenerationRequest; fields left out take the command line's values."""
+def to_request(job: dict[str, Any], index: int, where: str, root: Path, args: argparse.Namespace,
+               default_size: tuple[int, int] | None = None):
+    """A line → a GenerationRequest; fields left out take the command line's values (a side left out: --size's,
+    else `default_size`, the base's, as the HTTP API does)."""
     from t2iadapter.generation.request import AdapterUse, GenerationRequest, Window
 
     prompt = job.get("prompt", args.prompt)
     if not prompt:
         raise ConfigError(f"{where}: no prompt (give \"prompt\" in the line or --prompt)")
+    if not isinstance(prompt, str):  # as the HTTP API: one prompt a line (num_images for more images of it)
+        raise ConfigError(f"{where}: prompt is one string, not {type(prompt).__name__} (one line per prompt)")
+    for side in ("width", "height"):
+        value = job.get(side)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 8):
+            raise ConfigError(f"{where}: {side} must be a whole number of pixels, at least 8, got {value!r}")
     conditions, options = job.get("conditions", {}), job.get("adapters", {})
     if not isinstance(conditions, dict) or not isinstance(options, dict):
         raise ConfigError(f"{where}: conditions and adapters are objects keyed by adapter name")
@@ -152,7 +165,8 @@ def to_request(job: dict[str, Any], index: int, where: str, root: Path, args: ar
         except ConfigError as exc:
             raise ConfigError(f"{where}: adapters.{name}: {exc}") from None
     width, height = job.get("width"), job.get("height")
-    size = (width or (args.size or (0, 0))[0], height or (args.size or (0, 0))[1]) if (width or height or args.size) else None
+    fallback = args.size or default_size or (0, 0)
+    size = (width or fallback[0], height or fallback[1]) if (width or height or args.size) else None
     try:
         return GenerationRequest(
             prompt, tuple(uses), negative_prompt=job.get("negative_prompt", args.negative_prompt),
@@ -192,6 +206,14 @@ def run(args: argparse.Namespace) -> int:
     if args.condition or args.style_image:
         raise ConfigError("with --batch, conditions come from the lines (\"conditions\": {adapter: path}), "
                           "not --condition/--style-image")
+    unapplied = [flag for flag, given in (
+        ("--weight", args.weight), ("--window", args.window), ("--lora", args.lora), ("--controlnet", args.controlnet),
+        ("--controlnet-weight", args.controlnet_weight), ("--controlnet-window", args.controlnet_window),
+        ("--init-image", args.init_image), ("--mask", args.mask), ("--paste-back", args.paste_back)) if given]
+    if unapplied:
+        raise ConfigError(f"--batch runs text-to-image with adapters: {', '.join(unapplied)} would be ignored; per-line "
+                          "weights and windows go in the lines (\"adapters\": {name: {weight, window}}), the rest "
+                          "runs one image at a time without --batch")
     lines = read_jobs(jobs_file)
     mine = rank.shard(list(enumerate(lines)))
     todo = []
@@ -207,8 +229,11 @@ def run(args: argparse.Namespace) -> int:
     from t2iadapter.generation.pipeline import AdapterPipeline, resolve_device
 
     device, dtype = resolve_device(rank.device(args.device), args.dtype)
-    sources = list(args.adapter) + ([args.style_adapter] if args.style_adapter else [])
-    pipe = AdapterPipeline.from_pretrained(args.base, sources, fuser=args.fuser, style_encoder=args.style_encoder,
+    from t2iadapter.commands import parse_adapters
+
+    named = parse_adapters(list(args.adapter) + ([args.style_adapter] if args.style_adapter else []))
+    sources = list(named.values())
+    pipe = AdapterPipeline.from_pretrained(args.base, named, fuser=args.fuser, style_encoder=args.style_encoder,
                                            device=device, dtype=dtype, config_dir=args.config_dir)
     if args.fast:
         from t2iadapter.commands import fast_precision
@@ -246,7 +271,7 @@ def groups(pipe: Any, todo: list, root: Path, args: argparse.Namespace, failed: 
     for index, number, job, paths in todo:
         where = f"{args.batch}:{number}"
         try:
-            request = to_request(job, index, where, root, args)
+            request = to_request(job, index, where, root, args, pipe.default_size)
             key = pipe.batch_key(request)
         except T2IAdapterError as exc:
             failed.append(str(exc))
