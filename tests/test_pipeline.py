@@ -283,3 +283,16 @@ def test_moving_the_pipeline_leaves_out_diffusers_fp32_advice_for_models_without
         diffusers_log.removeHandler(handler)
     assert sum("kept in float32" in m for m in seen) == 1
     assert {m.dtype for m in pipe.base.modules.values()} == {torch.float32}
+
+
+def test_more_steps_than_the_scheduler_takes_is_one_line(tmp_path, capsys):
+    """DDIM's leading spacing with steps_offset 1 at 1000 steps indexes timestep 1000: an IndexError traceback in
+    the CLI, a 500 from the server, a whole --batch run stopped."""
+    from t2iadapter.cli import main
+
+    pipe = AdapterPipeline(load_base("tiny"))
+    with pytest.raises(ConfigError, match="1000 steps are more than this scheduler can take"):
+        pipe("x", steps=1000, size=(64, 64), progress=False)
+    assert main(["generate", "--base", "tiny", "--prompt", "x", "--steps", "1000", "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "more than this scheduler can take" in err and not (tmp_path / "x.png").exists()

@@ -13,6 +13,7 @@ import torch
 
 from t2iadapter import unet_hook
 from t2iadapter.bases import placement
+from t2iadapter.errors import ConfigError
 from t2iadapter.generation.composition import Composition
 from t2iadapter.generation.fast import LoopClock
 from t2iadapter.generation.schedulers import step_kwargs
@@ -45,6 +46,10 @@ class Denoise:
     def start(self, timestep_device: Any, dtype: torch.dtype) -> torch.Tensor:
         """Set the timesteps and draw the initial latents (as diffusers: CPU generator, scaled by init_noise_sigma)."""
         self.scheduler.set_timesteps(self.source.schedule_steps if self.source else self.steps, device=timestep_device)
+        trained = self.scheduler.config.num_train_timesteps
+        if float(self.scheduler.timesteps.max()) >= trained:  # DDIM's "leading" spacing + steps_offset at 1000 steps
+            raise ConfigError(f"{self.steps} steps are more than this scheduler can take here (its timesteps would pass "
+                              f"{trained - 1}, the last it was trained on); use fewer steps or another scheduler")
         self.run_timesteps = self.scheduler.timesteps
         if self.source is not None:
             return self.source.start(self, dtype)
