@@ -293,6 +293,7 @@ def test_more_steps_than_the_scheduler_takes_is_one_line(tmp_path, capsys):
     pipe = AdapterPipeline(load_base("tiny"))
     with pytest.raises(ConfigError, match="1000 steps are more than this scheduler can take"):
         pipe("x", steps=1000, size=(64, 64), progress=False)
+    capsys.readouterr()  # (library import notices of the call above)
     assert main(["generate", "--base", "tiny", "--prompt", "x", "--steps", "1000", "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "more than this scheduler can take" in err and not (tmp_path / "x.png").exists()
