@@ -106,6 +106,9 @@ def test_generate_multipart_matches_json(client):
     j = client.post("/v1/generate", json=body())
     a, b = (np.asarray(decode(x.json()["images"][0]["png"])) for x in (r, j))
     assert np.array_equal(a, b)
+    twice = [("condition.sketch", ("a.png", raw, "image/png")), ("condition.sketch", ("b.png", raw, "image/png"))]
+    r = client.post("/v1/generate", data={"request": json.dumps(req)}, files=twice)  # the last one won silently
+    assert r.status_code == 422 and "'condition.sketch' is sent twice" in r.json()["detail"]
 
 
 def test_extract_json_and_multipart(client):

@@ -278,7 +278,10 @@ async def read_generate(request: Request) -> tuple[GenerateRequest, dict[str, by
     uploads = {}
     for key, value in form.multi_items():
         if key.startswith(CONDITION_FIELD) and hasattr(value, "read"):
-            uploads[key[len(CONDITION_FIELD):]] = await value.read()
+            name = key[len(CONDITION_FIELD):]
+            if name in uploads:  # the last one would win silently
+                raise HTTPException(422, f"{key!r} is sent twice; send one file per condition")
+            uploads[name] = await value.read()
         elif key != "request":
             raise HTTPException(422, f"unexpected multipart field {key!r}; send `request` and `condition.<adapter>` files")
     return req, uploads
