@@ -366,3 +366,15 @@ def test_cli_batch_pose_json(tmp_path, capsys):
         == 0
     )
     assert Image.open(tmp_path / "o" / "p2.png").size == (64, 64)
+
+
+def test_an_output_folder_inside_the_input_folder_is_not_read_as_input(tmp_path, capsys):
+    """`extract --input-dir D --output-dir D/out` took the last run's outputs for new inputs (D/out/out/… grew)."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(inputs / "a.png")
+    args = ["extract", "canny", "--input-dir", str(inputs), "--output-dir", str(inputs / "out"), "--workers", "1",
+            "--no-progress"]
+    assert main(args) == 0 and "1 done, 0 already there, 0 failed of 1" in capsys.readouterr().out
+    assert main(args) == 0 and "0 done, 1 already there, 0 failed of 1" in capsys.readouterr().out
+    assert sorted(p.relative_to(inputs).as_posix() for p in inputs.rglob("*.png")) == ["a.png", "out/a.png"]

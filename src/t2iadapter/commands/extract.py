@@ -152,7 +152,7 @@ def run_batch(extractor: Extractor, args: argparse.Namespace) -> int:
         raise ConfigError("--output-dir must differ from --input-dir")
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"--output-dir {output_dir} is a file; name a folder")
-    sources = find_inputs(input_dir, extractor.input_suffixes)
+    sources = find_inputs(input_dir, extractor.input_suffixes, exclude=output_dir)
     if not sources:
         raise ConfigError(f"no {extractor.input_kind} files ({' '.join(extractor.input_suffixes)}) under {input_dir}")
     rank = Rank.from_env()  # under torchrun/accelerate launch: this process's share (i % WORLD_SIZE == RANK)

@@ -37,14 +37,17 @@ class BatchReport:
         return self.done / self.seconds if self.seconds > 0 else 0.0
 
 
-def find_inputs(input_dir: Path, suffixes: tuple[str, ...]) -> list[Path]:
-    """All files under `input_dir` (recursively) with one of `suffixes`, sorted, hidden files excluded."""
+def find_inputs(input_dir: Path, suffixes: tuple[str, ...], exclude: Path | None = None) -> list[Path]:
+    """All files under `input_dir` (recursively) with one of `suffixes`, sorted, hidden files excluded, and none
+    under `exclude` (an output folder inside the input folder: a rerun would take its outputs for inputs)."""
+    skip = exclude.resolve() if exclude is not None else None
     return sorted(
         p
         for p in input_dir.rglob("*")
         if p.is_file()
         and p.suffix.lower() in suffixes
         and not any(part.startswith(".") for part in p.relative_to(input_dir).parts)
+        and not (skip is not None and p.resolve().is_relative_to(skip))
     )
 
 
@@ -148,7 +151,7 @@ def run_batch(
     memory, torch uses the cores itself). `progress(n)` is called as n more inputs are finished.
     """
     started = time.perf_counter()
-    sources = inputs if inputs is not None else find_inputs(input_dir, extractor.input_suffixes)
+    sources = inputs if inputs is not None else find_inputs(input_dir, extractor.input_suffixes, exclude=output_dir)
     report = BatchReport(total=len(sources))
     todo: list[tuple[str, str]] = []
     for source in sources:
