@@ -268,6 +268,8 @@ def test_full_queue_gets_429_with_retry_after():
         health = c.get("/health").json()
         assert {k: health[k] for k in ("status", "waiting", "running", "capacity")} == {"status": "ok", "waiting": 1, "running": 1, "capacity": 1}
         assert c.delete(f"/v1/jobs/{waiting.json()['id']}").json()["status"] == "cancelled"
+        # a job cancelled while it waits never reaches a worker; /metrics counted only those that did
+        assert 't2iadapter_jobs_total{status="cancelled"} 1.0' in c.get("/metrics").text
         stub.release.set()
         for _ in range(200):
             if c.get(f"/v1/jobs/{running}").json()["status"] == "done":

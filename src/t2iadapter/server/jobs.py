@@ -202,6 +202,8 @@ class ModelWorker:
         if job in self._pending:
             self._pending.remove(job)
             job.future.cancel()
+            if self.observer is not None:  # it never reaches a worker: counted here (cancelled or timeout)
+                self.observer.finished(job)
 
     def get(self, job_id: str) -> Job | None:
         with self._cond:
