@@ -1,5 +1,7 @@
 """ControlNets beside the adapters (issue 16): parity with diffusers' ControlNet pipelines, composition with an
 adapter, loading, checks, and the parameter count the paper's trade-off rests on (DESIGN.md §8)."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -323,3 +325,22 @@ def test_controlnet_beside_an_inpainting_unet_matches_diffusers(sd_base):
         PROMPT, image=image, mask_image=mask, control_image=cond, num_inference_steps=4, height=64, width=64,
         generator=torch.Generator().manual_seed(3), controlnet_conditioning_scale=1.0, output_type="np").images[0]
     assert np.abs(ours - ref).max() <= 1e-4
+
+
+def test_info_shows_a_controlnet_and_adapter_loaders_name_it(sd_base, tmp_path, capsys):
+    """`info`/`convert` on our ControlNet file said "input width 4 is not channels x 8^2 …; not a T2I-Adapter?"."""
+    from t2iadapter import load_adapter
+    from t2iadapter.cli import main
+    from t2iadapter.errors import CheckpointError
+    from t2iadapter.train.controlnet import TrainableControlNet
+
+    cn = random_controlnet(sd_base, 3)
+    TrainableControlNet(cn).save_file(tmp_path / "cn.safetensors")
+    cn.save_pretrained(tmp_path / "cn-folder")
+    for path in (tmp_path / "cn.safetensors", tmp_path / "cn-folder"):
+        assert main(["info", str(path), "--json"]) == 0
+        shown = json.loads(capsys.readouterr().out)
+        assert shown["kind"] == "controlnet" and shown["parameters"] == sum(p.numel() for p in cn.parameters())
+        assert shown["block_out_channels"] == list(cn.config.block_out_channels)
+        with pytest.raises(CheckpointError, match="is a ControlNet, not an adapter: give it as one"):
+            load_adapter(path)

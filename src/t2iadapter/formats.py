@@ -15,6 +15,7 @@ Pickles are only ever read with `torch.load(weights_only=True)`; anything needin
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -335,6 +336,8 @@ def _load_folder(path: Path) -> AdapterModule:
             raise CheckpointError(f"{cfg_path}: the config is invalid: {exc}") from None
     else:
         cls = data.get("_class_name", "T2IAdapter")
+        if cls == "ControlNetModel":
+            raise CheckpointError(f"{path} is a ControlNet, not an adapter: give it as one (--controlnet, controlnets=)")
         if cls != "T2IAdapter":
             raise CheckpointError(f"{path}: a diffusers {cls}, not a T2IAdapter; load each adapter folder on its own")
         try:
@@ -346,8 +349,29 @@ def _load_folder(path: Path) -> AdapterModule:
     return adapter_from_state_dict(sd, config, source=str(path))
 
 
+CONTROLNET_METADATA_KEY = "t2iadapter_controlnet_config"  # our ControlNet single file: its diffusers config (JSON)
+
+
+def is_controlnet_checkpoint(path: str | os.PathLike) -> bool:
+    """Our ControlNet single file, or a diffusers ControlNet folder (what `info` shows and adapter loaders refuse)."""
+    path = Path(path)
+    if path.is_dir():
+        try:
+            return json.loads((path / "config.json").read_text()).get("_class_name") == "ControlNetModel"
+        except (OSError, ValueError, AttributeError):
+            return False
+    if path.is_file() and path.suffix == ".safetensors":
+        try:
+            return CONTROLNET_METADATA_KEY in _safetensors_metadata(path)
+        except Exception:  # noqa: BLE001 - unreadable: the adapter loader says so
+            return False
+    return False
+
+
 def _load_file(path: Path) -> AdapterModule:
     sd, meta = read_weights(path)
+    if CONTROLNET_METADATA_KEY in meta:
+        raise CheckpointError(f"{path} is a ControlNet, not an adapter: give it as one (--controlnet, controlnets=)")
     return adapter_from_state_dict(sd, _config_from_metadata(meta), source=str(path))
 
 
@@ -415,6 +439,17 @@ def load_adapter(
 # writing
 
 
+def _check_config_survives(module: AdapterModule) -> None:
+    """The original format keeps no config: refuse an adapter whose tensors tell a reader another one (heads, pooling)."""
+    read_back = detect_config(module.state_dict())  # what a reader of the config-less file will build
+    if read_back != module.config:
+        lost = ", ".join(f"{f.name} {getattr(module.config, f.name)!r} (read back as {getattr(read_back, f.name, None)!r})"
+                         for f in dataclasses.fields(module.config)
+                         if getattr(module.config, f.name) != getattr(read_back, f.name, None))
+        raise ConfigError(f"the original format keeps no config, and the tensors of this {module.kind} adapter do not "
+                          f"tell its {lost}; write our single file instead (--to single: the config inside)")
+
+
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str | None = None, *, overwrite: bool = False) -> tuple[AdapterModule, str]:
     """Load `src` in any format and write `dst` as `to` (diffusers | original | single; guessed from dst)."""
     module = load_adapter(src)
@@ -424,6 +459,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str | None = Non
     if to == "single":
         save_single_file(module, dst, overwrite=overwrite)
     elif to == "original":
+        _check_config_survives(module)
         save_original(module, dst, overwrite=overwrite)
     elif to == "diffusers":
         if module.kind not in DIFFUSERS_TYPES:

@@ -6,8 +6,8 @@ import json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="show a PNG's generation parameters or an adapter checkpoint's config")
-    p.add_argument("path", help="a PNG written by t2iadapter, or an adapter file/folder")
+    p = sub.add_parser("info", help="show a PNG's generation parameters or an adapter's or ControlNet's config")
+    p.add_argument("path", help="a PNG written by t2iadapter, or an adapter or ControlNet file/folder")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
 
@@ -18,10 +18,18 @@ def run(args: argparse.Namespace) -> int:
 
         params = read_parameters(args.path)
     else:
-        from t2iadapter.formats import load_adapter
+        from t2iadapter.formats import is_controlnet_checkpoint, load_adapter
 
-        module = load_adapter(args.path)
-        params = dict(module.config_dict(), parameters=module.num_parameters, dtype=str(module.dtype))
+        if is_controlnet_checkpoint(args.path):
+            from t2iadapter.generation.controlnet import load_controlnet
+
+            module = load_controlnet(args.path)
+            config = {k: v for k, v in module.config.items() if not k.startswith("_")}
+            params = dict(kind="controlnet", **config, parameters=sum(p.numel() for p in module.parameters()),
+                          dtype=str(next(module.parameters()).dtype))
+        else:
+            module = load_adapter(args.path)
+            params = dict(module.config_dict(), parameters=module.num_parameters, dtype=str(module.dtype))
     if args.json:
         print(json.dumps(params, indent=2, sort_keys=True, default=str))
     else:

@@ -35,6 +35,7 @@ import torch
 
 from t2iadapter import hub
 from t2iadapter.errors import CheckpointError, ConfigError
+from t2iadapter.formats import CONTROLNET_METADATA_KEY
 from t2iadapter.generation.img2img import INPAINT_UNET_CHANNELS
 from t2iadapter.generation.request import Window
 
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
     from diffusers import ControlNetModel, UNet2DConditionModel
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pth", ".pt", ".bin")
-METADATA_KEY = "t2iadapter_controlnet_config"  # our single file: the ControlNet's diffusers config, as JSON
+METADATA_KEY = CONTROLNET_METADATA_KEY  # our single file: the ControlNet's diffusers config, as JSON
 # The ControlNet paper's condition encoder: 4 convs to 16, 32, 96, 256 channels, three of them stride 2
 # (512² image → 64² latent, the VAE's factor 8); bases with another VAE factor keep log2(factor) downsamples.
 CONDITION_ENCODER_CHANNELS = (16, 32, 96, 256)

@@ -5,7 +5,6 @@ detects layouts and converts. Modules call these through `AdapterModule.save_fil
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import tempfile
@@ -169,18 +168,9 @@ def save_pretrained(module: AdapterModule, directory: str | Path, *, overwrite: 
 
 def save_original(module: AdapterModule, path: str | Path, *, overwrite: bool = False) -> Path:
     """The original TencentARC layout: a plain tensor dict, as .pth (torch.save) or .safetensors (no config)."""
-    from t2iadapter.formats import detect_config
-
     path = Path(path)
     _check_target(path, overwrite)
     sd = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    read_back = detect_config(sd)  # what a reader of the config-less file will build
-    if read_back != module.config:
-        lost = ", ".join(f"{f.name} {getattr(module.config, f.name)!r} (read back as {getattr(read_back, f.name)!r})"
-                         for f in dataclasses.fields(module.config)
-                         if getattr(module.config, f.name) != getattr(read_back, f.name, None))
-        raise ConfigError(f"the original format keeps no config, and the tensors of this {module.kind} adapter do not "
-                          f"tell its {lost}; write our single file instead (--to single: the config inside)")
     if path.suffix == ".safetensors":
         _atomic_save_safetensors(sd, path, None)
     elif path.suffix in PICKLE_SUFFIXES:
