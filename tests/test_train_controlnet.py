@@ -94,3 +94,14 @@ def test_sdxl_controlnet_step_with_gradient_checkpointing():
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
     assert any(g.abs().sum() > 0 for g in grads[1])
+
+
+def test_controlnet_spec_refuses_adapter_layout_fields():
+    """`kind: controlnet` silently ignored channels, num_res_blocks and options (a misspelt key included)."""
+    from t2iadapter.errors import ConfigError
+    from t2iadapter.train.config import AdapterSpec
+
+    for extra in ({"channels": (32, 64)}, {"num_res_blocks": 1}, {"options": {"conditioning_chanels": 3}}):
+        with pytest.raises(ConfigError, match="controlnet takes its layout from the base UNet; drop"):
+            AdapterSpec(kind="controlnet", condition="sketch", **extra)
+    assert AdapterSpec(kind="controlnet", condition="depth", in_channels=3).in_channels == 3

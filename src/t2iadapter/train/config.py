@@ -41,6 +41,12 @@ class AdapterSpec:
             raise ConfigError(f"adapter kind {self.kind!r}: expected one of {', '.join(ADAPTER_KINDS)}")
         if self.in_channels not in (1, 3):
             raise ConfigError(f"adapter in_channels must be 1 or 3, got {self.in_channels}")
+        if self.kind == "controlnet":  # its layout is the base UNet's encoder: these would be ignored
+            given = [k for k, v in (("channels", self.channels), ("num_res_blocks", self.num_res_blocks),
+                                    ("options", self.options)) if v]
+            if given:
+                raise ConfigError(f"a controlnet takes its layout from the base UNet; drop {', '.join(given)} "
+                                  "(in_channels, condition, init_from and extractor apply)")
 
 
 @dataclass(frozen=True)
