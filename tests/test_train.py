@@ -147,6 +147,12 @@ def test_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
     assert load_config(TINY, ["recipe.lr=1e-4"]).recipe.lr == 1e-4  # YAML 1.1 would read "1e-4" as a string
+    # values that reached torch or the DataLoader before anything named them (tracebacks, exit 1)
+    for override, words in (("data.conditions={sketch: 3}", "data.conditions maps"), ("data.num_samples=-3", "num_samples"),
+                            ("data.num_workers=-1", "num_workers"), ("recipe.weight_decay=-1", "weight_decay"),
+                            ("recipe.warmup_steps=-2", "warmup_steps")):
+        with pytest.raises(ConfigError, match=words):
+            load_config(TINY, [override])
 
 
 def test_cli_train_and_its_errors(tmp_path, capsys):

@@ -82,6 +82,13 @@ class DataConfig:
             raise ConfigError(f"data kind {self.kind!r} needs data.path")
         if self.resolution is not None and (self.resolution <= 0 or self.resolution % 64):
             raise ConfigError(f"data.resolution must be a positive multiple of 64, got {self.resolution}")
+        if self.num_samples is not None and self.num_samples < 1:
+            raise ConfigError(f"data.num_samples must be >= 1 (or null: all), got {self.num_samples}")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0 (0: load in the training process), got {self.num_workers}")
+        bad = {k: v for k, v in self.conditions.items() if not isinstance(k, str) or not isinstance(v, str)}
+        if bad:
+            raise ConfigError(f"data.conditions maps a condition name to its folder, column or key (text); got {bad}")
 
 
 @dataclass(frozen=True)
@@ -138,6 +145,10 @@ class RecipeConfig:
                     raise ConfigError(f"recipe.{name} must be a finite number, got {v}")
         if self.lr <= 0:
             raise ConfigError(f"recipe.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"recipe.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"recipe.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ConfigError(f"recipe.ema_decay must be in (0, 1) or null, got {self.ema_decay}")
         if self.grad_clip is not None and self.grad_clip <= 0:
