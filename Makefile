@@ -23,7 +23,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 demo: install
-	$(VENV)/bin/t2iadapter demo
+	$(VENV)/bin/t2iadapter demo --force
 
 test: install-dev
 	$(PY) -m pytest -q

@@ -39,6 +39,13 @@ def test_demo_command_writes_grid_and_table(tmp_path, capsys):
     assert cli(["demo", "--out", str(tmp_path), "--scenes", "1", "--steps", "2"]) == 0
     assert (tmp_path / "demo_grid.png").is_file() and (tmp_path / "controllability.md").is_file()
     assert "structure IoU" in capsys.readouterr().out
+    # a second run keeps them unless told (it overwrote them, and other files of those names, silently)
+    (tmp_path / "controllability.md").write_text("mine")
+    assert cli(["demo", "--out", str(tmp_path), "--scenes", "1", "--steps", "2"]) == 2
+    assert "already holds demo_grid.png, controllability.md" in capsys.readouterr().err
+    assert (tmp_path / "controllability.md").read_text() == "mine"
+    assert cli(["demo", "--out", str(tmp_path), "--scenes", "1", "--steps", "1", "--force"]) == 0
+    assert "structure IoU" in (tmp_path / "controllability.md").read_text()
 
 
 def test_merged_summaries_weight_by_counts():

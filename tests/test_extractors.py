@@ -378,3 +378,16 @@ def test_an_output_folder_inside_the_input_folder_is_not_read_as_input(tmp_path,
     assert main(args) == 0 and "1 done, 0 already there, 0 failed of 1" in capsys.readouterr().out
     assert main(args) == 0 and "0 done, 1 already there, 0 failed of 1" in capsys.readouterr().out
     assert sorted(p.relative_to(inputs).as_posix() for p in inputs.rglob("*.png")) == ["a.png", "out/a.png"]
+
+
+def test_two_inputs_that_would_share_an_output_are_refused(tmp_path, capsys):
+    """a.png and a.jpg both wrote out/a.png: one condition lost, "2 done" reported."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    pixels = np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(inputs / "a.png")
+    Image.fromarray(pixels).save(inputs / "a.jpg")
+    assert main(["extract", "canny", "--input-dir", str(inputs), "--output-dir", str(tmp_path / "out"), "--workers", "1",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a.jpg and a.png would both be written to" in err and not (tmp_path / "out").exists()

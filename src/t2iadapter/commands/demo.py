@@ -13,6 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
     p.add_argument("--steps", type=int, default=25, help="denoising steps per image (default 25)")
     p.add_argument("--scenes", type=int, default=4, help="built-in scenes to show (default 4)")
+    p.add_argument("--force", action="store_true", help="overwrite the demo's files already in --out")
     add_threads_argument(p)
     p.set_defaults(func=run)
 
@@ -27,10 +28,15 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; name a folder")
+    real = (assets.DEMO / "base" / "model_index.json").is_file()
+    files = ["demo_grid.png", "controllability.md", *(f"scene{r}_sketch.png" for r in range(args.scenes))] if real \
+        else ["random_model_noise.png"]
+    there = [name for name in files if (out / name).exists()]
+    if there and not args.force:
+        raise ConfigError(f"{out} already holds {', '.join(there[:3])}{' …' if len(there) > 3 else ''}; --force "
+                          "overwrites them, or name another --out")
     out.mkdir(parents=True, exist_ok=True)
-    if not (assets.DEMO / "base" / "model_index.json").is_file():
-        return _random_fallback(out)
-    return _demo(out, args.steps, args.scenes)
+    return _demo(out, args.steps, args.scenes) if real else _random_fallback(out)
 
 
 def _demo(out: Path, steps: int, n: int) -> int:

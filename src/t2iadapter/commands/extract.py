@@ -143,7 +143,7 @@ def run_batch(extractor: Extractor, args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from t2iadapter.extractors.batch import find_inputs, run_batch as extract_all
+    from t2iadapter.extractors.batch import check_distinct_outputs, find_inputs, run_batch as extract_all
 
     input_dir, output_dir = Path(args.input_dir), Path(args.output_dir)
     if not input_dir.is_dir():
@@ -155,6 +155,7 @@ def run_batch(extractor: Extractor, args: argparse.Namespace) -> int:
     sources = find_inputs(input_dir, extractor.input_suffixes, exclude=output_dir)
     if not sources:
         raise ConfigError(f"no {extractor.input_kind} files ({' '.join(extractor.input_suffixes)}) under {input_dir}")
+    check_distinct_outputs(sources, input_dir, output_dir, extractor.output_suffix)  # all ranks', before sharding
     rank = Rank.from_env()  # under torchrun/accelerate launch: this process's share (i % WORLD_SIZE == RANK)
     sources = rank.shard(sources)
     workers = args.workers if args.workers is not None else (1 if extractor.weights else os.cpu_count() or 1)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from t2iadapter.errors import ConfigError
 from t2iadapter.extractors.base import Extractor
 
 if TYPE_CHECKING:
@@ -54,6 +55,17 @@ def find_inputs(input_dir: Path, suffixes: tuple[str, ...], exclude: Path | None
 def output_for(source: Path, input_dir: Path, output_dir: Path, suffix: str) -> Path:
     """Where the condition for `source` goes: the same relative path under `output_dir`, new suffix."""
     return (output_dir / source.relative_to(input_dir)).with_suffix(suffix)
+
+
+def check_distinct_outputs(sources: list[Path], input_dir: Path, output_dir: Path, suffix: str) -> None:
+    """One clear error where two inputs would write one output (`a.png` and `a.jpg` → `a.png`: one lost, silently)."""
+    seen: dict[Path, Path] = {}
+    for source in sources:
+        target = output_for(source, input_dir, output_dir, suffix)
+        if target in seen:
+            raise ConfigError(f"{seen[target].relative_to(input_dir)} and {source.relative_to(input_dir)} would both "
+                              f"be written to {target}; rename one of them (outputs are named after their inputs)")
+        seen[target] = source
 
 
 def save(result: Any, path: Path) -> None:
@@ -152,6 +164,7 @@ def run_batch(
     """
     started = time.perf_counter()
     sources = inputs if inputs is not None else find_inputs(input_dir, extractor.input_suffixes, exclude=output_dir)
+    check_distinct_outputs(sources, input_dir, output_dir, extractor.output_suffix)
     report = BatchReport(total=len(sources))
     todo: list[tuple[str, str]] = []
     for source in sources:
