@@ -77,9 +77,8 @@ def _reference_edge_f1(found: np.ndarray, truth: np.ndarray, tol: int) -> float:
     """Edge F1 by brute-force distances (an independent reference for metrics.edge_f1)."""
     fy, fx = np.nonzero(found)
     ty, tx = np.nonzero(truth)
-    # Euclidean distance within the (2·tol+1)² disc: the same neighbourhood as an elliptical structuring element.
     d = np.hypot(fy[:, None] - ty[None, :], fx[:, None] - tx[None, :])
-    disc = d <= tol + 0.5
+    disc = d <= tol  # within tol px, Euclidean
     precision = disc.any(axis=1).mean()
     recall = disc.any(axis=0).mean()
     return 2 * precision * recall / (precision + recall)
@@ -93,7 +92,21 @@ def test_edge_f1_against_brute_force_and_shifts(scenes: list[world.Scene]) -> No
     s = scenes[0]
     small = world.generate(world.EVAL_SEEDS[0], 64)
     found = cv2.Canny(cv2.cvtColor(small.image, cv2.COLOR_RGB2GRAY), 100, 200) > 0
-    assert metrics.edge_f1(small.image, small) == pytest.approx(_reference_edge_f1(found, small.sketch > 0, 2), abs=0.02)
+    assert metrics.edge_f1(small.image, small) == pytest.approx(_reference_edge_f1(found, small.sketch > 0, 2), abs=1e-12)
+    # the same in every direction: a point √5 px from the edges counts neither across nor down (OpenCV's 5×5
+    # "ellipse" took one and not the other)
+    from types import SimpleNamespace
+
+    box = np.full((32, 32, 3), 255, np.uint8)
+    box[12:20, 12:20] = 0
+    scores = []
+    for point in ((14, 9), (9, 14)):
+        truth = np.zeros((32, 32), np.uint8)
+        truth[point] = 255
+        scores.append(metrics.edge_f1(box, SimpleNamespace(size=32, sketch=truth)))
+        found = cv2.Canny(cv2.cvtColor(box, cv2.COLOR_RGB2GRAY), 100, 200) > 0
+        assert scores[-1] == pytest.approx(_reference_edge_f1(found, truth > 0, 2), abs=1e-12)
+    assert scores[0] == scores[1]
     near = np.roll(s.image, 1, axis=1)  # a 1 px shift stays within the 2 px tolerance
     far = np.roll(s.image, 8, axis=1)
     assert metrics.edge_f1(near, s) >= 0.8 * metrics.edge_f1(s.image, s)
