@@ -337,7 +337,7 @@ def _load_folder(path: Path) -> AdapterModule:
     else:
         cls = data.get("_class_name", "T2IAdapter")
         if cls == "ControlNetModel":
-            raise CheckpointError(f"{path} is a ControlNet, not an adapter: give it as one (--controlnet, controlnets=)")
+            raise _controlnet_given(path)
         if cls != "T2IAdapter":
             raise CheckpointError(f"{path}: a diffusers {cls}, not a T2IAdapter; load each adapter folder on its own")
         try:
@@ -368,10 +368,14 @@ def is_controlnet_checkpoint(path: str | os.PathLike) -> bool:
     return False
 
 
+def _controlnet_given(path: Path) -> CheckpointError:
+    return CheckpointError(f"{path} is a ControlNet, not an adapter: give it as one (--controlnet, controlnets=)")
+
+
 def _load_file(path: Path) -> AdapterModule:
     sd, meta = read_weights(path)
     if CONTROLNET_METADATA_KEY in meta:
-        raise CheckpointError(f"{path} is a ControlNet, not an adapter: give it as one (--controlnet, controlnets=)")
+        raise _controlnet_given(path)
     return adapter_from_state_dict(sd, _config_from_metadata(meta), source=str(path))
 
 

@@ -137,7 +137,7 @@ def prepare(init_image: Any, mask_image: Any, strength: float, steps: int, size:
     pixels = VaeImageProcessor(vae_scale_factor=vae_scale_factor).preprocess(image, height=h, width=w)
     if pixels.shape[1] == 1:
         pixels = pixels.repeat(1, 3, 1, 1)
-    pixels = F.pad(pixels.float()[:, :3], pad)
+    pixels = F.pad(pixels.float(), pad)  # (3 channels: RGB images, tensors without alpha, grey repeated above)
     mask = None
     if mask_image is not None:
         mask_item = _as_batch(load_condition(mask_image, "mask_image"), "mask_image")

@@ -176,13 +176,12 @@ class FolderSource(Source):
         )
         if not self.files:
             raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {self.root}")
-        rels = {p.relative_to(self.root).as_posix() for p in self.files}
-        unmatched = [name for name in captions if name not in rels]
+        rels = [p.relative_to(self.root).as_posix() for p in self.files]
+        unmatched = sorted(set(captions) - set(rels))
         if unmatched:
             log.warning("%s: %d of its %d rows name no image under %s (e.g. %r); file_name is relative to that folder",
                         meta, len(unmatched), len(captions), self.root, unmatched[0])
-        uncaptioned = sum(1 for p in self.files if p.relative_to(self.root).as_posix() not in captions
-                          and not p.with_suffix(".txt").is_file())
+        uncaptioned = sum(1 for p, rel in zip(self.files, rels) if rel not in captions and not p.with_suffix(".txt").is_file())
         if uncaptioned:
             log.warning("%d of %d images under %s have no caption (metadata.jsonl row or a .txt beside it); they train "
                         "with an empty prompt", uncaptioned, len(self.files), self.root)
