@@ -130,3 +130,50 @@ def test_hub_ids_and_paths_are_told_apart_by_the_hubs_own_characters(text, expec
     from t2iadapter import hub
 
     assert hub.is_id(text) is expected
+
+
+BASE_ONLY = """
+import sys, torch
+from t2iadapter.bases import load_base
+base, ref = load_base("org/base-repo"), load_base(sys.argv[1])
+assert all(torch.equal(a, b) for a, b in zip(base.unet.state_dict().values(), ref.unet.state_dict().values()))
+print("OK")
+"""
+
+
+def test_a_base_diffusers_downloaded_loads_offline_though_the_repo_has_more_files(tmp_path):
+    # huggingface_hub (2.x) keeps the repo's whole file listing beside a snapshot; diffusers fetched only what its
+    # pipeline loads, so asking the cache for the whole repo (a .ckpt, fp16 variants) called it "not cached"
+    from huggingface_hub._tree_cache import TreeCacheEntry, write_tree_cache
+
+    load_base("tiny").save_pretrained(tmp_path / "base")
+    snapshot = lay_out(tmp_path / "hf" / "hub", "org/base-repo", tmp_path / "base")
+    listing = {str(f.relative_to(snapshot)): f.stat().st_size for f in snapshot.rglob("*") if f.is_file()}
+    listing["v1-5-pruned-emaonly.ckpt"] = 4_000_000_000  # in the repo, never fetched by diffusers
+    write_tree_cache(str(snapshot.parents[1]), snapshot.name,
+                     {p: TreeCacheEntry(size=s, blob_id="0" * 40) for p, s in listing.items()})
+    proc = run_offline(tmp_path, BASE_ONLY, str(tmp_path / "base"))
+    assert proc.returncode == 0 and proc.stdout.strip() == "OK", proc.stderr[-3000:]
+
+
+def test_a_cache_holding_one_file_of_a_pipeline_repo_is_not_the_pipeline(tmp_path):
+    # what `hf_hub_download(repo, one_file)` leaves: the snapshot folder exists but is no pipeline; it is a miss
+    # (offline: the one not-cached line; online it would be downloaded), not "not a diffusers pipeline folder"
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "v1-5-pruned-emaonly.safetensors").write_bytes(b"x" * 16)
+    lay_out(tmp_path / "hf" / "hub", "org/base-repo", tmp_path / "one")
+    proc = run_offline(tmp_path, MISSING, "generate", "--base", "org/base-repo", "--prompt", "x", "--steps", "1",
+                       "--out", str(tmp_path / "o.png"))
+    err = [line for line in proc.stderr.strip().splitlines() if not line.startswith("[transformers]")]
+    assert proc.stdout.split()[0] == "2", proc.stderr[-2000:]
+    assert len(err) == 1 and "not in the local Hugging Face hub cache while HF_HUB_OFFLINE is set" in err[0], err
+
+
+def test_an_adapter_cache_without_its_config_is_a_miss(tmp_path):
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "diffusion_pytorch_model.safetensors").write_bytes(b"x" * 16)
+    lay_out(tmp_path / "hf" / "hub", "org/adapter", tmp_path / "w")
+    proc = run_offline(tmp_path, MISSING, "info", "org/adapter")
+    err = [line for line in proc.stderr.strip().splitlines() if not line.startswith("[transformers]")]
+    assert proc.stdout.split()[0] == "2", proc.stderr[-2000:]
+    assert len(err) == 1 and "not in the local Hugging Face hub cache while HF_HUB_OFFLINE is set" in err[0], err

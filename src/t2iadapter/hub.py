@@ -33,10 +33,16 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300]
 
 
-def fetch(source: str, what: str, get: Callable[..., Any]) -> Path:
-    """`get(local_files_only=...)` → a local path: from the cache, else (online only) one download."""
+def fetch(source: str, what: str, get: Callable[..., Any], needs: str | None = None) -> Path:
+    """`get(local_files_only=...)` → a local path: from the cache, else (online only) one download.
+
+    `needs`: a file a cached folder must hold to count (a folder that holds only another file of the repo,
+    as `hf_hub_download` of one file leaves it, is a miss, not the repo).
+    """
     try:
-        return Path(get(local_files_only=True))
+        path = Path(get(local_files_only=True))
+        if needs is None or (path / needs).is_file():
+            return path
     except Exception:  # noqa: BLE001 - not cached (or a partial cache): decide below
         pass
     if offline():
@@ -63,17 +69,16 @@ def adapter_path(source: str) -> Path:
     if rest:
         return fetch(source, "file", lambda **kw: hf_hub_download(repo, rest, **kw))
     patterns = ["config.json", "*.safetensors", "*.bin"]
-    return fetch(source, "adapter", lambda **kw: snapshot_download(repo, allow_patterns=patterns, **kw))
+    return fetch(source, "adapter", lambda **kw: snapshot_download(repo, allow_patterns=patterns, **kw),
+                 needs="config.json")
 
 
 def pipeline_path(source: str) -> Path:
-    """A diffusers pipeline repo from the hub, as a local folder: the cached snapshot, else diffusers' download
-    (which fetches only the files its pipelines load)."""
-    from huggingface_hub import snapshot_download
+    """A diffusers pipeline repo from the hub, as a local folder: diffusers' own download, which fetches (and, from
+    the cache, asks for) only the files its pipelines load — not the repo's every file (.ckpt, fp16 variants), which
+    a cache that diffusers filled does not hold and huggingface_hub's listing of the repo still names."""
 
     def get(local_files_only: bool) -> str:
-        if local_files_only:
-            return snapshot_download(source, local_files_only=True)
         import logging
 
         from diffusers import DiffusionPipeline
@@ -82,8 +87,8 @@ def pipeline_path(source: str) -> Path:
         level = quiet.level
         quiet.setLevel(logging.ERROR)
         try:
-            return DiffusionPipeline.download(source)
+            return DiffusionPipeline.download(source, local_files_only=local_files_only)
         finally:
             quiet.setLevel(level)
 
-    return fetch(source, "pipeline", get)
+    return fetch(source, "pipeline", get, needs="model_index.json")
