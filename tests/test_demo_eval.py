@@ -82,3 +82,10 @@ def test_readme_python_example_runs_with_default_dtype():
                   weights={"sketch": 1.0, "color": 0.8}, windows={"color": (0.0, 0.5)}, compose="fuser",
                   steps=2, seed=1, size=(256, 256), scheduler="dpm++2m", progress=False)
     assert result.image.size == (256, 256) and result.parameters["compose"] == "fuser"
+
+
+def test_eval_refuses_an_adapter_it_would_not_score(tmp_path, capsys):
+    # a PATH named otherwise (my-sketch-v2.safetensors) was loaded and silently left out of the table
+    assert cli(["eval", "--adapter", str(tmp_path / "my-sketch-v2.safetensors"), "--scenes", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--adapter my-sketch-v2: eval scores an adapter by the condition it takes" in err[0]

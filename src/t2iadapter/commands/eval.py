@@ -70,6 +70,10 @@ def run(args: argparse.Namespace) -> int:
     if args.out and args.json and Path(args.out).resolve() == Path(args.json).resolve():
         raise ConfigError(f"--out and --json both name {args.out}; give them different files")
     pairs = parse_adapters(args.adapter)
+    for name in dict(pairs):
+        if name not in CONDITIONS:  # default_settings scores adapters by condition: another name was never scored
+            raise ConfigError(f"--adapter {name}: eval scores an adapter by the condition it takes; name it so, "
+                              f"e.g. sketch=PATH (one of {', '.join(CONDITIONS)})")
     controlnets = parse_adapters(args.controlnet, "--controlnet")
     if not controlnets and args.base == DEMO_BASE:
         from t2iadapter.demo.loading import shipped_controlnets
