@@ -179,6 +179,17 @@ def test_cli_generate_and_info(base, tmp_path, capsys):
     assert cli(["generate", "--base", "tiny", "--adapter", "x", "--prompt", "p", "--out", str(tmp_path / "o3.png")]) == 2
     assert cli(["info", str(tmp_path / "cond.png")]) == 2
     assert "no t2iadapter generation parameters" in capsys.readouterr().err
+    from PIL.PngImagePlugin import PngInfo
+
+    from t2iadapter.pngmeta import CHUNK
+
+    for text in ("{not json", "{}", "[1, 2]", "7"):  # an edited or damaged chunk: one line, no traceback
+        meta = PngInfo()
+        meta.add_text(CHUNK, text)
+        img(8, 8).save(tmp_path / "bad.png", pnginfo=meta)
+        assert cli(["info", str(tmp_path / "bad.png")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "its t2iadapter chunk is not a JSON object" in err[0], (text, err)
 
 
 def test_cli_export_base_writes_a_loadable_folder(tmp_path, capsys):

@@ -42,4 +42,11 @@ def read_parameters(path: str | Path) -> dict[str, Any]:
         raise T2IAdapterError(f"{path}: not a readable image ({exc})") from None
     if CHUNK not in text:
         raise T2IAdapterError(f"{path}: carries no t2iadapter generation parameters")
-    return json.loads(text[CHUNK])
+    try:
+        params = json.loads(text[CHUNK])
+    except ValueError:
+        params = None
+    if not isinstance(params, dict) or not params:
+        raise T2IAdapterError(f"{path}: its t2iadapter chunk is not a JSON object of generation parameters "
+                              f"(edited or damaged); take the parameters from the program that wrote it")
+    return params
