@@ -313,6 +313,12 @@ def test_cli_convert_round_trip(tmp_path, capsys):
     assert_bitwise(m, load_adapter(tmp_path / "back.safetensors"))
     assert cli(["convert", str(tmp_path / "missing.pth"), str(tmp_path / "x.safetensors")]) == 2
     assert "no such file" in capsys.readouterr().err
+    # the suffix's case names no other format: Sketch.SAFETENSORS is a single file (it became a diffusers folder)
+    assert cli(["convert", str(tmp_path / "orig.pth"), str(tmp_path / "Sketch.SAFETENSORS")]) == 0
+    assert (tmp_path / "Sketch.SAFETENSORS").is_file()
+    assert_bitwise(m, load_adapter(tmp_path / "Sketch.SAFETENSORS"))
+    (tmp_path / "orig.pth").rename(tmp_path / "ORIG.PTH")
+    assert_bitwise(m, load_adapter(tmp_path / "ORIG.PTH"))
 
 
 def test_written_files_get_normal_permissions(tmp_path):

@@ -131,7 +131,7 @@ def _from_pipeline(pipe, source: str) -> BaseModel:
 
 def _single_file_is_sdxl(path: Path) -> bool:
     """SDXL checkpoints carry a second text encoder under `conditioner.embedders.1`."""
-    if path.suffix == ".safetensors":
+    if path.suffix.lower() == ".safetensors":
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:

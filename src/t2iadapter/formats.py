@@ -73,14 +73,15 @@ def read_weights(path: str | Path) -> tuple[StateDict, dict[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
-    if path.suffix == ".safetensors":
+    suffix = path.suffix.lower()  # .SAFETENSORS, .PTH: the case names no other format
+    if suffix == ".safetensors":
         from safetensors.torch import load_file
 
         try:
             return load_file(str(path)), _safetensors_metadata(path)
         except Exception as exc:  # safetensors raises its own error types for bad headers
             raise CheckpointError(f"{path}: cannot read this safetensors file (truncated or corrupt?): {exc}") from None
-    if path.suffix not in PICKLE_SUFFIXES:
+    if suffix not in PICKLE_SUFFIXES:
         raise CheckpointError(
             f"{path}: unknown checkpoint type {path.suffix!r}; expected .safetensors, .pth, .pt, .ckpt or .bin"
         )
@@ -360,7 +361,7 @@ def is_controlnet_checkpoint(path: str | os.PathLike) -> bool:
             return json.loads((path / "config.json").read_text()).get("_class_name") == "ControlNetModel"
         except (OSError, ValueError, AttributeError):
             return False
-    if path.is_file() and path.suffix == ".safetensors":
+    if path.is_file() and path.suffix.lower() == ".safetensors":
         try:
             return CONTROLNET_METADATA_KEY in _safetensors_metadata(path)
         except Exception:  # noqa: BLE001 - unreadable: the adapter loader says so
@@ -459,7 +460,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str | None = Non
     module = load_adapter(src)
     dst = Path(dst)
     if to is None:
-        to = "single" if dst.suffix == ".safetensors" else "original" if dst.suffix in PICKLE_SUFFIXES else "diffusers"
+        suffix = dst.suffix.lower()
+        to = "single" if suffix == ".safetensors" else "original" if suffix in PICKLE_SUFFIXES else "diffusers"
     if to == "single":
         save_single_file(module, dst, overwrite=overwrite)
     elif to == "original":

@@ -92,7 +92,7 @@ def load_controlnet(source: Any) -> ControlNetModel:
 
 def is_single_file(path: str | os.PathLike) -> bool:
     """Whether `path` is our single ControlNet file (safetensors whose metadata holds the config)."""
-    if Path(path).suffix != ".safetensors" or not Path(path).is_file():
+    if Path(path).suffix.lower() != ".safetensors" or not Path(path).is_file():
         return False
     from safetensors import safe_open
 

@@ -107,7 +107,7 @@ def _metadata(module: AdapterModule) -> dict[str, str]:
 def save_single_file(module: AdapterModule, path: str | Path, *, overwrite: bool = False) -> Path:
     """Our single file: safetensors, original key names, config JSON in the metadata."""
     path = Path(path)
-    if path.suffix != ".safetensors":
+    if path.suffix.lower() != ".safetensors":
         raise CheckpointError(f"{path}: our single-file format is safetensors; name it *.safetensors")
     _check_target(path, overwrite)
     _atomic_save_safetensors(module.state_dict(), path, _metadata(module))
@@ -171,9 +171,9 @@ def save_original(module: AdapterModule, path: str | Path, *, overwrite: bool = 
     path = Path(path)
     _check_target(path, overwrite)
     sd = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    if path.suffix == ".safetensors":
+    if path.suffix.lower() == ".safetensors":
         _atomic_save_safetensors(sd, path, None)
-    elif path.suffix in PICKLE_SUFFIXES:
+    elif path.suffix.lower() in PICKLE_SUFFIXES:
         _atomic_write(path, lambda tmp: torch.save(sd, tmp))
     else:
         raise CheckpointError(f"{path}: the original format is .pth or .safetensors")
