@@ -35,8 +35,14 @@ def files(tmp_path: Path) -> dict[str, Path]:
     binary.write_bytes(b"\xff\xfe\x00 not text")
     two = tmp_path / "two.jsonl"
     two.write_text('{"prompt": "a"}\n{"prompt": "b", "num_images": "two"}\n')
+    poses = {}  # OpenPose JSON with one bad value each: 18 keypoints, the first one's x replaced
+    for name, first_x, canvas in (("neg", "100", -5), ("nan", "NaN", 64), ("huge", "1e30", 64)):
+        poses[f"pose {name}"] = tmp_path / f"{name}.json"
+        keypoints = ", ".join([f"{first_x}, 10, 1"] + ["10, 10, 1"] * 17)
+        poses[f"pose {name}"].write_text(
+            f'{{"people": [{{"pose_keypoints_2d": [{keypoints}]}}], "canvas_width": {canvas}, "canvas_height": 64}}')
     return {"image": image, "existing": existing, "plain": plain, "folder": folder, "run": run, "table": table,
-            "binary": binary, "two": two}
+            "binary": binary, "two": two, **poses}
 
 
 # name → (argv from the files, what the one line must mention)
@@ -50,6 +56,12 @@ CASES: dict[str, tuple[Callable[[dict[str, Path]], list[str]], str]] = {
     "extract IN a folder": (lambda f: ["extract", "canny", str(f["folder"]), str(f["folder"] / "o.png")], "is a folder"),
     "extract --output-dir a file": (lambda f: ["extract", "canny", "--input-dir", str(f["image"].parent), "--output-dir", str(f["plain"])], "is a file"),
     "extract pose-json not JSON": (lambda f: ["extract", "pose-json", str(f["plain"]), str(f["folder"] / "o.png")], "plain.txt: not valid JSON"),
+    "extract pose-json negative canvas": (lambda f: ["extract", "pose-json", str(f["pose neg"]), str(f["folder"] / "o.png")], "canvas_width must be a whole number of pixels from 1 to 4096, got -5"),
+    "extract pose-json NaN keypoint": (lambda f: ["extract", "pose-json", str(f["pose nan"]), str(f["folder"] / "o.png")], "NaN or infinite"),
+    "extract pose-json huge keypoint": (lambda f: ["extract", "pose-json", str(f["pose huge"]), str(f["folder"] / "o.png")], "beyond ±100000 pixels"),
+    "extract pose-json --width huge": (lambda f: ["extract", "pose-json", str(f["pose neg"]), str(f["folder"] / "o.png"), "--width", "99999"], "--width, --height <= 4096"),
+    "extract depth --device bogus": (lambda f: ["extract", "depth", str(f["image"]), str(f["folder"] / "o.png"), "--device", "bogus"], "unknown device 'bogus'"),
+    "extract sketch --device cuda without CUDA": (lambda f: ["extract", "sketch", str(f["image"]), str(f["folder"] / "o.png"), "--device", "cuda:7"], "cuda:7"),
     "convert into a file's child": (lambda f: ["convert", "demo/color", str(f["plain"] / "c.safetensors")], "plain.txt"),
     "convert to a folder format over a file": (lambda f: ["convert", "demo/sketch", str(f["existing"])], "is a file"),
     "convert to a folder format over a file, --force": (lambda f: ["convert", "demo/sketch", str(f["existing"]), "--force"], "is a file"),

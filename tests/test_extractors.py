@@ -23,6 +23,63 @@ def square(size: int = 96, color: tuple[int, int, int] = (40, 80, 200)) -> np.nd
     return image
 
 
+# ---- reading images ------------------------------------------------------------------------
+
+
+def band_photo() -> np.ndarray:
+    """80x120 stored pixels, a dark band along the stored left edge: the turn shows where it ends up."""
+    pixels = np.full((80, 120, 3), 255, np.uint8)
+    pixels[:, :20] = (30, 60, 90)
+    pixels[:10, 20:40] = (200, 40, 40)  # a red corner patch, so a mirror image is told apart from a turn
+    return pixels
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+@pytest.mark.parametrize(("orientation", "turn"), [(6, lambda a: np.rot90(a, -1)), (3, lambda a: np.rot90(a, 2)),
+                                                   (8, lambda a: np.rot90(a, 1)), (2, lambda a: a[:, ::-1])])
+def test_open_image_turns_by_exif_orientation_as_diffusers_load_image(tmp_path, suffix, orientation, turn):
+    """A phone photo stored landscape with Orientation=6 is shown portrait by diffusers' load_image and cv2.imread."""
+    from diffusers.utils import load_image
+
+    from t2iadapter.extractors.images import open_image
+
+    image = Image.fromarray(band_photo())
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"phone{suffix}"
+    image.save(path, exif=exif.tobytes(), **({"quality": 95} if suffix == ".jpg" else {}))
+    opened = np.asarray(open_image(path).convert("RGB"))
+    np.testing.assert_array_equal(opened, np.asarray(load_image(str(path))))
+    np.testing.assert_array_equal(np.asarray(open_image(path.read_bytes()).convert("RGB")), opened)
+    if suffix == ".png":  # lossless: the stored pixels, turned
+        np.testing.assert_array_equal(opened, turn(band_photo()))
+        if orientation == 6:
+            np.testing.assert_array_equal(cv2.imread(str(path))[..., ::-1], opened)  # OpenCV turns it too
+    np.testing.assert_array_equal(np.asarray(extractors.get("canny")(path)), cv2.Canny(opened, 100, 200))
+
+
+def test_sixteen_bit_grey_reads_as_its_eight_bit_copy(tmp_path):
+    """16-bit grey (PIL mode I;16, and I or F after a convert) is value >> 8, as cv2.imread reads it; not white."""
+    from t2iadapter.extractors.images import to_rgb
+
+    grey8 = np.random.default_rng(5).integers(0, 256, (48, 64), dtype=np.uint8)
+    Image.fromarray(grey8).save(tmp_path / "grey8.png")
+    Image.fromarray(grey8.astype(np.uint16) * 257).save(tmp_path / "grey16.png")  # PIL writes 16-bit PNG
+    sixteen = Image.open(tmp_path / "grey16.png")
+    assert sixteen.mode == "I;16"
+    expected = to_rgb(tmp_path / "grey8.png")
+    np.testing.assert_array_equal(expected, np.repeat(grey8[:, :, None], 3, axis=2))
+    for image in (tmp_path / "grey16.png", sixteen, sixteen.convert("I"), sixteen.convert("F")):
+        np.testing.assert_array_equal(to_rgb(image), expected)
+    np.testing.assert_array_equal(
+        np.asarray(extractors.get("canny")(tmp_path / "grey16.png")), np.asarray(extractors.get("canny")(grey8))
+    )
+
+    ramp = np.arange(65536, dtype=np.uint16).reshape(256, 256)  # every 16-bit value, written by OpenCV
+    cv2.imwrite(str(tmp_path / "ramp16.png"), ramp)
+    np.testing.assert_array_equal(to_rgb(tmp_path / "ramp16.png"), cv2.imread(str(tmp_path / "ramp16.png"))[..., ::-1])
+
+
 # ---- registry ------------------------------------------------------------------------------
 
 
@@ -121,6 +178,22 @@ def test_sketch_classic_outlines_a_square_in_white_on_black():
     assert all(side.any(axis=0).all() for side in sides)  # every side is drawn along its whole length
 
 
+def test_sketch_classic_draws_a_small_outline_where_canny_finds_edges():
+    """A 20 px square drawn with a 2 px pen on 512² covers < 1 % of the page: all black when the percentile was
+    taken over every pixel. The sketch covers every canny edge pixel and strays at most one diagonal step off."""
+    for corner, far, size in ((240, 260, 512), (100, 400, 512), (20, 40, 96)):
+        drawing = np.full((size, size, 3), 255, np.uint8)
+        cv2.rectangle(drawing, (corner, corner), (far, far), (0, 0, 0), 2)
+        sketch = np.asarray(extractors.get("sketch-classic")(drawing)) > 0
+        edges = cv2.Canny(drawing, 100, 200) > 0
+        assert edges.any() and sketch.any()
+        to_sketch = cv2.distanceTransform((~sketch).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+        to_edges = cv2.distanceTransform((~edges).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+        assert to_sketch[edges].max() == 0 and to_edges[sketch].max() <= 1.5
+    for flat in (np.full((64, 64, 3), 255, np.uint8), np.full((64, 64, 3), 37, np.uint8)):
+        assert not np.asarray(extractors.get("sketch-classic")(flat)).any()
+
+
 def test_binarize_turns_a_dark_stroke_into_a_white_line():
     drawing = np.full((64, 80, 3), 255, np.uint8)
     cv2.line(drawing, (10, 10), (70, 50), (0, 0, 0), thickness=3)
@@ -200,6 +273,52 @@ def test_pose_json_reads_body25_and_rejects_malformed_files(tmp_path):
         extractors.get("pose-json")({"people": [{"pose_keypoints_2d": [1, 2, 3]}]})
 
 
+@pytest.mark.parametrize(("changes", "match"), [
+    ({"canvas_width": -5}, "canvas_width must be a whole number of pixels from 1 to 4096, got -5"),
+    ({"canvas_height": 10**9}, "canvas_height must be a whole number"),
+    ({"canvas_width": 12.7}, "canvas_width must be a whole number"),
+    ({"canvas_width": "wide"}, "canvas_width must be a whole number"),
+    ({"x": float("nan")}, "NaN or infinite"),
+    ({"x": float("inf")}, "NaN or infinite"),
+    ({"x": 1e30}, r"beyond ±100000 pixels"),
+    ({"x": "left"}, "must hold numbers"),
+])
+def test_pose_json_bad_values_are_one_condition_error(tmp_path, changes, match):
+    data = {"people": [{"pose_keypoints_2d": keypoints({1: (40, 50), 2: (100, 50)})}], "canvas_width": 160,
+            "canvas_height": 128}
+    data.update({k: v for k, v in changes.items() if k != "x"})
+    if "x" in changes:
+        data["people"][0]["pose_keypoints_2d"][3] = changes["x"]  # keypoint 1's x
+    with pytest.raises(ConditionError, match=match):
+        pose.read_people(data, width=0, height=0, normalized="auto")
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))  # Python writes NaN and Infinity as JSON does not, but json.load reads them
+    with pytest.raises(ConditionError, match=match) as caught:
+        extractors.get("pose-json")(path)
+    assert "\n" not in str(caught.value)
+    for flag in ("width", "height"):
+        for value in (-1, 4097, 10**9):
+            with pytest.raises(ConfigError, match=r"pose-json needs 0 <= --width, --height <= 4096"):
+                extractors.get("pose-json", **{flag: value})
+
+
+def test_pose_json_paths_are_files_and_only_strings_may_be_json_text(tmp_path, monkeypatch):
+    """A file named "[take 2] pose.json" was read as JSON text (it starts with "["), and failed."""
+    data = {"people": [{"pose_keypoints_2d": keypoints({1: (40, 50), 2: (100, 50)})}], "canvas_width": 160,
+            "canvas_height": 128}
+    expected = np.asarray(extractors.get("pose-json")(data))
+    assert expected[50, 70].any()
+    monkeypatch.chdir(tmp_path)
+    for name in ("[take 2] pose.json", "{draft} pose.json"):
+        (tmp_path / name).write_text(json.dumps(data))
+        np.testing.assert_array_equal(np.asarray(extractors.get("pose-json")(tmp_path / name)), expected)  # a Path
+        np.testing.assert_array_equal(np.asarray(extractors.get("pose-json")(name)), expected)  # an existing file
+    np.testing.assert_array_equal(np.asarray(extractors.get("pose-json")(json.dumps(data))), expected)  # JSON text
+    np.testing.assert_array_equal(np.asarray(extractors.get("pose-json")(json.dumps([data]))), expected)
+    with pytest.raises(ConditionError, match="cannot read pose JSON .*missing.json"):
+        extractors.get("pose-json")(tmp_path / "missing.json")
+
+
 # ---- seg-palette ----------------------------------------------------------------------------
 
 
@@ -243,6 +362,19 @@ def test_controlnet_aux_extractors_say_how_to_install_it(name, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "controlnet_aux" else find_spec(n, *a))
     with pytest.raises(T2IAdapterError, match=r"pip install 't2iadapter\[annotators\]'"):
         extractors.get(name)
+
+
+@pytest.mark.parametrize("name", ["sketch", "hed", "lineart", "openpose"])
+def test_controlnet_aux_extractors_check_the_device_when_built(name, monkeypatch):
+    """--device bogus, or cuda without a GPU, ended in torch's traceback at load time; now one line at once."""
+    import torch
+
+    with pytest.raises(ConfigError, match=r"^unknown device 'bogus'; use cpu, cuda, cuda:N or mps$"):
+        extractors.get(name, device="bogus")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"^device 'cuda': no CUDA GPU is available here; run on the CPU"):
+        extractors.get(name, device="cuda")
+    assert extractors.get(name, device="cpu").device == "cpu"
 
 
 def test_annotator_weights_folder_is_checked(tmp_path):

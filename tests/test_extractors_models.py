@@ -105,10 +105,63 @@ def test_depth_is_min_max_normalised_grey_at_the_input_size(tiny):
 
 
 def test_zoedepth_is_percentile_normalised_and_inverted(tiny):
-    out = np.asarray(extractors.get("zoedepth", model=tiny["zoedepth"])(np.asarray(photo())))
+    extractor = extractors.get("zoedepth", model=tiny["zoedepth"])
+    out = np.asarray(extractor(np.asarray(photo())))
     assert out.shape == (40, 56, 3) and out.dtype == np.uint8
     assert out.min() == 0 and out.max() == 255  # beyond the 85th percentile clips to 0, below the 2nd to 255
     assert (out[..., 0] == out[..., 2]).all()
+
+    # transformers' own post-processing: resize to the reflect-padded size, crop the padding off
+    processor, network = extractor._loaded
+    with torch.no_grad():
+        outputs = network(**processor(images=photo(), return_tensors="pt"))
+    depth = processor.post_process_depth_estimation(outputs, source_sizes=[(40, 56)])[0]["predicted_depth"]
+    depth = depth.double().numpy()
+    low, high = np.percentile(depth, 2), np.percentile(depth, 85)
+    expected = np.round(np.clip(1.0 - (depth - low) / (high - low), 0.0, 1.0) * 255.0)
+    np.testing.assert_array_equal(out[..., 0], expected.astype(np.uint8))
+
+
+def test_zoedepth_output_lines_up_with_the_input():
+    """ZoeDepth's processor reflect-pads by int(sqrt(side / 2) * 3) px; resized with the padding left on, the
+    depth map was shifted (an edge at column 127/128 came out at 147). A network whose depth is the input's
+    brightness shows where each input column lands."""
+    import types
+
+    class Brightness(torch.nn.Module):
+        def forward(self, pixel_values):
+            return types.SimpleNamespace(predicted_depth=pixel_values.mean(1))  # [1, h, w]
+
+    image = np.zeros((512, 512, 3), np.uint8)
+    image[:, :128] = 255  # a bright band over columns 0..127
+    extractor = extractors.get("zoedepth")
+    extractor._loaded = (transformers.ZoeDepthImageProcessor(), Brightness())  # Intel/zoedepth-nyu-kitti's defaults
+    out = np.asarray(extractor(image))[256, :, 0].astype(int)
+    assert int(np.argmax(np.abs(np.diff(out)))) == 127
+    assert (out[:120] == 0).all() and (out[136:] == 255).all()  # bright = far = dark after the inversion
+
+
+def test_depth_resize_is_dpt_post_processing(tiny):
+    """Depth models without padding (DPT/MiDaS, Depth Anything) resize bicubically, as their processor does."""
+    from t2iadapter.extractors.hf import _depth_map
+
+    processor = transformers.DPTImageProcessor.from_pretrained(tiny["depth"])
+    network = transformers.DPTForDepthEstimation.from_pretrained(tiny["depth"])
+    with torch.no_grad():
+        outputs = network(**processor(images=photo(), return_tensors="pt"))
+    expected = processor.post_process_depth_estimation(outputs, target_sizes=[(40, 56)])[0]["predicted_depth"]
+    np.testing.assert_array_equal(_depth_map(processor, outputs, 40, 56), expected.double().numpy())
+
+
+@pytest.mark.parametrize("name", ["depth", "zoedepth", "seg", "style"])
+def test_transformers_extractors_check_the_device_when_built(name, monkeypatch):
+    """--device bogus, or cuda without a GPU, ended in torch's traceback at load time; now one line at once."""
+    with pytest.raises(ConfigError, match=r"^unknown device 'bogus'; use cpu, cuda, cuda:N or mps$"):
+        extractors.get(name, device="bogus")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"^device 'cuda': no CUDA GPU is available here; run on the CPU"):
+        extractors.get(name, device="cuda")
+    assert extractors.get(name, device="cpu").device == "cpu"
 
 
 def test_seg_colours_every_pixel_with_the_palette_of_its_class(tiny):

@@ -79,6 +79,9 @@ def test_no_import_circle():
 # layer → the t2iadapter layers it must never import (anywhere, lazily included)
 FORBIDDEN = {
     "t2iadapter.errors": ["t2iadapter."],
+    "t2iadapter.devices": ["t2iadapter.extractors", "t2iadapter.models", "t2iadapter.formats", "t2iadapter.bases",
+                           "t2iadapter.unet_hook", "t2iadapter.generation", "t2iadapter.train", "t2iadapter.server",
+                           "t2iadapter.commands", "t2iadapter.demo", "t2iadapter.cli", "t2iadapter.pipeline"],
     "t2iadapter.extractors": ["t2iadapter.models", "t2iadapter.formats", "t2iadapter.generation", "t2iadapter.train",
                               "t2iadapter.server", "t2iadapter.commands", "t2iadapter.demo", "t2iadapter.cli"],
     "t2iadapter.models": ["t2iadapter.formats", "t2iadapter.bases", "t2iadapter.unet_hook", "t2iadapter.generation",

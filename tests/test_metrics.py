@@ -32,6 +32,25 @@ def test_accepts_pil_and_other_sizes(scenes: list[world.Scene]) -> None:
     assert colour_accuracy(s.image.astype(np.float32) / 255.0, s) == 1.0
 
 
+def test_palette_and_sixteen_bit_images_read_as_their_rgb_copies(scenes: list[world.Scene], tmp_path) -> None:
+    """A P-mode (indexed) image was scored by its palette indices, 16-bit grey clipped to white."""
+    s = scenes[0]
+    Image.fromarray(s.image).convert("P", palette=Image.ADAPTIVE, colors=256).save(tmp_path / "indexed.png")
+    indexed = Image.open(tmp_path / "indexed.png")
+    assert indexed.mode == "P"
+    np.testing.assert_array_equal(metrics.as_rgb(indexed), np.asarray(indexed.convert("RGB")))
+    assert structure_iou(indexed, s) == pytest.approx(structure_iou(indexed.convert("RGB"), s))
+    assert structure_iou(indexed, s) >= 0.95 and colour_accuracy(indexed, s) == 1.0
+
+    grey8 = np.asarray(Image.fromarray(s.image).convert("L"))
+    Image.fromarray(grey8.astype(np.uint16) * 257).save(tmp_path / "grey16.png")  # its 16-bit copy
+    sixteen = Image.open(tmp_path / "grey16.png")
+    assert sixteen.mode == "I;16"
+    expected = np.repeat(grey8[..., None], 3, axis=2)
+    for image in (sixteen, sixteen.convert("I"), sixteen.convert("F")):
+        np.testing.assert_array_equal(metrics.as_rgb(image), expected)
+
+
 def test_blank_and_noise_score_low(scenes: list[world.Scene]) -> None:
     rng = np.random.default_rng(0)
     blank = np.full((256, 256, 3), 200, np.uint8)

@@ -11,8 +11,10 @@ from typing import Any
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from t2iadapter.demo import world
+from t2iadapter.extractors import images
 
 # A pixel is foreground when its HSV saturation and value are both at least these (in [0, 1]).
 SATURATION_THRESHOLD = 0.3  # world backgrounds ≤ 0.1, world objects ≥ 0.5
@@ -22,7 +24,15 @@ MIN_COLOURED_SHARE = 0.25
 
 
 def as_rgb(image: Any, size: int | None = None) -> np.ndarray:
-    """An RGB uint8 HxWx3 array from a PIL image or array (uint8, or float in [0, 1]), resized to size²."""
+    """An RGB uint8 HxWx3 array from a PIL image or array (uint8, or float in [0, 1]), resized to size².
+
+    PIL images are read as the extractors read them: 16-bit grey scaled to 8 bits (`images.eight_bit`), a palette
+    (P) image by its colours, not its indices.
+    """
+    if isinstance(image, Image.Image):
+        image = images.eight_bit(image)
+        if image.mode not in ("RGB", "RGBA", "L"):
+            image = image.convert("RGB")
     arr = np.asarray(image)
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=2)

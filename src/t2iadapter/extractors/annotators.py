@@ -6,6 +6,7 @@ import importlib.util
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from t2iadapter.devices import check_device
 from t2iadapter.errors import T2IAdapterError
 from t2iadapter.extractors.base import (
     LINEART_ADAPTERS,
@@ -36,7 +37,7 @@ class _ControlNetAux(Extractor):
 
     model: str = ""  # folder holding the detector's .pth files, or a hub repo id; empty: lllyasviel/Annotators
     detect_resolution: int = 512  # the detector runs with the short side resized to this (controlnet-aux default)
-    device: str = "cpu"
+    device: str = "cpu"  # torch device to run on, e.g. "cuda"
     _loaded: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -49,6 +50,7 @@ class _ControlNetAux(Extractor):
             64 <= self.detect_resolution <= MAX_DETECT_RESOLUTION,
             f"{self.name} needs 64 <= --detect-resolution <= {MAX_DETECT_RESOLUTION}, got {self.detect_resolution}",
         )
+        check_device(self.device)  # an unknown device, or CUDA where there is none: one line, before any loading
 
     def load(self) -> None:
         """Find the weight files (folder, hub cache or download) and build the detector (once)."""

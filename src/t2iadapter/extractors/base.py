@@ -13,6 +13,7 @@ if typing.TYPE_CHECKING:
     from t2iadapter.extractors.images import ImageInput
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+MAX_SIDE = 4096  # the largest image side the server accepts: the bound on sizes the extractors draw or take
 
 # Released adapters, by the condition they were trained on (DESIGN.md §4). SD1 and CoAdapter
 # names are files of the TencentARC/T2I-Adapter hub repo; SDXL names are TencentARC/ hub repos.

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from t2iadapter.extractors.base import (
     CANNY_ADAPTERS,
     COLOR_ADAPTERS,
+    MAX_SIDE,
     SKETCH_ADAPTERS,
     Extractor,
     check,
@@ -17,8 +18,10 @@ from t2iadapter.extractors.base import (
 # cv2.GaussianBlur's kernel is ~6σ wide, so σ=1e9 asks for gigabytes and σ=300 on 4096² took 203 s.
 MAX_CANNY = 10_000  # canny thresholds; above 2040 (the largest 8-bit 3x3 Sobel gradient) nothing is an edge
 MAX_SIGMA = 32.0  # sketch-classic blur; 1.3 s on a 4096² image on one core
-MAX_SIDE = 4096  # colour palette factor: the largest image side the server accepts
-MAX_AREA = MAX_SIDE * MAX_SIDE  # binarize speck size in pixels
+MAX_AREA = MAX_SIDE * MAX_SIDE  # binarize speck size in pixels (the colour palette factor is at most MAX_SIDE)
+# sketch-classic normalises by the 99th percentile of the gradient where there is one: over all pixels, a line
+# drawing whose edges cover < 1 % of the page has a percentile of 0-ish blur tails and came out black.
+EDGE_EPSILON = 1e-3  # Sobel magnitude of luma in [0, 1]; one 8-bit grey level's unblurred step gives 4/255 ≈ 0.016
 
 if TYPE_CHECKING:
     import numpy as np
@@ -89,10 +92,10 @@ class SketchClassic(Extractor):
     name = "sketch-classic"
     feeds = SKETCH_ADAPTERS
     channels = 1
-    recipe = "Gaussian blur → Sobel magnitude / its 99th percentile → > threshold → white lines on black"
+    recipe = "Gaussian blur → Sobel magnitude / 99th percentile of its edge pixels → > threshold → white on black"
 
     sigma: float = 1.0  # Gaussian blur before the gradient; larger drops texture, keeps outlines (<= MAX_SIGMA)
-    threshold: float = 0.5  # on the magnitude normalised by its 99th percentile; the sketch recipe binarises at 0.5
+    threshold: float = 0.5  # on magnitude / 99th percentile of the edge pixels; the sketch recipe binarises at 0.5
 
     def __post_init__(self) -> None:
         check(
@@ -112,10 +115,10 @@ class SketchClassic(Extractor):
         magnitude = cv2.magnitude(
             cv2.Sobel(gray, cv2.CV_32F, 1, 0, ksize=3), cv2.Sobel(gray, cv2.CV_32F, 0, 1, ksize=3)
         )
-        scale = float(np.percentile(magnitude, 99))
-        if scale <= 1e-6:  # flat image: no edges at all
+        edges = magnitude[magnitude > EDGE_EPSILON]
+        if edges.size == 0:  # flat image: no edges at all
             return images.to_pil(np.zeros(gray.shape, np.uint8))
-        return images.binary(magnitude / scale, self.threshold)
+        return images.binary(magnitude / float(np.percentile(edges, 99)), self.threshold)
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from t2iadapter.devices import check_device
 from t2iadapter.extractors.base import (
     DEPTH_ADAPTERS,
     SEG_ADAPTERS,
@@ -31,6 +32,9 @@ class _Transformers(Extractor):
     model: str = ""  # local folder or hub repo id; empty: the default repo named in `weights`
     device: str = "cpu"  # torch device to run on, e.g. "cuda"
     _loaded: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        check_device(self.device)  # an unknown device, or CUDA where there is none: one line, before any loading
 
     def load(self) -> None:
         """Load the processor and the model from the folder, the hub cache or the hub (once)."""
@@ -64,11 +68,30 @@ class _Transformers(Extractor):
 
 
 def _resize_depth(depth: torch.Tensor, height: int, width: int) -> np.ndarray:
-    """[1, h, w] network depth → [H, W] float64 at the input size (bicubic, as MiDaS' own resize)."""
+    """[1, h, w] network depth → [H, W] float64 at the input size (bicubic, as MiDaS' own resize).
+
+    The same as DPTImageProcessor.post_process_depth_estimation(target_sizes=[(H, W)]) (DPT/MiDaS, Depth Anything).
+    """
     import torch.nn.functional as F
 
     resized = F.interpolate(depth[:, None].float(), size=(height, width), mode="bicubic", align_corners=False)
     return resized[0, 0].double().cpu().numpy()
+
+
+def _depth_map(processor: Any, outputs: Any, height: int, width: int) -> np.ndarray:
+    """The network's depth → [H, W] float64 aligned with the input image.
+
+    ZoeDepth's processor reflect-pads the input by int(sqrt(side / 2) * 3) pixels a side (original ZoeDepth
+    `depth_model.py`); its own post-processing resizes to the padded size and crops the padding off. Other
+    processors resize only (`_resize_depth`).
+    """
+    import inspect
+
+    post_process = getattr(processor, "post_process_depth_estimation", None)
+    if post_process is not None and "source_sizes" in inspect.signature(post_process).parameters:
+        depth = post_process(outputs, source_sizes=[(height, width)])[0]["predicted_depth"]
+        return depth.double().cpu().numpy()
+    return _resize_depth(outputs.predicted_depth, height, width)
 
 
 def _grey3(values: np.ndarray) -> Image.Image:
@@ -96,7 +119,7 @@ class Depth(_Transformers):
 
     def __call__(self, image: ImageInput) -> Image.Image:
         outputs, picture = self._run(image)
-        depth = _resize_depth(outputs.predicted_depth, picture.height, picture.width)
+        depth = _depth_map(self._loaded[0], outputs, picture.height, picture.width)
         depth -= depth.min()
         peak = depth.max()
         return _grey3(depth / peak if peak > 0 else depth)
@@ -119,7 +142,7 @@ class ZoeDepth(_Transformers):
         import numpy as np
 
         outputs, picture = self._run(image)
-        depth = _resize_depth(outputs.predicted_depth, picture.height, picture.width)
+        depth = _depth_map(self._loaded[0], outputs, picture.height, picture.width)
         low, high = np.percentile(depth, 2), np.percentile(depth, 85)
         return _grey3(1.0 - (depth - low) / max(high - low, 1e-8))
 
@@ -141,6 +164,7 @@ class Seg(_Transformers):
         from t2iadapter.extractors.base import check
         from t2iadapter.extractors.palettes import PALETTE_NAMES
 
+        super().__post_init__()
         check(
             self.palette in ("auto",) + PALETTE_NAMES,
             f"seg --palette must be auto, {', '.join(PALETTE_NAMES)}; not {self.palette!r}",

@@ -13,6 +13,7 @@ from PIL import Image
 from t2iadapter.errors import ConditionError
 
 ImageInput = Union[Image.Image, np.ndarray, str, Path]
+ORIENTATION = 0x0112  # the EXIF tag that says how to turn the stored pixels for display
 
 
 def require_file(path: "str | Path", what: str) -> None:
@@ -32,7 +33,7 @@ def open_image(source: "str | Path | bytes | dict | Image.Image", what: str | No
     images through it.
     """
     if isinstance(source, Image.Image):
-        return source
+        return upright(source)
     if isinstance(source, dict) and (source.get("bytes") or source.get("path")):
         source = source["bytes"] or source["path"]
     if isinstance(source, (bytes, bytearray)):
@@ -61,14 +62,38 @@ def open_image(source: "str | Path | bytes | dict | Image.Image", what: str | No
         image.load()
     except Exception as exc:
         raise ConditionError(f"cannot read {what}: it could not be decoded ({exc})") from None
-    return image
+    return upright(image)
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image as it is meant to be seen: turned by its EXIF Orientation (a phone photo), as diffusers'
+    `load_image` and cv2.imread (the original T2I-Adapter reader) do; an image without one is returned as is."""
+    from PIL import ImageOps
+
+    if image.getexif().get(ORIENTATION, 1) in (None, 1):
+        return image
+    return ImageOps.exif_transpose(image)
+
+
+# 1-channel modes wider than 8 bits: 16-bit PNG/TIFF greyscale ("I;16"), 32-bit int ("I") and float ("F")
+WIDE_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def eight_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit (or 32-bit int/float) greyscale image as 8-bit "L": value >> 8 after clipping to 0..65535, as
+    cv2.imread reads a 16-bit PNG; PIL's own convert clips every value above 255 to white. Other modes as is."""
+    if image.mode not in WIDE_GREY:
+        return image
+    values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0)
+    return Image.fromarray((np.clip(values, 0, 65535).astype(np.uint32) >> 8).astype(np.uint8), mode="L")
 
 
 def to_rgb(image: ImageInput) -> np.ndarray:
-    """HxWx3 uint8 RGB; alpha is composited on white as ControlNet's HWC3 does."""
+    """HxWx3 uint8 RGB; alpha is composited on white as ControlNet's HWC3 does, 16-bit grey is scaled (`eight_bit`)."""
     if isinstance(image, (str, Path)):
         image = open_image(image)
     if isinstance(image, Image.Image):
+        image = eight_bit(image)
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
             image = image.convert("RGBA")
         elif image.mode not in ("RGB", "L"):

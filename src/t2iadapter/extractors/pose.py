@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from t2iadapter.errors import ConditionError
-from t2iadapter.extractors.base import OPENPOSE_ADAPTERS, Extractor, check
+from t2iadapter.extractors.base import MAX_SIDE, OPENPOSE_ADAPTERS, Extractor, check
 
 if TYPE_CHECKING:
     import numpy as np
@@ -34,15 +35,55 @@ STICK_WIDTH = 4  # half-width of a limb ellipse, pixels
 JOINT_RADIUS = 4
 # BODY_25 → COCO-18: BODY_25 adds mid-hip (8) and six foot points (19-24).
 BODY25_TO_COCO18 = (0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18)
+DEFAULT_CANVAS = 512  # pixels a side when neither the options nor the JSON give a canvas size
+MAX_COORD = 100_000  # pixels either way: no keypoint of a pose on a <= 4096² canvas is further out (cv2 takes int32)
 
 Person = list[tuple[float, float] | None]  # 18 entries: (x, y) in pixels, None where not detected
 
 
+def _is_json_text(source: Any) -> bool:
+    """A str holding JSON rather than naming a file: it starts with { or [ and no such file exists."""
+    if not (isinstance(source, str) and source.lstrip().startswith(("{", "["))):
+        return False
+    try:
+        return not Path(source).is_file()
+    except (OSError, ValueError):  # too long a name for the file system, or a NUL in it: not a file's name
+        return True
+
+
+def _canvas_side(value: Any, key: str) -> int:
+    """canvas_width/canvas_height from the JSON: a whole number of pixels, 1..MAX_SIDE (0 or absent: the default)."""
+    if value is None or value == 0:
+        return DEFAULT_CANVAS
+    number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    if number is None or not math.isfinite(number) or number != int(number) or not 1 <= number <= MAX_SIDE:
+        raise ConditionError(f"pose JSON {key} must be a whole number of pixels from 1 to {MAX_SIDE}, got {value!r}")
+    return int(number)
+
+
+def _keypoint(triple: list[Any], person: int) -> tuple[float, float] | None:
+    """One x, y, confidence triple → (x, y), or None where it was not detected (confidence <= 0)."""
+    try:
+        x, y, c = (float(v) for v in triple)
+    except (TypeError, ValueError):
+        raise ConditionError(f"person {person}: pose_keypoints_2d must hold numbers, got {triple!r}") from None
+    if not all(map(math.isfinite, (x, y, c))):
+        raise ConditionError(f"person {person}: pose_keypoints_2d holds a NaN or infinite value ({triple!r})")
+    return (x, y) if c > 0 else None
+
+
 def read_people(source: Any, *, width: int, height: int, normalized: str) -> tuple[list[Person], int, int]:
-    """Parse OpenPose JSON ({"people": [{"pose_keypoints_2d": [x, y, c, ...]}]}) into pixel keypoints."""
-    if isinstance(source, (str, Path)) and not str(source).lstrip().startswith(("{", "[")):
-        with open(source, encoding="utf-8") as handle:
-            data = json.load(handle)
+    """Parse OpenPose JSON ({"people": [{"pose_keypoints_2d": [x, y, c, ...]}]}) into pixel keypoints.
+
+    `source` is a file (a Path is always one; a str unless it is JSON text: starts with { or [ and names no
+    file), JSON text or the parsed object. Bad values are one ConditionError line.
+    """
+    if isinstance(source, os.PathLike) or (isinstance(source, str) and not _is_json_text(source)):
+        try:
+            with open(source, encoding="utf-8") as handle:
+                data = json.load(handle)
+        except OSError as exc:
+            raise ConditionError(f"cannot read pose JSON {source}: {exc.strerror or exc}") from None
     elif isinstance(source, str):
         data = json.loads(source)
     else:
@@ -51,8 +92,8 @@ def read_people(source: Any, *, width: int, height: int, normalized: str) -> tup
         data = data[0]
     if not isinstance(data, dict) or not isinstance(data.get("people"), list):
         raise ConditionError('pose JSON must be an object with a "people" list (OpenPose output format)')
-    width = width or int(data.get("canvas_width") or 512)
-    height = height or int(data.get("canvas_height") or 512)
+    width = width or _canvas_side(data.get("canvas_width"), "canvas_width")
+    height = height or _canvas_side(data.get("canvas_height"), "canvas_height")
     raw: list[Person] = []
     for index, person in enumerate(data["people"]):
         values = person.get("pose_keypoints_2d") if isinstance(person, dict) else None
@@ -63,7 +104,7 @@ def read_people(source: Any, *, width: int, height: int, normalized: str) -> tup
         triples = [values[i : i + 3] for i in range(0, len(values), 3)]
         if len(triples) == 25:
             triples = [triples[i] for i in BODY25_TO_COCO18]
-        raw.append([(float(x), float(y)) if float(c) > 0 else None for x, y, c in triples])
+        raw.append([_keypoint(triple, index) for triple in triples])
     points = [p for person in raw for p in person if p is not None]
     if normalized == "auto":
         scale = bool(points) and all(0.0 <= v <= 1.0 for p in points for v in p)
@@ -71,6 +112,12 @@ def read_people(source: Any, *, width: int, height: int, normalized: str) -> tup
         scale = normalized == "yes"
     if scale:
         raw = [[None if p is None else (p[0] * width, p[1] * height) for p in person] for person in raw]
+    for index, person in enumerate(raw):
+        far = [p for p in person if p is not None and max(abs(p[0]), abs(p[1])) > MAX_COORD]
+        if far:
+            raise ConditionError(
+                f"person {index}: keypoint {far[0]} lies beyond ±{MAX_COORD} pixels (the canvas is {width}x{height})"
+            )
     return raw, width, height
 
 
@@ -135,7 +182,11 @@ class PoseJson(Extractor):
     draw: str = "original"  # "original": ControlNet 1.0 drawing (t2iadapter_openpose_sd14v1); "aux": 1.1 (SDXL)
 
     def __post_init__(self) -> None:
-        check(self.width >= 0 and self.height >= 0, "pose-json needs --width and --height >= 0")
+        check(
+            0 <= self.width <= MAX_SIDE and 0 <= self.height <= MAX_SIDE,
+            f"pose-json needs 0 <= --width, --height <= {MAX_SIDE} (0: the JSON's canvas size), "
+            f"got {self.width}x{self.height}",
+        )
         check(
             self.normalized in ("auto", "yes", "no"),
             f"pose-json --normalized must be auto, yes or no, not {self.normalized!r}",
@@ -148,7 +199,7 @@ class PoseJson(Extractor):
         try:
             people, width, height = read_people(image, width=self.width, height=self.height, normalized=self.normalized)
         except json.JSONDecodeError as exc:
-            where = f"{image}: " if isinstance(image, Path) else ""  # a file (the CLI's IN), not JSON text
+            where = "" if _is_json_text(image) else f"{image}: "  # a file (the CLI's IN), not JSON text
             raise ConditionError(f"{where}not valid JSON: {exc}") from None
         except (TypeError, ValueError) as exc:
             raise ConditionError(f"pose JSON has a malformed value: {exc}") from None
