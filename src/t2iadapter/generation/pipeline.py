@@ -30,6 +30,7 @@ from PIL import Image
 
 from t2iadapter import unet_hook
 from t2iadapter.bases import BaseModel, load_base, move, placement
+from t2iadapter.devices import check_device
 from t2iadapter.errors import ConditionError, ConfigError
 from t2iadapter.formats import load_adapter
 from t2iadapter.generation import (compile_cache, conditions, controlnet, fast, img2img, latents, lora, loop,
@@ -71,30 +72,14 @@ def task_of(name: str) -> str | None:
     return None
 
 
-# the advice for an absent GPU, in words for the Python API and the CLI alike (both come through resolve_device)
-ON_CPU = "; run on the CPU instead (device 'cpu'; --device cpu on the command line)"
-
-
 def resolve_device(device: str | torch.device | None, dtype: str | None) -> tuple[str, torch.dtype]:
     """Device and dtype from their names: cuda when available; fp16 on a GPU, fp32 on the CPU (bf16/fp16/fp32).
 
-    The one device parser (CLI, server, evaluation): an unknown or absent device is one clear ConfigError.
+    The one device parser (CLI, server, evaluation): an unknown or absent device is one clear ConfigError
+    (`devices.check_device`, which the extractors share).
     """
-    dev = str(device) if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        parsed = torch.device(dev)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"unknown device {dev!r}; use cpu, cuda, cuda:N or mps") from None
-    if parsed.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ConfigError(f"device {dev!r}: no CUDA GPU is available here{ON_CPU}")
-        if parsed.index is not None and parsed.index >= count:
-            raise ConfigError(f"device {dev!r}: this machine has {count} CUDA GPU(s), cuda:0..cuda:{count - 1}")
-    elif parsed.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise ConfigError(f"device {dev!r}: Apple MPS is not available here{ON_CPU}")
-    elif parsed.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"device {dev!r} is not supported; use cpu, cuda, cuda:N or mps")
+    dev = check_device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    parsed = torch.device(dev)
     names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     key = dtype or ("fp32" if parsed.type == "cpu" else "fp16")
     if key not in names:
