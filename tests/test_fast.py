@@ -180,3 +180,32 @@ def test_optimizing_again_with_other_settings_says_what_changed(caplog):
     text = ours()[0].getMessage()
     assert "dtype torch.float32 → torch.bfloat16" in text and "precision fp32 → bf16" in text, text
     assert pipe.dtype == torch.bfloat16
+
+
+def test_optimize_without_compile_after_compiling_runs_eagerly_again():
+    """optimize(compile=False) after optimize() left the compiled forwards on (and a new size compiled again); the
+    modules' own forwards are back, for the UNet, the VAE decoder and the adapters, and so is the eager image."""
+    from t2iadapter.generation.aot import AotUnet
+
+    base = load_base("tiny")
+    a = adapter(base, 3, 5)
+    cond = [img((64, 64), "RGB", 9)]
+    pipe = AdapterPipeline(base, [a])
+    a = next(iter(pipe.adapters.values()))  # the pipeline's (it does not change modules handed in)
+    modules = [base.unet, base.vae.decoder, a]
+    pipe.optimize(compile=False, dtype=torch.float32)
+    eager = gen(pipe, cond, steps=2)
+    counter = torch._dynamo.testing.CompileCounter()
+    pipe.optimize(dtype=torch.float32, backend=counter)
+    gen(pipe, cond, steps=2)
+    assert counter.frame_count == 3 and all(isinstance(m.forward, fast.CompiledForward) for m in modules)
+    pipe.optimize(compile=False, dtype=torch.float32)
+    assert all("forward" not in vars(m) for m in modules) and fast.status(pipe)["compiled"] == {}
+    assert np.array_equal(gen(pipe, cond, steps=2), eager)
+    pipe(PROMPT, cond, steps=1, size=(96, 96), output_type="latent", progress=False)
+    assert counter.frame_count == 3, "the uncompiled pipeline compiled a new size"
+    pipe.optimize(dtype=torch.float32, backend=counter)  # compiled again, then AOTInductor: decoder and adapter eager
+    pipe.optimize(dtype=torch.float32, aot=True, cache_dir=False)
+    assert isinstance(base.unet.forward, AotUnet) and "forward" not in vars(base.vae.decoder) and "forward" not in vars(a)
+    pipe.optimize(compile=False, dtype=torch.float32)
+    assert all("forward" not in vars(m) for m in modules)

@@ -132,6 +132,15 @@ def eager_forward(module: torch.nn.Module):
     return fwd.eager if isinstance(fwd, (CompiledForward, AotUnet)) else fwd
 
 
+def uncompile(module: torch.nn.Module) -> None:
+    """The module's own forward again: the CompiledForward or AotUnet `optimize()` installed is taken off."""
+    wrapper = module.__dict__.get("forward")
+    if isinstance(wrapper, (CompiledForward, AotUnet)):
+        del module.forward  # the class's forward
+        if wrapper.eager != module.forward:  # another instance forward was there before the wrapper: it again
+            module.forward = wrapper.eager
+
+
 def compile_module(module: torch.nn.Module, name: str, settings: FastSettings, *, cudagraphs: bool) -> CompiledForward:
     """Replace `module.forward` (an instance attribute, so `module(...)` uses it) by a compiled wrapper."""
     wrapper = CompiledForward(eager_forward(module), name,
@@ -207,8 +216,12 @@ def optimize_base(base: Any, settings: FastSettings, aot_store: Any = None) -> N
     elif settings.compile:
         cudagraphs = unet.device.type == "cuda"
         compile_module(unet, "unet", settings, cudagraphs=cudagraphs)
-        if settings.compile_vae:
-            compile_module(vae.decoder, "vae.decoder", settings, cudagraphs=False)
+    else:  # a wrapper an earlier optimize() installed comes off
+        uncompile(unet)
+    if settings.compile and settings.compile_vae and not settings.aot:
+        compile_module(vae.decoder, "vae.decoder", settings, cudagraphs=False)
+    else:
+        uncompile(vae.decoder)
     base.extras["fast"] = settings
 
 
@@ -218,7 +231,9 @@ def optimize_adapters(adapters: Mapping[str, Any], settings: FastSettings) -> No
         if module.kind not in ("full", "full_xl", "light"):
             continue  # style adapter and fuser: small transformers on a few tokens, run once; eager is fine
         module.to(memory_format=torch.channels_last)
-        if settings.compile and settings.compile_adapters and not settings.aot and not isinstance(module.forward, CompiledForward):
+        if not (settings.compile and settings.compile_adapters and not settings.aot):
+            uncompile(module)  # compiled by an earlier optimize(): eager again
+        elif not isinstance(module.forward, CompiledForward):
             compile_module(module, f"adapter:{name}", settings, cudagraphs=False)
 
 
