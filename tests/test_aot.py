@@ -1,12 +1,15 @@
 """Fast mode's UNet through AOTInductor (issue 18, `optimize(aot=True)`): the same images as the eager UNet, a package
 built once and loaded by a new process with other weights of the same architecture, weights changed in place, bad
 files, refusals."""
+import dataclasses
 import json
+import logging
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -128,29 +131,162 @@ def test_layout_round_trip_and_signature():
         assert sig != aot.signature(layout, [*tensors[:i], other, *tensors[i + 1:]])
 
 
+SETUP = cc.Setup(torch=torch.__version__, triton=None, python="3", diffusers="0.42", t2iadapter="0.1",
+                 device="cpu (x86_64)", base="b", family="sd", dtype="float32", precision="fp32", mode="aoti", adapters=())
+SIG = {"layout": [["sample", "tensor", None]], "tensors": [[[1, 4, 8, 8], [256, 64, 8, 1], "float32", "cpu"]]}
+
+
 def test_bad_package_files_are_ignored_with_the_reason(tmp_path):
-    setup = cc.Setup(torch=torch.__version__, triton=None, python="3", device="cpu (x86_64)", base="b", family="sd",
-                     dtype="float32", precision="fp32", mode="aoti", adapters=())
-    store = aot.AotStore(tmp_path, setup)
-    sig = {"layout": [["sample", "tensor", None]], "tensors": [[[1, 4, 8, 8], [256, 64, 8, 1], "float32", "cpu"]]}
-    assert store.check(sig) == "absent"
-    path = store.path(sig)
+    store = aot.AotStore(tmp_path, SETUP)
+    assert store.check(SIG) == "absent"
+    path = store.path(SIG)
     path.parent.mkdir(parents=True)
     path.write_bytes(b"package")
     path.with_suffix(".json").write_text("{not json")
-    assert store.check(sig).startswith("unreadable")
+    assert store.check(SIG).startswith("unreadable")
     import hashlib
 
-    manifest = {"format": cc.FORMAT, "key": store.key(sig), "sha256": hashlib.sha256(b"package").hexdigest()}
+    manifest = {"format": cc.FORMAT, "key": store.key(SIG), "sha256": hashlib.sha256(b"package").hexdigest()}
     path.with_suffix(".json").write_text(json.dumps(manifest))
-    assert store.check(sig) == ""
+    assert store.check(SIG) == ""
+    path.with_suffix(".json").write_text(json.dumps({**manifest, "key": "edited"}))
+    assert store.check(SIG).startswith("unreadable")
     path.write_bytes(b"packag")
-    assert store.check(sig) == "checksum mismatch (a corrupt or truncated file)"
-    other = aot.AotStore(tmp_path, setup.__class__(**{**setup.__dict__, "torch": "9.9"}))
-    other.folder.mkdir(parents=True)
-    (other.folder / path.name).write_bytes(b"package")
-    (other.folder / path.with_suffix(".json").name).write_text(json.dumps(manifest))
-    assert other.check(sig).startswith("written for another torch")
+    path.with_suffix(".json").write_text(json.dumps(manifest))
+    assert store.check(SIG) == "checksum mismatch (a corrupt or truncated file)"
+    # made by another torch, other code (diffusers, ours: the UNet's traced Python), or with other fused projections
+    for field, value in [("torch", "9.9"), ("diffusers", "0.1"), ("t2iadapter", "0.0.1"), ("fuse_qkv", False)]:
+        other = aot.AotStore(tmp_path, dataclasses.replace(SETUP, **{field: value}))
+        other.folder.mkdir(parents=True)
+        (other.folder / path.name).write_bytes(b"package")
+        (other.folder / path.with_suffix(".json").name).write_text(json.dumps(manifest))
+        assert other.check(SIG).startswith(f"written for another {field}"), field
+
+
+def test_the_package_key_holds_the_code_versions_and_fused_qkv(tmp_path):
+    """A package built by other diffusers or t2iadapter code gave other images silently; one built with fused q/k/v
+    was loaded for separate projections and left the UNet eager for good."""
+    import diffusers
+
+    import t2iadapter
+
+    pipe = AdapterPipeline(load_base("tiny"))
+    fused = pipe.optimize(aot=True, dtype=torch.float32, cache_dir=tmp_path).compile_cache  # (nothing compiles yet)
+    separate = pipe.optimize(aot=True, dtype=torch.float32, cache_dir=tmp_path, fuse_qkv=False).compile_cache
+    assert fused.key(SIG)["diffusers"] == diffusers.__version__ and fused.key(SIG)["t2iadapter"] == t2iadapter.__version__
+    assert fused.key(SIG)["fuse_qkv"] is True and separate.key(SIG)["fuse_qkv"] is False
+    assert fused.path(SIG) != separate.path(SIG)
+
+
+class FakePackage:
+    """What `aoti_load_package` gives, without compiling: the constants it wants are its file's content (JSON)."""
+
+    def __init__(self, path, device_index=-1):
+        self.fqns = json.loads(Path(path).read_text())
+        self.device_index = device_index
+
+    def get_constant_fqns(self):
+        return self.fqns
+
+    def load_constants(self, constants, **kwargs):
+        pass
+
+    def __call__(self, *tensors):
+        return torch.full((1,), 7.0)  # not what the eager forward gives: which of them ran shows
+
+
+def fake_aot(monkeypatch, store, wants=None):
+    """An AotUnet over a Linear "UNet" whose packages are fakes: building writes the names of the constants it wants
+    (`wants`, else the UNet's own); (the AotUnet, the paths it built into)."""
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", FakePackage)
+    unet = torch.nn.Linear(4, 4)
+    model = aot.AotUnet(lambda *args, **kwargs: (torch.zeros(1),), unet, store)
+    built = []
+
+    def build(layout, tensors, path):
+        built.append(path)
+        path.write_text(json.dumps(wants or [f"unet.{n}" for n, _ in unet.named_parameters()]))
+
+    model._build = build
+    return model, built
+
+
+def call(model):
+    """A UNet call; 7 when a package ran it, 0 when the eager forward did."""
+    return float(model(torch.zeros(1, 4, 8, 8), torch.tensor(1), torch.zeros(1, 3, 4), return_dict=False)[0][0])
+
+
+def warnings_of(caplog):
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name == aot.__name__]
+
+
+def test_a_package_wanting_constants_the_unet_lacks_is_built_again(tmp_path, monkeypatch, caplog):
+    """A sound file whose package wants constants this UNet lacks (built with fused q/k/v, or by older code) was
+    loaded, and the UNet ran eagerly for good; it is built again."""
+    old, _ = fake_aot(monkeypatch, aot.AotStore(tmp_path, SETUP), wants=["unet.to_qkv.weight"])
+    assert call(old) == 0 and "lacks (unet.to_qkv.weight)" in old.error  # just built and still wrong: eager
+    store = aot.AotStore(tmp_path, SETUP)  # a new process; its UNet has no such constant
+    new, built = fake_aot(monkeypatch, store)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=aot.__name__):
+        assert call(new) == 7 and call(new) == 7
+    assert new.error is None and len(built) == 1 and [e.status for e in store.events] == ["compiled"]
+    assert "wants constants this UNet lacks (unet.to_qkv.weight)" in store.events[0].reason
+    assert len(warnings_of(caplog)) == 1 and "ignoring AOTInductor package" in warnings_of(caplog)[0]
+    again = aot.AotStore(tmp_path, SETUP)
+    assert call(fake_aot(monkeypatch, again)[0]) == 7 and again.events[0].status == "loaded"
+
+
+def test_a_cache_folder_that_cannot_be_written_keeps_fast_mode_on(tmp_path, monkeypatch, caplog):
+    """The package is built in a temporary folder and used from there, with one warning (it was thrown away and the
+    UNet ran eagerly for the rest of the process)."""
+    (tmp_path / "a-file").write_text("")
+    store = aot.AotStore(tmp_path / "a-file" / "cache", SETUP)
+    model, built = fake_aot(monkeypatch, store)
+    with caplog.at_level(logging.WARNING, logger=aot.__name__):
+        assert call(model) == 7 and call(model) == 7
+    assert model.error is None and len(built) == 1 and not str(built[0]).startswith(str(tmp_path))
+    assert len(warnings_of(caplog)) == 1 and warnings_of(caplog)[0].startswith("could not save the AOTInductor package")
+    event = store.events[0]
+    assert event.status == "compiled" and not event.saved and event.line().endswith("; not saved")
+
+
+def test_builders_write_files_of_their_own_then_move_them_into_place(tmp_path, monkeypatch):
+    """Two processes building one package at once each write their own file (they shared `unet-<digest>.partial.pt2`)."""
+    first, built_first = fake_aot(monkeypatch, aot.AotStore(tmp_path, SETUP))
+    second, built_second = fake_aot(monkeypatch, aot.AotStore(tmp_path, SETUP))
+    build_first = first._build
+
+    def meanwhile(layout, tensors, path):  # the other process starts and ends its build while this one builds
+        build_first(layout, tensors, path)
+        assert call(second) == 7
+
+    first._build = meanwhile
+    assert call(first) == 7 and first.error is None and second.error is None
+    (a,), (b,) = built_first, built_second
+    assert a != b and a.parent == b.parent == first.store.folder
+    assert a.name.startswith(".unet-") and a.name.endswith(".partial.pt2")
+    names = sorted(p.name for p in first.store.folder.iterdir())
+    assert len(names) == 2 and names[0].startswith("unet-") and names[0].endswith(".json") and names[1].endswith(".pt2")
+    mode = (first.store.folder / names[1]).stat().st_mode & 0o777
+    assert mode == 0o666 & ~current_umask()  # not mkstemp's 0600: a shared cache folder serves its other users
+
+
+def current_umask():
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+@pytest.mark.parametrize("device, index", [(torch.device("cuda", 1), 1), (torch.device("cpu"), -1)])
+def test_a_package_loads_onto_the_gpu_of_the_unet_weights(tmp_path, monkeypatch, device, index):
+    """A pipeline on cuda:1 had its package loaded onto cuda:0 (`aoti_load_package` without `device_index`)."""
+    model, _ = fake_aot(monkeypatch, aot.AotStore(tmp_path, SETUP))
+    model._weights = {name: SimpleNamespace(device=device) for name in ("unet.weight", "unet.bias")}  # as if there
+    model._kinds = [f"float32/{device.type}"]
+    layout, tensors = aot.flatten((torch.zeros(1, 4, 8, 8), torch.tensor(1)),
+                                  dict(encoder_hidden_states=torch.zeros(1, 3, 4), return_dict=False))
+    assert model._load(layout, tensors).device_index == index
 
 
 def test_aot_refusals_and_the_environment_default(monkeypatch, tmp_path):

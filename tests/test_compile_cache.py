@@ -33,8 +33,9 @@ def _fresh(monkeypatch):
 
 
 def setup_of(**changes):
-    setup = cc.Setup(torch=torch.__version__, triton=None, python="3.11", device="cpu (x86_64)", base="abc", family="sd",
-                     dtype="float32", precision="fp32", mode="reduce-overhead", adapters=())
+    setup = cc.Setup(torch=torch.__version__, triton=None, python="3.11", diffusers="0.42", t2iadapter="0.1",
+                     device="cpu (x86_64)", base="abc", family="sd", dtype="float32", precision="fp32",
+                     mode="reduce-overhead", adapters=())
     return dataclasses.replace(setup, **changes)
 
 
@@ -63,8 +64,16 @@ def test_key_changes_with_every_field(tmp_path):
     shape = cc.Shape(64, 64)
     cache = cc.CompileCache(tmp_path, setup)
     paths = {cache.path(shape)}
-    variants = [dict(torch="9.9.9"), dict(triton="3.9"), dict(python="3.99"), dict(device="NVIDIA H200 (sm_90)"),
-                dict(base="other"), dict(dtype="bfloat16"), dict(precision="fp8"), dict(mode="default"), dict(adapters=())]
+    import diffusers
+
+    import t2iadapter
+
+    # the code that is traced too (an AOTInductor package holds it compiled), and fused q/k/v (other weights' names)
+    assert (setup.diffusers, setup.t2iadapter, setup.fuse_qkv) == (diffusers.__version__, t2iadapter.__version__, True)
+    assert cc.Setup.of(base, {}, "cpu", torch.float32, "fp32", "default", fuse_qkv=False).fuse_qkv is False
+    variants = [dict(torch="9.9.9"), dict(triton="3.9"), dict(python="3.99"), dict(diffusers="9.9"),
+                dict(t2iadapter="9.9"), dict(device="NVIDIA H200 (sm_90)"), dict(base="other"), dict(dtype="bfloat16"),
+                dict(precision="fp8"), dict(mode="default"), dict(adapters=()), dict(fuse_qkv=False)]
     for change in variants:
         paths.add(cc.CompileCache(tmp_path, dataclasses.replace(setup, **change)).path(shape))
     for change in [dict(width=128), dict(height=128), dict(batch=4), dict(cfg=False), dict(batched=True)]:
@@ -80,8 +89,9 @@ ROUND_TRIP = textwrap.dedent("""
     torch.manual_seed(0)
     module = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
     precompile = sys.argv[2] == "1" and cc.enable_precompile()
-    setup = cc.Setup(torch=torch.__version__, triton=None, python="3", device=cc.device_label("cpu"), base="mlp",
-                     family="sd", dtype="float32", precision="fp32", mode="default", adapters=(), precompile=precompile)
+    setup = cc.Setup(torch=torch.__version__, triton=None, python="3", diffusers="0", t2iadapter="0",
+                     device=cc.device_label("cpu"), base="mlp", family="sd", dtype="float32", precision="fp32",
+                     mode="default", adapters=(), precompile=precompile)
     cache = cc.CompileCache(sys.argv[1], setup)
     if precompile:
         cache.preload()  # before torch.compile: dynamo reads its cache when it wraps the module
@@ -176,6 +186,11 @@ def test_corrupt_stale_and_unreadable_files_are_ignored_with_one_warning(tmp_pat
     ignored("torch")
     path.with_suffix(".json").write_text("{not json")
     ignored("unreadable")
+    for edited in ("edited", ["x"], None):  # a key that is no object: ignored as well, never raised
+        path.with_suffix(".json").write_text(json.dumps({**manifest, "key": edited}))
+        ignored("unreadable")
+    path.with_suffix(".json").write_text(json.dumps({**manifest, "sha256": 7}))
+    ignored("unreadable")
 
     def broken(blob):
         raise RuntimeError("bad artefacts")
@@ -258,21 +273,49 @@ def test_cli_errors_are_one_line_and_exit_2(argv, expect, capsys, tmp_path, monk
 
 
 def test_compile_command_then_generate_on_the_cpu(tmp_path, monkeypatch, capsys):
-    """The whole command on the tiny base (dynamo traces; a no-codegen backend stands in for inductor's minutes)."""
+    """The whole command on the tiny base (dynamo traces; a no-codegen backend stands in for inductor's minutes, and
+    recorders for torch's cache artefacts, which that backend has none of)."""
     from t2iadapter.generation import fast
 
     monkeypatch.setattr(fast, "compile_kwargs", lambda backend, mode, cudagraphs: {"backend": "eager"})
+    calls = fake_torch_cache(monkeypatch)
     folder = tmp_path / "graphs"
     assert cli(["compile", "--base", "tiny", "--size", "64x64", "--device", "cpu", "--cache-dir", str(folder),
                 "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "fast mode: compiling for 64x64, 1 image" in out and "fast mode: compiled 64x64, 1 image in" in out
-    assert f"1 shape(s) ready in {folder}" in out
+    assert f"1 shape(s) ready in {folder}" in out and calls["save"] == 1
     png = tmp_path / "o.png"
     assert cli(["generate", "--base", "tiny", "--prompt", "a red star", "--steps", "1", "--size", "64x64", "--fast",
                 "--device", "cpu", "--cache-dir", str(folder), "--threads", "1", "--out", str(png)]) == 0
     out = capsys.readouterr().out
-    assert "fast mode: compiled 64x64, 1 image" in out and png.exists()
+    assert "fast mode: compiled graphs for 64x64, 1 image loaded from" in out and png.exists()
+
+
+def broken_backend(gm, example_inputs):
+    raise RuntimeError("no C++ compiler")
+
+
+@pytest.mark.parametrize("backend, fake_cache, folder, expect", [
+    (broken_backend, True, "graphs", "error: compiling unet, vae.decoder failed (BackendCompilerFailed"),
+    ("eager", False, "graphs", "error: nothing was saved in"),  # torch gave no artefacts
+    ("eager", True, "a-file/graphs", "error: nothing was saved in"),  # a folder that cannot be made
+], ids=["compile-failed", "nothing-to-save", "unwritable"])
+def test_compile_command_that_leaves_nothing_usable_exits_1(backend, fake_cache, folder, expect, tmp_path, monkeypatch,
+                                                          capsys):
+    """It said "ready" and exited 0 when a module ran eagerly after its compile failed, or when nothing was saved."""
+    from t2iadapter.generation import fast
+
+    monkeypatch.setattr(fast, "compile_kwargs", lambda b, mode, cudagraphs: {"backend": backend})
+    if fake_cache:
+        fake_torch_cache(monkeypatch)
+    (tmp_path / "a-file").write_text("")
+    assert cli(["compile", "--base", "tiny", "--size", "64x64", "--device", "cpu", "--cache-dir",
+                str(tmp_path / folder), "--threads", "1"]) == 1
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(expect), captured.err
+    assert "ready" not in captured.out
 
 
 def test_fast_v2_benchmark_smoke_run(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from t2iadapter.commands import (FAST_CHOICES, add_aot_argument, add_base_arguments, add_threads_argument, fast_precision,
                                  parse_adapters)
@@ -59,20 +60,33 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from t2iadapter.generation import compile_cache
-    from t2iadapter.generation.fast import resolve_precision
+    from t2iadapter.generation import compile_cache, fast
     from t2iadapter.generation.pipeline import AdapterPipeline, resolve_device
 
     device, _ = resolve_device(args.device, None)
     precision = fast_precision(args.fast)
-    resolve_precision(precision, None, torch.device(device))  # fp8 where it cannot run: one line, before loading
+    fast.resolve_precision(precision, None, torch.device(device))  # fp8 where it cannot run: one line, before loading
     folder = compile_cache.cache_dir(args.cache_dir)
     pipe = AdapterPipeline.from_pretrained(args.base, named, device=device, config_dir=args.config_dir)
     pipe.optimize(precision=precision, cache_dir=folder, aot=args.aot)
     pipe.compile_cache.report = lambda line: print(line, flush=True)
     pipe.warm_up(args.size, batches, batched=args.serve, guidance_scale=args.guidance)
-    files = sorted(f for f in pipe.compile_cache.folder.glob("*") if f.suffix in (".bin", ".pt2"))
+    cache = pipe.compile_cache
+    done = fast.status(pipe)
+    failed = {name: why for name, why in done["compiled"].items() if why != "ok"}
+    if done["aot"] not in (None, "ok"):
+        failed["unet (aot)"] = done["aot"]
+    if failed:  # it ran eagerly: what the cache holds would not spare a later run its compile
+        print(f"error: compiling {', '.join(failed)} failed ({next(iter(failed.values()))}); fix that (inductor needs "
+              f"a working C++ compiler, $CXX, and on a GPU Triton) and run compile again", file=sys.stderr)
+        return 1
+    unsaved = [e.shape.describe() for e in cache.events if e.status != "loaded" and not e.saved]
+    if unsaved:
+        print(f"error: nothing was saved in {cache.folder} for {'; '.join(unsaved)} (a folder that cannot be written, "
+              f"or torch's caches off): later runs would compile again; give a --cache-dir that can be written",
+              file=sys.stderr)
+        return 1
+    files = sorted(f for f in cache.folder.glob("*") if f.suffix in (".bin", ".pt2") and not f.name.startswith("."))
     size = sum(f.stat().st_size for f in files) / 1e6
-    print(f"{len(pipe.compile_cache.events)} shape(s) ready in {pipe.compile_cache.folder} "
-          f"({len(files)} file(s), {size:.1f} MB)")
+    print(f"{len(cache.events)} shape(s) ready in {cache.folder} ({len(files)} file(s), {size:.1f} MB)")
     return 0

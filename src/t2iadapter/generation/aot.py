@@ -15,7 +15,10 @@ call, or moved to new storage, are handed over again before the next one (versio
 
 What `aot=True` gives up: CUDA graphs (AOTInductor launches its kernels from C++, one by one), and compiling the VAE
 decoder and the adapters (they run once per image; eager, so nothing is traced at start). fp8 runs through
-torch.compile only. Any failure (export, compile, load) logs one warning and the UNet runs eagerly from then on.
+torch.compile only. A package is keyed by what made its code (torch, diffusers and t2iadapter versions, fused q/k/v,
+...: `compile_cache.Setup`) and its input signature; a file that wants constants the UNet lacks is built again. A
+cache folder that cannot be written keeps the process's packages in a temporary folder (one warning). Any other
+failure (export, compile, load) logs one warning and the UNet runs eagerly from then on.
 """
 from __future__ import annotations
 
@@ -158,41 +161,79 @@ class AotStore(Reporter):
         blob, why = read_checked(self.path(sig), self.key(sig))
         return "" if blob is not None else (why or "absent")
 
-    def get(self, sig: dict[str, Any], build: Callable[[Path], None]) -> Any:
-        """The loaded package for `sig`: from its file when sound, else built (`build(path)` writes the package) and
+    def get(self, sig: dict[str, Any], build: Callable[[Path], None], *, fits: Callable[[Any], str] = lambda model: "",
+            device_index: int = -1) -> Any:
+        """The loaded package for `sig`, on GPU `device_index` (-1: the current one): from its file when sound and
+        `fits(model)` finds nothing wrong with it (it says why not), else built (`build(path)` writes the package) and
         saved. A file that cannot be used is ignored with one warning."""
-        from t2iadapter.models.saving import _atomic_write_text
-
         path, started = self.path(sig), time.perf_counter()
         why = self.check(sig)
         if not why:
             try:
-                model = torch._inductor.aoti_load_package(str(path))
-                self._event("loaded", path, started)
-                return model
+                model = torch._inductor.aoti_load_package(str(path), device_index=device_index)
             except Exception as exc:  # noqa: BLE001 - any failure: build as if there were no file
                 why = f"torch could not load it ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+            else:
+                why = fits(model)
+                if not why:
+                    self._event("loaded", path, started)
+                    return model
         if why != "absent":
             log.warning("ignoring AOTInductor package %s: %s; compiling instead", path, why)
         self._say(f"fast mode (aot): compiling the UNet for {self._shape()} (once; later runs load it from {self.folder})")
-        self.folder.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial.pt2")
-        build(partial)
-        blob = partial.read_bytes()
-        partial.replace(path)
-        manifest = manifest_of(self.key(sig), blob, time.perf_counter() - started, shape=self._shape())
-        _atomic_write_text(json.dumps(manifest, indent=1), path.with_suffix(".json"))
-        model = torch._inductor.aoti_load_package(str(path))
-        self._event("compiled", path, started, reason="" if why == "absent" else why)
+        built, saved = self._save(path, build, self.key(sig), started)
+        model = torch._inductor.aoti_load_package(str(built), device_index=device_index)
+        self._event("compiled", path, started, reason="" if why == "absent" else why, saved=saved)
         return model
+
+    def _save(self, path: Path, build: Callable[[Path], None], key: dict[str, Any], started: float) -> tuple[Path, bool]:
+        """Build a package into a file of its own beside `path` (builders in other processes each have theirs), then
+        move it into place with its manifest: (the package file, saved). Where the folder cannot be written it is
+        built in a temporary folder, removed at exit, with one warning: fast mode stays on, the next process builds
+        again."""
+        from t2iadapter.models.saving import _atomic_write_text
+
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=self.folder, prefix=f".{path.stem}.", suffix=".partial.pt2")
+            os.close(fd)
+        except OSError as exc:
+            log.warning("could not save the AOTInductor package in %s (%s); it is kept in a temporary folder for "
+                        "this process", self.folder, exc)
+            scratch = Path(tempfile.mkdtemp(prefix="t2iadapter-aot-"))
+            atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+            build(scratch / path.name)
+            return scratch / path.name, False
+        partial = Path(name)
+        try:
+            build(partial)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        try:
+            blob = partial.read_bytes()
+            umask = os.umask(0)  # mkstemp made it 0600: the usual permissions, as the other cache files have
+            os.umask(umask)
+            os.chmod(partial, 0o666 & ~umask)
+            os.replace(partial, path)
+            manifest = manifest_of(key, blob, time.perf_counter() - started, shape=self._shape())
+            _atomic_write_text(json.dumps(manifest, indent=1), path.with_suffix(".json"))
+        except OSError as exc:
+            used = partial if partial.exists() else path  # without its manifest the next process builds it again
+            log.warning("could not save the AOTInductor package %s (%s); it is used from %s for this process", path,
+                        exc, used)
+            if used == partial:
+                atexit.register(partial.unlink, missing_ok=True)
+            return used, False
+        return path, True
 
     def _shape(self) -> str:
         return self.shape.describe() if self.shape is not None else "this input"
 
-    def _event(self, status: str, path: Path, started: float, reason: str = "") -> None:
+    def _event(self, status: str, path: Path, started: float, reason: str = "", saved: bool = False) -> None:
         shape = self.shape or Shape(0, 0)
-        event = Event(shape, status, path, time.perf_counter() - started, saved=status == "compiled" and self.persistent,
-                      reason=reason, kind="aot")
+        event = Event(shape, status, path, time.perf_counter() - started, saved=saved and self.persistent, reason=reason,
+                      kind="aot")
         self.events.append(event)
         self._say(event.line())
 
@@ -244,18 +285,33 @@ class AotUnet:
         name = (layout, tuple((t.shape, t.stride(), t.dtype, t.device) for t in tensors), tuple(self._kinds))
         model = self.models.get(name)
         if model is None:
-            sig = {**signature(layout, tensors), "weights": self._kinds}
-            model = self.models[name] = self.store.get(sig, lambda path: self._build(layout, tensors, path))
+            model = self.models[name] = self._load(layout, tensors)
         if self.handed.get(name) != state:  # first use, or weights changed since: hand them over
             wanted = model.get_constant_fqns()
-            missing = [n for n in wanted if n not in weights and not n.startswith("_FOLDED_CONST")]
-            if missing:
-                raise RuntimeError(f"the package wants constants this UNet lacks: {', '.join(missing[:3])}")
             model.load_constants({n: weights[n] for n in wanted if n in weights}, check_full_update=False,
                                  user_managed=True)
             self.handed[name] = state
         with torch.no_grad():
             return model(*tensors)
+
+    def _load(self, layout: tuple, tensors: list[torch.Tensor]) -> Any:
+        """The package of a call, loaded onto the GPU of the UNet's weights (or built): a file whose package wants
+        constants this UNet lacks (made by other code, or with q/k/v fused otherwise) is built again."""
+        weights = self._tensors()
+        device = next(iter(weights.values())).device
+        sig = {**signature(layout, tensors), "weights": self._kinds}
+        model = self.store.get(sig, lambda path: self._build(layout, tensors, path), fits=self._missing,
+                               device_index=device.index if device.type == "cuda" and device.index is not None else -1)
+        missing = self._missing(model)
+        if missing:
+            raise RuntimeError(f"the package just built {missing}")
+        return model
+
+    def _missing(self, model: Any) -> str:
+        """What a package wants that this UNet lacks ("" when nothing)."""
+        weights = self._tensors()
+        missing = [n for n in model.get_constant_fqns() if n not in weights and not n.startswith("_FOLDED_CONST")]
+        return f"wants constants this UNet lacks ({', '.join(missing[:3])})" if missing else ""
 
     def _build(self, layout: tuple, tensors: list[torch.Tensor], path: Path) -> None:
         flat = _Flat(self.unet, self.eager, layout)

@@ -13,10 +13,11 @@ Layout (`cache_dir()`: the `cache_dir` option, else $T2IADAPTER_COMPILE_CACHE, e
     <dir>/<family>-<precision>-<device>-<digest of the setup>/<W>x<H>-b<images>[-nocfg][-batched].bin
                                                                                          ....json (manifest)
 
-The key is everything the compiled graphs depend on: torch (and Triton) and Python versions, the GPU's name
-and compute capability (or "cpu" and the machine), the base architecture (a digest of its UNet and VAE
-configs), dtype, precision, compile mode, the spatial adapters' architectures, and the call's canvas, images
-per call, classifier-free guidance and entry (`generate`, or `generate_batch`, which pads the UNet's rows).
+The key is everything the compiled graphs depend on: torch (and Triton), Python, diffusers and t2iadapter
+versions (the code that is traced), the GPU's name and compute capability (or "cpu" and the machine), the base
+architecture (a digest of its UNet and VAE configs), dtype, precision, compile mode, fused q/k/v projections, the
+spatial adapters' architectures, and the call's canvas, images per call, classifier-free guidance and entry
+(`generate`, or `generate_batch`, which pads the UNet's rows). The same setup keys `generation.aot`'s packages.
 A file holds every graph its process had compiled or loaded when it was written, so it is complete on its
 own. A folder copied to another machine with the same GPU and torch serves there as is. A file that cannot be
 read, fails its checksum, or was written for another key (other torch, other GPU, edited by hand) is ignored
@@ -139,6 +140,8 @@ class Setup:
     torch: str
     triton: str | None
     python: str
+    diffusers: str  # the UNet's code that is traced (an AOTInductor package holds it compiled)
+    t2iadapter: str
     device: str  # device_label()
     base: str  # architecture()
     family: str  # sd | sdxl (for the folder's name)
@@ -147,14 +150,18 @@ class Setup:
     mode: str  # torch.compile mode
     adapters: tuple[str, ...]  # adapter_architectures()
     precompile: bool = False  # dynamo's results in the files too (`enable_precompile`)
+    fuse_qkv: bool = True  # one q/k/v matmul per attention layer: other weights' names, another graph
 
     @classmethod
     def of(cls, base: Any, adapters: Mapping[str, Any], device: str | torch.device, dtype: torch.dtype, precision: str,
-           mode: str, precompile: bool = False) -> "Setup":
+           mode: str, precompile: bool = False, fuse_qkv: bool = True) -> "Setup":
+        import diffusers
+
         return cls(torch=torch.__version__, triton=_triton_version(), python=platform.python_version(),
-                   device=device_label(device), base=architecture(base), family="sdxl" if base.is_sdxl else "sd",
-                   dtype=str(dtype).replace("torch.", ""), precision=precision, mode=mode,
-                   adapters=adapter_architectures(adapters), precompile=precompile)
+                   diffusers=diffusers.__version__, t2iadapter=_version(), device=device_label(device),
+                   base=architecture(base), family="sdxl" if base.is_sdxl else "sd", dtype=str(dtype).replace("torch.", ""),
+                   precision=precision, mode=mode, adapters=adapter_architectures(adapters), precompile=precompile,
+                   fuse_qkv=fuse_qkv)
 
     @property
     def folder(self) -> str:
@@ -211,7 +218,10 @@ class Event:
             first = "loading" if self.kind == "aot" else "first call"
             return f"{mode}: {what} for {self.shape.describe()} loaded from {where} ({first} {self.seconds:.1f} s{split})"
         ignored = f" (the cached file was ignored: {self.reason})" if self.reason else ""
-        saved = f"; saved to {where}" if self.saved else "; nothing to save (torch's caches off, or not inductor)"
+        if self.saved:
+            saved = f"; saved to {where}"
+        else:
+            saved = "; not saved" if self.kind == "aot" else "; nothing to save (torch's caches off, or not inductor)"
         return f"{mode}: compiled {self.shape.describe()} in {self.seconds:.1f} s{ignored}{saved}"
 
 
@@ -256,7 +266,9 @@ def read_checked(path: Path, want: Mapping[str, Any]) -> tuple[bytes | None, str
         return None, f"unreadable ({type(exc).__name__}: {exc})"
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         return None, f"manifest format {manifest.get('format') if isinstance(manifest, dict) else '?'}, not {FORMAT}"
-    got = manifest.get("key") or {}
+    got = manifest.get("key")
+    if not isinstance(got, dict) or not isinstance(manifest.get("sha256"), str):  # edited by hand, or not ours
+        return None, "unreadable (a manifest without a key object or a sha256 string)"
     stale = sorted(k for k in want if got.get(k) != want[k])
     if stale:
         return None, "written for another " + ", ".join(f"{k} ({got.get(k)!r}, here {want[k]!r})" for k in stale[:3])

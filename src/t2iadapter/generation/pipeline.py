@@ -296,7 +296,7 @@ class AdapterPipeline:
         cache = None  # the compiled-graph files, or the packages' store (a temporary folder without cache_dir)
         if aot or folder is not None:
             setup = compile_cache.Setup.of(self.base, self.adapters, self.device, target, name, "aoti" if aot else mode,
-                                           precompile)
+                                           precompile, fuse_qkv)
             cache = AotStore(folder, setup) if aot else compile_cache.CompileCache(folder, setup)
         if precompile:
             cache.preload()  # dynamo looks its cache up when torch.compile wraps a module (next lines)
