@@ -344,3 +344,21 @@ def test_info_shows_a_controlnet_and_adapter_loaders_name_it(sd_base, tmp_path, 
         assert shown["block_out_channels"] == list(cn.config.block_out_channels)
         with pytest.raises(CheckpointError, match="is a ControlNet, not an adapter: give it as one"):
             load_adapter(path)
+
+
+def test_controlnet_windows_count_every_evaluation_of_heun(sd_base):
+    # diffusers keeps a ControlNet by its place among all the timesteps run (2N − 1 for Heun), not among N
+    from diffusers import HeunDiscreteScheduler
+
+    cn = random_controlnet(sd_base, 0)
+    cond = condition(64, 0)
+    pipe = AdapterPipeline(sd_base, controlnets={"pose": cn})
+    ref_pipe = sd_reference(sd_base, cn)
+    ref_pipe.scheduler = HeunDiscreteScheduler.from_config(sd_base.scheduler.config)
+    for start, end in ((0.0, 1.0), (0.0, 0.6), (0.3, 1.0)):
+        ours = pipe(PROMPT, {"pose": cond}, steps=4, seed=0, size=(64, 64), scheduler="heun",
+                    windows={"pose": (start, end)}, output_type="np", progress=False).images[0]
+        ref = ref_pipe(PROMPT, image=cond, num_inference_steps=4, height=64, width=64,
+                       generator=torch.Generator().manual_seed(0), control_guidance_start=start,
+                       control_guidance_end=end, output_type="np").images[0]
+        assert np.abs(ours - ref).max() <= 1e-4, (start, end)

@@ -308,3 +308,24 @@ def test_more_steps_than_the_scheduler_takes_is_one_line(tmp_path, capsys):
     assert main(["generate", "--base", "tiny", "--prompt", "x", "--steps", "1000", "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "more than this scheduler can take" in err and not (tmp_path / "x.png").exists()
+
+
+def test_step_counts_a_scheduler_cannot_run_are_one_line(tmp_path, capsys):
+    # LCM/TCD take at most their original 50 steps (diffusers' ValueError was a traceback); DPM++ 2M with "leading"
+    # spacing (SD1.5's config) at 1000 steps repeats timestep 0 and gave an all-NaN, black image without a word
+    from diffusers import DPMSolverMultistepScheduler
+
+    from t2iadapter.cli import main
+
+    base = load_base("tiny")
+    pipe = AdapterPipeline(base)
+    leading = DPMSolverMultistepScheduler.from_config(base.scheduler.config, timestep_spacing="leading")
+    with pytest.raises(ConfigError, match="1000 steps are more than DPMSolverMultistepScheduler can space"):
+        pipe("x", steps=1000, size=(64, 64), scheduler=leading, progress=False)
+    image = pipe("x", steps=300, size=(64, 64), scheduler=leading, seed=0, output_type="np", progress=False).images[0]
+    assert np.isfinite(image).all()
+    capsys.readouterr()
+    assert main(["generate", "--base", "tiny", "--prompt", "x", "--steps", "60", "--scheduler", "lcm", "--guidance", "1",
+                 "--size", "64x64", "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "60 steps: LCMScheduler refuses them" in err and not (tmp_path / "x.png").exists()

@@ -186,7 +186,8 @@ def test_fuser_window_modes_in_the_pipeline(base):
 @pytest.mark.parametrize("bad, match", [
     (dict(guidance_scale=float("nan")), "guidance_scale"), (dict(guidance_scale=-5.0), "guidance_scale"),
     (dict(guidance_scale=float("inf")), "guidance_scale"), (dict(seed=-1), "seed"), (dict(seed=2**64), "seed"),
-    (dict(seed=1.5), "seed"), (dict(eta=float("nan")), "eta"), (dict(clip_skip=-1), "clip_skip"),
+    (dict(seed=1.5), "seed"), (dict(eta=float("nan")), "eta"), (dict(eta=1.01), "eta must be from 0 to 1"),
+    (dict(num_images=10**7), "num_images must be from 1 to"), (dict(clip_skip=-1), "clip_skip"),
     (dict(size="big"), "size"), (dict(original_size=(0, 5)), "original_size"),
     (dict(prompt_2=("a", "b")), "prompt_2"), (dict(scheduler=3), "scheduler"),
 ])
@@ -226,3 +227,22 @@ def test_request_refuses_wrong_parts():
     with pytest.raises(ConfigError, match="name must be a string"):
         AdapterUse(3, "x.png")
     assert GenerationRequest("p", size=(64.0, 64)).size == (64, 64)
+
+
+def test_a_window_that_keeps_no_step_is_said(caplog):
+    # 0.9:1 of 10 steps keeps none, as the original's float arithmetic has it (1 − 0.9 = 0.0999…): the adapter
+    # was silently off for the whole run
+    import logging
+
+    base = load_base("tiny")
+    pipe = AdapterPipeline(base, {"sketch": random_adapter(base, 1, 0)})
+    assert list(Window(0.9, 1).steps(10)) == [] and len(Window(0, 0.9).steps(10)) == 10
+    cond = Image.new("L", (64, 64))
+    with caplog.at_level(logging.WARNING, logger="t2iadapter.generation.loop"):
+        pipe("x", [cond], steps=10, size=64, seed=0, windows=["0.9:1"], progress=False)
+    said = [r.getMessage() for r in caplog.records if "keeps none" in r.getMessage()]
+    assert said == ["the window 0.9:1 of 'sketch' keeps none of this run's 10 steps: it does nothing here"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="t2iadapter.generation.loop"):
+        pipe("x", [cond], steps=10, size=64, seed=0, windows=["0.8:1"], progress=False)
+    assert not [r for r in caplog.records if "keeps none" in r.getMessage()]

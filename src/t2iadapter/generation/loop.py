@@ -5,6 +5,7 @@ features of the adapters whose window holds it and adds them to both CFG branche
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,8 @@ from t2iadapter.generation.fast import LoopClock
 from t2iadapter.generation.schedulers import step_kwargs
 from t2iadapter.generation.text import Prompts
 
+logger = logging.getLogger(__name__)
+
 Callback = Callable[[int, Any, torch.Tensor], None]
 
 
@@ -32,7 +35,7 @@ class Denoise:
     generator: torch.Generator
     prompts: Prompts
     composition: Composition
-    steps: int  # N of the windows (schedulers such as Heun run more timesteps than steps)
+    steps: int  # the steps asked for (`evaluations` counts the UNet calls: Heun runs more)
     guidance_scale: float
     added: dict[str, torch.Tensor] | None  # SDXL's pooled text and time ids
     eta: float = 0.0
@@ -45,20 +48,60 @@ class Denoise:
 
     def start(self, timestep_device: Any, dtype: torch.dtype) -> torch.Tensor:
         """Set the timesteps and draw the initial latents (as diffusers: CPU generator, scaled by init_noise_sigma)."""
-        self.scheduler.set_timesteps(self.source.schedule_steps if self.source else self.steps, device=timestep_device)
+        name = type(self.scheduler).__name__
+        try:
+            self.scheduler.set_timesteps(self.source.schedule_steps if self.source else self.steps,
+                                         device=timestep_device)
+        except ValueError as exc:  # LCM/TCD: at most their original_inference_steps (50)
+            raise ConfigError(f"{self.steps} steps: {name} refuses them ({str(exc).strip().splitlines()[0]}); "
+                              f"use fewer steps") from None
         trained = self.scheduler.config.num_train_timesteps
-        if float(self.scheduler.timesteps.max()) >= trained:  # DDIM's "leading" spacing + steps_offset at 1000 steps
+        timesteps = self.scheduler.timesteps
+        if float(timesteps.max()) >= trained:  # DDIM's "leading" spacing + steps_offset at 1000 steps
             raise ConfigError(f"{self.steps} steps are more than this scheduler can take here (its timesteps would pass "
                               f"{trained - 1}, the last it was trained on); use fewer steps or another scheduler")
+        repeats = len(timesteps) - len(torch.unique(timesteps))
+        if repeats > 1 and self.scheduler.order == 1 and not self.scheduler.config.get("use_karras_sigmas", False):
+            # "leading" spacing of more steps than it can space (DPM++ 2M, UniPC at 1000: 1000 // 1001 = 0): one
+            # timestep repeated, and multistep solvers divide by the zero step between them — an all-NaN image.
+            # (PNDM repeats one timestep by design, second-order schedulers each one, and Karras sigmas round to
+            # repeated timesteps from ~70 steps on, harmlessly.)
+            raise ConfigError(f"{self.steps} steps are more than {name} can space over its {trained} trained "
+                              f"timesteps (some repeat); use fewer steps")
         self.run_timesteps = self.scheduler.timesteps
-        if self.source is not None:
-            return self.source.start(self, dtype)
+        latents = self.source.start(self, dtype) if self.source is not None else self._noise(dtype)  # (cuts img2img's)
+        self._warn_idle_windows()
+        return latents
+
+    def _warn_idle_windows(self) -> None:
+        """A weighted adapter or ControlNet whose window keeps none of this run's evaluations does nothing: say so.
+        (Windows count steps as the original's `cond_tau` does, in floating point: 0:0.9 of 10 steps keeps all 10,
+        since 1 − 0.9 is 0.0999… there, and so 0.9:1 keeps none.)"""
+        total = self.evaluations
+        idle = [(n, w) for n, w in self.composition.windows.items() if not any(w.active(i, total) for i in range(total))]
+        if self.controlnets:  # (diffusers' control_guidance rule)
+            idle += [(n, w) for n, w in self.controlnets.windows.items()
+                     if not any(w.controlnet_active(i, total) for i in range(total))]
+        for name, window in idle:
+            logger.warning("the window %s of %r keeps none of this run's %d steps: it does nothing here",
+                           window, name, total)
+
+    def _noise(self, dtype: torch.dtype) -> torch.Tensor:
         g = self.generator
         if self.latents is not None:
             noise = self.latents.to(placement(self.base.unet)[0], dtype)
         else:
             noise = torch.randn(self.shape, generator=g, device=g.device, dtype=dtype).to(placement(self.base.unet)[0])
         return noise * self.scheduler.init_noise_sigma
+
+    @property
+    def evaluations(self) -> int:
+        """What windows are measured against: the UNet evaluations this run makes (the timesteps after `start`).
+        That is `steps` for first-order schedulers; Heun evaluates 2N − 1 times and PNDM N + 1, and the default
+        window (0, 1) must keep every one of them, as diffusers' SD1 adapter pipeline and its ControlNet
+        pipelines (`controlnet_keep` over all timesteps) do. (Its SDXL adapter pipeline cuts at
+        `i < int(N · adapter_conditioning_factor)` over the evaluations, so there Heun loses the adapter after N.)"""
+        return len(self.run_timesteps)
 
     def timesteps(self):
         from tqdm.auto import tqdm
@@ -95,9 +138,9 @@ def denoise_eager(d: Denoise) -> torch.Tensor:
     latents = d.start(placement(unet)[0], d.prompts.text.context.dtype)
     kwargs = step_kwargs(d.scheduler, d.generator, d.eta)
     for i, t in d.timesteps():
-        maps, seq = d.composition.at(i, d.steps)
+        maps, seq = d.composition.at(i, d.evaluations)
         scaled, context = d.scaled_input(latents, t), d.prompts.context(seq)
-        control = d.controlnets.at(i, d.steps, scaled, t, context, d.added) if d.controlnets else None  # issue 16
+        control = d.controlnets.at(i, d.evaluations, scaled, t, context, d.added) if d.controlnets else None  # issue 16
         noise = unet_hook.unet_forward(unet, d.unet_input(scaled), t, context, maps, added_cond_kwargs=d.added,
                                        control=control)
         latents = d.step(i, t, noise, latents, kwargs)
@@ -121,9 +164,9 @@ def denoise_fast(d: Denoise) -> torch.Tensor:
         unet_hook.no_features(unet, d.shape[0] * (2 if d.prompts.cfg else 1), d.shape[2:], dtype=dtype,
                               device=device)
     for i, t in d.timesteps():
-        maps, seq = d.composition.at(i, d.steps)
+        maps, seq = d.composition.at(i, d.evaluations)
         scaled, ut, context = d.scaled_input(latents, t).to(dtype), clock.unet_timestep(i), d.prompts.context(seq)
-        control = d.controlnets.at(i, d.steps, scaled, ut, context, d.added, static=True) if d.controlnets else None  # issue 16
+        control = d.controlnets.at(i, d.evaluations, scaled, ut, context, d.added, static=True) if d.controlnets else None  # issue 16
         noise = unet_hook.unet_forward(unet, d.unet_input(scaled), ut, context, zeros if maps is None else maps,
                                        added_cond_kwargs=d.added, control=control)
         latents = d.step(i, t, noise.to(torch.float32, copy=True), latents, kwargs)
@@ -201,7 +244,7 @@ def denoise_batch(runs: list[Denoise], *, fast: bool = False,
     for i, t in lead.timesteps():
         inputs = []
         for d, x in zip(runs, latents):
-            maps, seq = d.composition.at(i, d.steps)
+            maps, seq = d.composition.at(i, d.evaluations)
             inputs.append((d.unet_input(d.scaled_input(x, d.scheduler.timesteps[i])), d.prompts.context(seq), maps,
                            d.added))
         noise = batched_unet(unet, inputs, clock.unet_timestep(i) if clock else t, fast=fast)

@@ -18,6 +18,7 @@ COMPOSE_MODES = ("sum", "fuser")
 # features per step) or "active" (fuse again over the adapters active at each step).
 FUSER_WINDOW_MODES = ("once", "active")
 MAX_STEPS = 1000
+MAX_IMAGES = 256  # images per prompt in one call: 10**7 passed the checks and failed in torch's allocator
 # strength=None means: 0.8 for img2img, 1.0 for inpainting (diffusers' StableDiffusionImg2Img/InpaintPipeline defaults)
 STRENGTH_DEFAULTS = {"img2img": 0.8, "inpaint": 1.0}
 SIDE_RANGE = (8, 8192)  # pixels a side any pipeline accepts (servers may lower the top)
@@ -171,8 +172,10 @@ class GenerationRequest:
             scheduler_key(self.scheduler)
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or not 1 <= self.steps <= MAX_STEPS:
             raise ConfigError(f"steps must be between 1 and {MAX_STEPS}, got {self.steps}")
-        if isinstance(self.num_images, bool) or not isinstance(self.num_images, int) or self.num_images < 1:
-            raise ConfigError(f"num_images must be >= 1, got {self.num_images}")
+        if (isinstance(self.num_images, bool) or not isinstance(self.num_images, int)
+                or not 1 <= self.num_images <= MAX_IMAGES):
+            raise ConfigError(f"num_images must be from 1 to {MAX_IMAGES}, got {self.num_images}; "
+                              "for more images, make several calls")
         lo, hi = GUIDANCE_RANGE
         if (isinstance(self.guidance_scale, bool) or not isinstance(self.guidance_scale, (int, float))
                 or not lo <= self.guidance_scale <= hi):  # NaN fails both comparisons
@@ -197,8 +200,9 @@ class GenerationRequest:
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
         if self.seed is not None and not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:
             raise ConfigError(f"seed must be from 0 to 2**64 - 1, got {self.seed}")
-        if isinstance(self.eta, bool) or not isinstance(self.eta, (int, float)) or not 0.0 <= self.eta < math.inf:
-            raise ConfigError(f"eta must be a finite number >= 0, got {self.eta!r}")
+        if isinstance(self.eta, bool) or not isinstance(self.eta, (int, float)) or not 0.0 <= self.eta <= 1.0:
+            # DDIM's eta above 1 makes (1 − ᾱ − σ²) negative: an all-NaN (black) image; TCD's gamma asserts ≤ 1
+            raise ConfigError(f"eta must be from 0 to 1 (DDIM's eta, TCD's gamma), got {self.eta!r}")
         if self.clip_skip is not None and (isinstance(self.clip_skip, bool) or not isinstance(self.clip_skip, int)
                                            or self.clip_skip < 0):
             raise ConfigError(f"clip_skip must be a whole number >= 0, got {self.clip_skip!r}")
