@@ -70,3 +70,38 @@ def test_sdxl_two_adapters_with_weights_match_diffusers(xl_base):
         PROMPT, image=conds, negative_prompt="blurry", guidance_scale=6.0, num_inference_steps=3, height=128, width=128,
         generator=torch.Generator().manual_seed(2), adapter_conditioning_scale=[1.0, 0.5], output_type="np").images[0]
     assert np.abs(ours - ref).max() <= 1e-4
+
+
+def test_sd_adapter_acts_at_every_evaluation_of_higher_order_schedulers(sd_base):
+    # Heun evaluates the UNet 2N − 1 times and PNDM N + 1; the windows were measured against N, so past the N-th
+    # evaluation the adapter fell silent (max diff 3e-3 to diffusers, which adds the features at every evaluation)
+    from diffusers import HeunDiscreteScheduler, PNDMScheduler
+
+    ad = random_adapter(sd_base, 1, 1)
+    cond = condition(64, "L", 0)
+    for name, scheduler in (("heun", HeunDiscreteScheduler.from_config(sd_base.scheduler.config)),
+                            ("pndm", PNDMScheduler.from_config(sd_base.scheduler.config, skip_prk_steps=True))):
+        ours = AdapterPipeline(sd_base, [ad])(PROMPT, [cond], steps=5, seed=0, size=(64, 64), scheduler=name,
+                                              output_type="np", progress=False).images[0]
+        ref_pipe = sd_reference(sd_base, as_diffusers(ad))
+        ref_pipe.scheduler = scheduler
+        ref = ref_pipe(PROMPT, image=cond, num_inference_steps=5, height=64, width=64,
+                       generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+        assert np.abs(ours - ref).max() <= 1e-4, name
+
+
+def test_sd_no_size_takes_the_conditions_as_diffusers(sd_base):
+    # with no height/width, diffusers' adapter pipelines take the condition's size (rounded down to the adapter's
+    # pixel-unshuffle factor); ours took the base's default and squashed a 128x64 condition into 64x64
+    ad = random_adapter(sd_base, 1, 1)
+    cond = condition(128, "L", 0).resize((128, 64))
+    ref = sd_reference(sd_base, as_diffusers(ad))(PROMPT, image=cond, num_inference_steps=2,
+                                                  generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    pipe = AdapterPipeline(sd_base, [ad])
+    for sizes in ({}, {"height": None, "width": None}):
+        ours = pipe(PROMPT, [cond], steps=2, seed=0, output_type="np", progress=False, **sizes).images[0]
+        assert ours.shape == ref.shape == (64, 128, 3)
+        assert np.abs(ours - ref).max() <= 1e-4
+    # 141 wide → 136 (rounded down to the unshuffle's 8, diffusers' size; ours pads the canvas and crops back)
+    odd = pipe(PROMPT, [cond.resize((141, 64))], steps=1, seed=0, output_type="np", progress=False).images[0]
+    assert odd.shape == (64, 136, 3)

@@ -103,6 +103,8 @@ def _from_diffusers_names(options: dict[str, Any]) -> dict[str, Any]:
         if out.get("size") is not None:
             raise ConfigError("give size=(width, height) or height=/width=, not both")
         h, w = out.pop("height", None), out.pop("width", None)
+        if h is None and w is None:  # diffusers' defaults: the condition's size, else the base's
+            return out
         if h is None or w is None:
             raise ConfigError("give both height= and width= (or size=(width, height))")
         out["size"] = (w, h)
@@ -510,6 +512,9 @@ class AdapterPipeline:
         elif given is not None:
             raise ConfigError("give either a prompt or prompt_embeds, not both")
         req = self.request(prompt, conditions, weights=weights, windows=windows, style_image=style_image, **options)
+        size = self._condition_size(req)
+        if size is not None:  # re-checked against the request's size range
+            req = dataclasses.replace(req, size=size)
         return self.generate(req, generator=generator, callback=callback, output_type=output_type, progress=progress,
                              latents=latents, prompt_embeds=given)
 
@@ -619,11 +624,25 @@ class AdapterPipeline:
         """(output size, canvas): the canvas rounds up to `size_multiple`; images are cropped back.
 
         The output size is the request's, else the init image's (rounded down to the VAE's factor), else the base's.
+        (The keyword call, diffusers' habit, first takes the condition's size: `_condition_size`.)
         """
         w, h = req.size or (img2img.image_size(req.init_image, self.base.vae_scale_factor)
                             if req.init_image is not None else self.default_size)
         m = self.size_multiple
         return (w, h), (math.ceil(w / m) * m, math.ceil(h / m) * m)
+
+    def _condition_size(self, req: GenerationRequest) -> tuple[int, int] | None:
+        """diffusers' adapter pipelines' default height/width: the first condition's, rounded down to its adapter's
+        pixel-unshuffle factor (None: the request has a size or an init image, or no spatial condition)."""
+        use = next((u for u in req.adapters if u.name in self.spatial_names), None)
+        if req.size is not None or req.init_image is not None or use is None:
+            return None
+        item = use.condition[0] if isinstance(use.condition, (list, tuple)) else use.condition
+        factor = self.adapters[use.name].config.downscale_factor
+        if isinstance(item, torch.Tensor) and item.ndim >= 2:  # its shape is enough (a range scan waits on a GPU)
+            w, h = item.shape[-1], item.shape[-2]
+            return max(w - w % factor, factor), max(h - h % factor, factor)
+        return img2img.image_size(item, factor)
 
     @torch.no_grad()
     def generate(self, req: GenerationRequest, *, generator: Any = None, callback: loop.Callback | None = None,
