@@ -364,8 +364,8 @@ def test_controlnet_aux_extractors_say_how_to_install_it(name, monkeypatch):
         extractors.get(name)
 
 
-@pytest.mark.parametrize("name", ["sketch", "hed", "lineart", "openpose"])
-def test_controlnet_aux_extractors_check_the_device_when_built(name, monkeypatch):
+@pytest.mark.parametrize("name", ["sketch", "hed", "lineart", "openpose", "depth", "zoedepth", "seg", "style"])
+def test_model_extractors_check_the_device_when_built(name, monkeypatch):
     """--device bogus, or cuda without a GPU, ended in torch's traceback at load time; now one line at once."""
     import torch
 
