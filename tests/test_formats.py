@@ -357,6 +357,9 @@ def _crafted(tmp_path, module, **changes):
     ("style", {"num_layers": 40}, "describes 40 transformer layers, its tensors hold 1"),
     ("fuser", {"num_layers": 10**12}, "num_layers must be an integer"),
     ("fuser", {"num_tasks": 2**40}, "num_tasks must be an integer"),
+    ("full", {"kind": ["full"]}, "unknown adapter kind"),  # unhashable: a TypeError traceback
+    ("full", {"ksize": True}, "ksize must be 1 or 3"),  # True == 1: accepted, written back as true
+    ("light", {"pool_ceil_mode": "no"}, "pool_ceil_mode is a boolean"),  # failed at the first forward
 ])
 def test_crafted_stored_config_is_refused_at_once(tmp_path, capsys, kind, changes, message):
     """A file whose stored config is absurd or disagrees with its tensors: one clear line, within a second (issue 14.6)."""
@@ -406,3 +409,29 @@ def test_original_format_refuses_what_its_tensors_cannot_carry(tmp_path):
     eight.save_file(tmp_path / "eight.safetensors")
     convert(tmp_path / "eight.safetensors", tmp_path / "eight.pth")
     assert load_adapter(tmp_path / "eight.pth").config == eight.config
+
+
+def test_malformed_tensor_files_are_one_line(tmp_path, capsys):
+    """Files a loader can meet that are no adapter: each was a traceback (IndexError, KeyError, RuntimeError,
+    AttributeError, RecursionError) or, for complex weights, accepted."""
+    full = build_adapter(FullAdapterConfig.sd(1, channels=TINY))
+    sd = {k: v.clone() for k, v in full.state_dict().items()}
+    cases = {
+        "int.safetensors": ({k: v.to(torch.int32) for k, v in sd.items()}, None, "floating point"),
+        "conv_in_1d.safetensors": ({**sd, "conv_in.weight": sd["conv_in.weight"].flatten()}, None, "malformed"),
+        "no_block.safetensors": ({"conv_in.weight": sd["conv_in.weight"]}, None, "malformed"),
+        "deep.safetensors": (sd, {"t2iadapter_config": "[" * 100_000}, "config stored in this file is invalid"),
+        "int_key.pth": ({1: sd["conv_in.weight"]}, None, "keys are names"),
+        "complex.pth": ({k: v.to(torch.complex64) for k, v in sd.items()}, None, "floating point"),
+    }
+    for name, (tensors, meta, message) in cases.items():
+        path = tmp_path / name
+        if name.endswith(".pth"):
+            torch.save(tensors, path)
+        else:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
+        with pytest.raises(CheckpointError, match=message):
+            load_adapter(path)
+        assert cli(["info", str(path)]) == 2, name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (name, err)

@@ -124,6 +124,8 @@ def _unwrap(obj: Any, path: Path) -> StateDict:
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not obj:
         raise CheckpointError(f"{path}: holds no state dict (got {type(obj).__name__})")
+    if not all(isinstance(k, str) for k in obj):
+        raise CheckpointError(f"{path}: a state dict's keys are names (strings), got {sorted({type(k).__name__ for k in obj})}")
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if len(tensors) != len(obj):
         other = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)][:5]
@@ -282,8 +284,15 @@ def _check_counts(config: Any, sd: StateDict, source: str) -> None:
 def adapter_from_state_dict(sd: StateDict, config: Any = None, *, source: str = "state dict") -> AdapterModule:
     """An adapter holding exactly these tensors (dtype kept, no copy); strict key and shape check."""
     sd = _strip_prefix(sd)
+    odd = sorted({str(v.dtype) for v in sd.values() if not v.is_floating_point()})
+    if odd:
+        raise CheckpointError(f"{source}: adapter weights are floating point, this file holds {', '.join(odd)} tensors")
     if config is None:
-        config = detect_config(sd)
+        try:
+            config = detect_config(sd)
+        except (KeyError, IndexError) as exc:  # a tensor the layout needs is missing, or has too few dimensions
+            raise CheckpointError(f"{source}: not an adapter layout this library knows (no config inside, and its "
+                                  f"tensors are incomplete or malformed: {type(exc).__name__} {exc})") from None
     if config.kind in DIFFUSERS_TYPES and is_diffusers_layout(sd):
         sd = diffusers_to_ours(sd, config)
     _check_counts(config, sd, source)
@@ -315,7 +324,7 @@ def _config_from_metadata(meta: Mapping[str, str]) -> Any | None:
         return None
     try:
         return config_from_dict(json.loads(meta[METADATA_KEY]))
-    except (json.JSONDecodeError, ConfigError) as exc:
+    except (ValueError, RecursionError, ConfigError) as exc:  # (JSON nested past Python's recursion limit)
         raise CheckpointError(f"the config stored in this file is invalid: {exc}") from None
 
 
@@ -325,7 +334,7 @@ def _load_folder(path: Path) -> AdapterModule:
         raise CheckpointError(f"{path}: folder has no config.json (expected a diffusers or t2iadapter adapter folder)")
     try:
         data = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:
         raise CheckpointError(f"{cfg_path}: not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{cfg_path}: a config.json holds a JSON object")

@@ -35,7 +35,7 @@ class FullAdapterConfig:
                             "num_res_blocks": (self.num_res_blocks, MAX_COUNT), "downscale_factor": (self.downscale_factor, 64)})
         if not isinstance(self.downsample, tuple) or len(self.downsample) != len(self.channels):
             raise ConfigError(f"downsample must have one entry per stage ({len(self.channels)}), got {self.downsample!r}"[:300])
-        if self.ksize not in (1, 3):
+        if isinstance(self.ksize, bool) or self.ksize not in (1, 3):  # (True == 1)
             raise ConfigError(f"ksize must be 1 or 3 (as in the original), got {self.ksize}")
         if not all(isinstance(d, bool) for d in self.downsample) or not isinstance(self.skip_conv, bool) \
                 or not isinstance(self.conv_downsample, bool) or not isinstance(self.pool_ceil_mode, bool):
@@ -184,6 +184,8 @@ class LightAdapterConfig:
                              "num_res_blocks": (self.num_res_blocks, MAX_COUNT), "downscale_factor": (self.downscale_factor, 64)})
         if any(c % 4 for c in self.channels):
             raise ConfigError(f"light adapter channels must be multiples of 4, got {self.channels}")
+        if not isinstance(self.pool_ceil_mode, bool):
+            raise ConfigError(f"light adapter config: pool_ceil_mode is a boolean, got {self.pool_ceil_mode!r}")
 
     @property
     def kind(self) -> str:

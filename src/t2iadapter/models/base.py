@@ -53,7 +53,7 @@ def config_from_dict(data: dict[str, Any]) -> Any:
         raise ConfigError(f"an adapter config is a JSON object, got {type(data).__name__}")
     data = dict(data)
     kind = data.pop("kind", None)
-    if kind not in REGISTRY:
+    if not isinstance(kind, str) or kind not in REGISTRY:  # (a list or dict is unhashable: a TypeError)
         raise ConfigError(f"unknown adapter kind {kind!r}; expected one of {sorted(REGISTRY)}")
     config_cls = REGISTRY[kind][0]
     names = {f.name for f in dataclasses.fields(config_cls)}
@@ -72,7 +72,7 @@ def build_adapter(config: Any) -> "AdapterModule":
     if isinstance(config, Mapping):
         config = config_from_dict(config)
     kind = getattr(config, "kind", None)
-    if kind not in REGISTRY:
+    if not isinstance(kind, str) or kind not in REGISTRY:
         raise ConfigError(f"unknown adapter kind {kind!r}; build_adapter takes an adapter config (e.g. FullAdapterConfig) "
                           f"or its dict with a 'kind' of {sorted(REGISTRY)}")
     return REGISTRY[kind][1](config)
