@@ -435,3 +435,8 @@ def test_malformed_tensor_files_are_one_line(tmp_path, capsys):
         assert cli(["info", str(path)]) == 2, name
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], (name, err)
+    (tmp_path / "deep").mkdir()  # a folder's config.json nested past the recursion limit
+    (tmp_path / "deep" / "config.json").write_text("[" * 100_000)
+    assert cli(["info", str(tmp_path / "deep")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not valid JSON" in err[0], err

@@ -368,7 +368,7 @@ def is_controlnet_checkpoint(path: str | os.PathLike) -> bool:
     if path.is_dir():
         try:
             return json.loads((path / "config.json").read_text()).get("_class_name") == "ControlNetModel"
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, RecursionError):
             return False
     if path.is_file() and path.suffix.lower() == ".safetensors":
         try:
