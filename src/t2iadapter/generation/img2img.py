@@ -45,9 +45,12 @@ def _as_batch(item: Any, what: str) -> Any:
     return item if item.mode == "RGB" else item.convert("RGB")
 
 
-def image_size(init_image: Any, vae_scale_factor: int) -> tuple[int, int]:
-    """(w, h) of an init image, rounded down to the VAE's factor (diffusers' default height/width)."""
-    w, h = _size_of(load_condition(init_image, "init_image"))
+def image_size(init_image: Any, vae_scale_factor: int, what: str = "init_image") -> tuple[int, int]:
+    """(w, h) of an init image (or a condition), rounded down to `vae_scale_factor` (diffusers' default height/width).
+    A tensor's shape is enough: its range is checked once, where it is loaded (a scan waits on a GPU)."""
+    sized = init_image if isinstance(init_image, torch.Tensor) and init_image.ndim >= 2 else \
+        load_condition(init_image, what)
+    w, h = _size_of(sized)
     return max(w - w % vae_scale_factor, vae_scale_factor), max(h - h % vae_scale_factor, vae_scale_factor)
 
 

@@ -68,7 +68,7 @@ class Denoise:
             # repeated timesteps from ~70 steps on, harmlessly.)
             raise ConfigError(f"{self.steps} steps are more than {name} can space over its {trained} trained "
                               f"timesteps (some repeat); use fewer steps")
-        self.run_timesteps = self.scheduler.timesteps
+        self.run_timesteps = timesteps
         latents = self.source.start(self, dtype) if self.source is not None else self._noise(dtype)  # (cuts img2img's)
         self._warn_idle_windows()
         return latents
@@ -78,7 +78,7 @@ class Denoise:
         (Windows count steps as the original's `cond_tau` does, in floating point: 0:0.9 of 10 steps keeps all 10,
         since 1 − 0.9 is 0.0999… there, and so 0.9:1 keeps none.)"""
         total = self.evaluations
-        idle = [(n, w) for n, w in self.composition.windows.items() if not any(w.active(i, total) for i in range(total))]
+        idle = [(n, w) for n, w in self.composition.windows.items() if not w.steps(total)]
         if self.controlnets:  # (diffusers' control_guidance rule)
             idle += [(n, w) for n, w in self.controlnets.windows.items()
                      if not any(w.controlnet_active(i, total) for i in range(total))]

@@ -638,11 +638,7 @@ class AdapterPipeline:
         if req.size is not None or req.init_image is not None or use is None:
             return None
         item = use.condition[0] if isinstance(use.condition, (list, tuple)) else use.condition
-        factor = self.adapters[use.name].config.downscale_factor
-        if isinstance(item, torch.Tensor) and item.ndim >= 2:  # its shape is enough (a range scan waits on a GPU)
-            w, h = item.shape[-1], item.shape[-2]
-            return max(w - w % factor, factor), max(h - h % factor, factor)
-        return img2img.image_size(item, factor)
+        return img2img.image_size(item, self.adapters[use.name].config.downscale_factor, "condition image")
 
     @torch.no_grad()
     def generate(self, req: GenerationRequest, *, generator: Any = None, callback: loop.Callback | None = None,
