@@ -220,6 +220,27 @@ def test_two_workers_run_two_requests_at_once():
         assert sorted(w["jobs"] for w in c.get("/health").json()["workers"]) == [1, 1]
 
 
+def test_jobs_queued_behind_workers_that_all_failed_to_warm_up_get_an_answer():
+    """A job queued while the only worker warmed up stayed `queued` for good when the warm-up failed."""
+    gate = threading.Event()
+
+    def warmup():
+        assert gate.wait(30)
+        raise RuntimeError("compile failed")
+
+    app = create_app(Blocking(threading.Event()), limits=Limits(max_batch=1))
+    app.state.worker.lanes[0].warmup = warmup
+    with TestClient(app) as c:
+        job = c.post("/v1/jobs", json={"prompt": "a", "steps": 1}).json()
+        assert job["status"] == "queued"
+        gate.set()
+        state = wait_jobs(c, [job["id"]], timeout=10)[0]
+        assert state["status"] == "failed" and "failed to warm up" in state["error"]
+        assert c.get("/health").json()["status"] == "down"
+        assert c.post("/v1/generate", json={"prompt": "b", "steps": 1}).status_code == 503
+        assert scrape(c)[("t2iadapter_jobs_total", (("status", "failed"),))] == 1
+
+
 def test_serve_starts_one_warmed_worker_per_device(monkeypatch):
     import uvicorn
 

@@ -205,6 +205,14 @@ class ModelWorker:
             if self.observer is not None:  # it never reaches a worker: counted here (cancelled or timeout)
                 self.observer.finished(job)
 
+    def _fail_waiting(self, exc: WorkerStopped) -> None:
+        """Answer every waiting job with `exc` (no worker is left to take them: they would wait forever)."""
+        while self._pending:
+            job = self._pending.popleft()
+            job.future.set_exception(exc)
+            if self.observer is not None:
+                self.observer.finished(job)
+
     def get(self, job_id: str) -> Job | None:
         with self._cond:
             return self._jobs.get(job_id)
@@ -282,7 +290,11 @@ class ModelWorker:
                 log.info("worker %s warmed up in %.1f s", lane.name, time.monotonic() - started)
             except Exception:
                 log.exception("worker %s failed to warm up; it takes no jobs", lane.name)
-                lane.status = "failed"
+                with self._cond:
+                    lane.status = "failed"
+                    if not any(other.status in ("starting", "up") for other in self.lanes):
+                        self._fail_waiting(WorkerStopped("no model worker is up: every worker failed to warm up "
+                                                         "(the server log says why)"))
                 return
         lane.status = "up"
         while (batch := self._next()) is not None:
