@@ -173,3 +173,34 @@ def test_bad_lines_fail_alone_and_sides_default_as_in_the_api(jobs, tmp_path, ca
     assert "mixed.jsonl:5: prompt is one string, not list" in err
     assert sorted(p.name for p in out.glob("*.png")) == ["job-000000.png", "job-000002.png"]
     assert Image.open(out / "job-000002.png").size == (128, load_base("tiny").default_size[1])
+
+
+def test_a_truncated_or_bomb_base64_condition_fails_its_line_only(jobs, tmp_path, capsys):
+    """A truncated base64 PNG was opened lazily: the run stopped at its batch with `error: image file is truncated`
+    (exit 2, no line named, later lines never ran); a bomb header raised PIL's DecompressionBombError (traceback)."""
+    import base64
+    import io
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((64, 64), np.uint8), "L").save(buf, format="PNG")
+    truncated = base64.b64encode(buf.getvalue()[: len(buf.getvalue()) // 2]).decode()
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    bomb = base64.b64encode(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0))
+                            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")).decode()
+    lines = [{"prompt": "fine", "seed": 1}, {"prompt": "x", "conditions": {"sketch": truncated}},
+             {"prompt": "y", "conditions": {"sketch": bomb}}, {"prompt": "also fine", "seed": 3}]
+    path = tmp_path / "b64.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    out = tmp_path / "out"
+    assert cli(["generate", "--base", "tiny", "--adapter", str(jobs[1]), "--batch", str(path), "--out", str(out),
+                "--steps", "1", "--size", "64x64", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "b64.jsonl:2: conditions.sketch: " in err and "could not be decoded" in err, err
+    assert "b64.jsonl:3: conditions.sketch: " in err and "too large to decode" in err, err
+    assert sorted(p.name for p in out.glob("*.png")) == ["job-000000.png", "job-000003.png"]
+

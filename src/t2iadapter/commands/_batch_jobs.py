@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
-import io
 import json
 import os
 import sys
@@ -113,24 +112,25 @@ def read_jobs(path: Path) -> list[tuple[int, dict[str, Any]]]:
 
 
 def condition(value: Any, root: Path, where: str) -> Any:
-    """An image path (relative to the JSONL file's folder) or base64 (a data: URL prefix is accepted) → PIL image."""
-    from PIL import Image
+    """An image path (relative to the JSONL file's folder) or base64 (a data: URL prefix is accepted) → PIL image,
+    fully decoded now: a truncated or oversized image fails its own line (ConfigError), not the run."""
+    from t2iadapter.extractors.images import open_image
 
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{where}: a condition is an image path or base64 text")
     path = Path(value) if Path(value).is_absolute() else root / value
     if len(value) < 4096 and path.is_file():
+        source, what = path, str(path)
+    else:
         try:
-            image = Image.open(path)
-            image.load()
-            return image
-        except OSError as exc:  # this line fails, the others still run
-            raise ConfigError(f"{where}: {path} is not an image PIL can read ({exc})") from None
+            source = base64.b64decode(value.split(",", 1)[1] if value.startswith("data:") else value, validate=True)
+        except (binascii.Error, ValueError):
+            raise ConfigError(f"{where}: {value[:80]!r} is neither an image file nor base64 image data") from None
+        what = "its base64 image"
     try:
-        data = base64.b64decode(value.split(",", 1)[1] if value.startswith("data:") else value, validate=True)
-        return Image.open(io.BytesIO(data))
-    except (binascii.Error, ValueError, OSError):
-        raise ConfigError(f"{where}: {value[:80]!r} is neither an image file nor base64 image data") from None
+        return open_image(source, what=what)
+    except T2IAdapterError as exc:  # this line fails, the others still run
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def to_request(job: dict[str, Any], index: int, where: str, root: Path, args: argparse.Namespace,
