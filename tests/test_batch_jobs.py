@@ -204,3 +204,15 @@ def test_a_truncated_or_bomb_base64_condition_fails_its_line_only(jobs, tmp_path
     assert "b64.jsonl:3: conditions.sketch: " in err and "too large to decode" in err, err
     assert sorted(p.name for p in out.glob("*.png")) == ["job-000000.png", "job-000003.png"]
 
+
+@pytest.mark.parametrize("flag, value, words", [("--num-images", "-1", "--num-images must be from 1"),
+                                                ("--num-images", "0", "--num-images must be from 1"),
+                                                ("--steps", "0", "steps must be between 1")])
+def test_bad_command_line_defaults_are_one_error(jobs, tmp_path, capsys, flag, value, words):
+    """--num-images -1 named no output file, so every line counted as done (exit 0, nothing written); --steps 0 failed
+    every line separately (exit 1)."""
+    out = tmp_path / "o"
+    assert cli([*argv(jobs, out), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err, err
+    assert not out.exists()

@@ -178,6 +178,22 @@ def to_request(job: dict[str, Any], index: int, where: str, root: Path, args: ar
         raise ConfigError(f"{where}: {exc}") from None
 
 
+def check_defaults(args: argparse.Namespace) -> None:
+    """The command line's values that lines fall back on (--steps, --num-images, ...), checked once before any line:
+    a bad one is one error (exit 2), not every line failing with it; --num-images -1 named no output file, so every
+    line counted as done."""
+    from t2iadapter.commands.generate import as_flags
+    from t2iadapter.generation.request import GenerationRequest
+
+    try:
+        GenerationRequest(args.prompt or "x", (), negative_prompt=args.negative_prompt, steps=args.steps,
+                          guidance_scale=args.guidance, size=args.size, seed=args.seed, scheduler=args.scheduler,
+                          num_images=args.num_images, compose="fuser" if args.fuser else "sum",
+                          fuser_windows=args.fuser_windows)
+    except ConfigError as exc:
+        raise ConfigError(as_flags(str(exc))) from None
+
+
 def outputs(out: Path, index: int, images: int) -> list[Path]:
     """Line `index`'s PNGs: unique per line, so no two processes ever write one file."""
     stem = f"job-{index:06d}"
@@ -214,6 +230,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch runs text-to-image with adapters: {', '.join(unapplied)} would be ignored; per-line "
                           "weights and windows go in the lines (\"adapters\": {name: {weight, window}}), the rest "
                           "runs one image at a time without --batch")
+    check_defaults(args)
     lines = read_jobs(jobs_file)
     mine = rank.shard(list(enumerate(lines)))
     todo = []
