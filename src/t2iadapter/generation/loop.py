@@ -178,6 +178,10 @@ def denoise_fast(d: Denoise) -> torch.Tensor:
 # same whatever the row count. The batched UNet call therefore always takes at least this many rows, so a
 # request's image is bitwise the same alone (`generate_batch([r])`) or batched with any others.
 MIN_ROWS = 4
+# From 16 rows on, oneDNN takes yet another kernel for 1x1 convolutions (proj_in/proj_out; measured on one thread:
+# a 320->320 1x1 convolution of 16 samples rounds its first rows differently than one of 4..15, and a 64² tiny-model
+# image lost 2 pixel values). An eager CPU call therefore runs in pieces of at most this many rows.
+CPU_MAX_ROWS = 8
 
 
 def fast_rows(rows: int) -> int:
@@ -221,12 +225,33 @@ def batched_unet(unet: Any, inputs: list[tuple[torch.Tensor, torch.Tensor, list[
         added = inputs[members[0]][3]
         if added is not None:
             added = {key: _rows(torch.cat([inputs[k][3][key] for k in members]), total) for key in added}
-        out = unet_hook.unet_forward(unet, x.to(dtype) if fast else x, timestep, ctx, maps, added_cond_kwargs=added)
+        if fast:
+            out = unet_hook.unet_forward(unet, x.to(dtype), timestep, ctx, maps, added_cond_kwargs=added)
+        else:
+            out = _pieces(unet, x, timestep, ctx, maps, added, CPU_MAX_ROWS if device.type == "cpu" else total)
         if fast:
             out = out.to(torch.float32, copy=True)  # out of the CUDA-graph buffer before the next replay
         for k, part in zip(members, out[: sum(sizes)].split(sizes)):
             outs[k] = part
     return outs  # type: ignore[return-value]
+
+
+def _pieces(unet: Any, x: torch.Tensor, timestep: Any, ctx: torch.Tensor, maps: list[torch.Tensor] | None,
+            added: dict | None, rows: int) -> torch.Tensor:
+    """The UNet's output for all of `x`'s rows, from calls of at most `rows` rows (each at least MIN_ROWS)."""
+    if x.shape[0] <= rows:
+        return unet_hook.unet_forward(unet, x, timestep, ctx, maps, added_cond_kwargs=added)
+    outs = []
+    for start in range(0, x.shape[0], rows):
+        n = min(rows, x.shape[0] - start)
+
+        def piece(t: torch.Tensor) -> torch.Tensor:
+            return _rows(t[start:start + n], MIN_ROWS)
+
+        out = unet_hook.unet_forward(unet, piece(x), timestep, piece(ctx), maps and [piece(m) for m in maps],
+                                     added_cond_kwargs=added and {key: piece(v) for key, v in added.items()})
+        outs.append(out[:n])
+    return torch.cat(outs)
 
 
 def denoise_batch(runs: list[Denoise], *, fast: bool = False,
