@@ -499,3 +499,31 @@ def test_a_mistyped_path_or_method_says_which(client):
     assert detail == "GET is not allowed on /v1/generate; use POST" and r.headers["allow"] == "POST"
     assert one_line(client.get("/v1/jobs/nope"), 404) != "Not Found"  # the app's own 404s keep their words
     assert client.get("/docs").status_code == 200
+
+
+@pytest.mark.parametrize("option, value", [("--max-upload-mb", "inf"), ("--batch-wait-ms", "inf"),
+                                           ("--batch-wait-ms", "nan")])
+def test_serve_refuses_limits_that_are_no_number(monkeypatch, capsys, option, value):
+    """--max-upload-mb inf was an OverflowError traceback after the model loaded; --batch-wait-ms inf killed the worker
+    thread at the first request (OverflowError in Condition.wait), so every request waited for its 504."""
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("served"))
+    assert cli(["serve", "--base", "tiny", option, value]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and option[2:].replace("-", "_") in err, err
+
+
+def test_a_long_batch_wait_does_not_kill_the_worker():
+    """A wait past threading.TIMEOUT_MAX raised OverflowError on the worker thread: the queue stopped for good."""
+    from t2iadapter.server.jobs import ModelWorker
+
+    worker = ModelWorker(4, lambda jobs, progress: ["ok"] * len(jobs), max_batch=2, batch_wait=1e12)
+    worker.start()
+    try:
+        first = worker.submit("a", timeout=30, key="k")
+        time.sleep(0.2)  # the worker holds `first` and waits for company
+        second = worker.submit("b", timeout=30, key="k")  # the company: the batch is full and runs
+        assert first.future.result(10) == "ok" and second.future.result(10) == "ok"
+    finally:
+        worker.stop()

@@ -272,7 +272,7 @@ class ModelWorker:
                     left = end - time.monotonic()
                     if left <= 0:
                         break
-                    self._cond.wait(left)
+                    self._cond.wait(min(left, threading.TIMEOUT_MAX))  # a longer wait raises OverflowError
                     self._take(batch)
             if self._stopping:  # stop() came while this batch gathered: it never reached _running
                 for job in batch:

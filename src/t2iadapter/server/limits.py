@@ -1,6 +1,7 @@
 """What the server accepts and what it loads: frozen dataclasses filled from `t2iadapter serve` options."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from t2iadapter.errors import ConfigError
@@ -29,8 +30,11 @@ class Limits:
         for name in ("max_upload_mb", "timeout", "max_work"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.batch_wait_ms < 0:
-            raise ConfigError(f"batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
+        if not math.isfinite(self.max_upload_mb):  # a byte count: inf is no number of bytes (OverflowError)
+            raise ConfigError(f"max_upload_mb must be a finite number of MB, got {self.max_upload_mb}")
+        # a worker holding a lone request waits this long for company: inf killed the worker thread (OverflowError)
+        if not 0 <= self.batch_wait_ms < math.inf:
+            raise ConfigError(f"batch_wait_ms must be a finite number >= 0, got {self.batch_wait_ms}")
         for name in ("max_steps", "max_side", "max_input_side", "max_images", "queue_size", "max_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
