@@ -117,3 +117,29 @@ def test_folder_images_without_a_caption_are_counted_aloud(tmp_path, caplog):
     said = " | ".join(r.getMessage() for r in caplog.records)
     assert "1 of its 1 rows name no image" in said and "'train/0.png'" in said
     assert "2 of 3 images under" in said and "empty prompt" in said
+
+
+def test_folder_captions_come_from_the_text_column_and_a_missing_field_is_said(tmp_path, caplog):
+    """metadata.jsonl rows with a `caption` field (not `text`) trained every image with an empty prompt, silently:
+    `data.text_column` names the field, as for `datasets`, and rows without it are counted aloud."""
+    import json
+    import logging
+
+    from t2iadapter.train.data import FolderSource
+
+    (tmp_path / "sk").mkdir()
+    for i in range(2):
+        Image.new("RGB", (64, 64), (40 * i, 0, 0)).save(tmp_path / f"{i}.png")
+        Image.new("L", (64, 64), 255).save(tmp_path / "sk" / f"{i}.png")
+    rows = [{"file_name": f"{i}.png", "caption": f"scene {i}"} for i in range(2)]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    spec = (AdapterSpec(condition="sketch"),)
+    data = DataConfig(kind="folder", path=str(tmp_path), conditions={"sketch": "sk"}, resolution=64,
+                      text_column="caption")
+    stream = SampleStream(build_source(data, spec), data, spec, seed=0)
+    assert sorted(stream[k]["caption"] for k in range(2)) == ["scene 0", "scene 1"]
+    with caplog.at_level(logging.WARNING, logger="t2iadapter.train.data"):
+        FolderSource(tmp_path, {"sketch": "sk"})  # text_column "text": no row has it
+    said = " | ".join(r.getMessage() for r in caplog.records)
+    assert "2 rows have no 'text' field" in said and "caption, file_name" in said
+    assert "2 of 2 images under" in said

@@ -144,9 +144,10 @@ def _resolve_dir(path: str, root: Path) -> Path:
 
 
 class FolderSource(Source):
-    """A folder of images with captions (`metadata.jsonl` with file_name/text, or sidecar .txt) and condition folders."""
+    """A folder of images with captions (`metadata.jsonl` with file_name and the caption field `text_column`, or sidecar
+    .txt) and condition folders."""
 
-    def __init__(self, root: str, conditions: dict[str, str]) -> None:
+    def __init__(self, root: str, conditions: dict[str, str], text_column: str = "text") -> None:
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise DataError(f"data.path {self.root} is not a folder")
@@ -157,15 +158,23 @@ class FolderSource(Source):
         skip = {d.resolve() for d in self.cond_dirs.values()}
         captions: dict[str, str] = {}
         meta = self.root / "metadata.jsonl"
+        textless: list[list[str]] = []  # the keys of rows without the caption field (a `caption` column, say)
         if meta.is_file():
             for line_no, line in enumerate(meta.read_text().splitlines(), 1):
                 if not line.strip():
                     continue
                 try:
                     row = json.loads(line)
-                    captions[str(row["file_name"])] = str(row.get("text", ""))
+                    name = str(row["file_name"])
+                    if text_column in row:
+                        captions[name] = str(row[text_column] or "")
+                    else:
+                        textless.append(sorted(row))
                 except (ValueError, KeyError, TypeError):
-                    log.warning("%s:%d: not a {file_name, text} JSON line; ignored", meta, line_no)
+                    log.warning("%s:%d: not a {file_name, %s} JSON line; ignored", meta, line_no, text_column)
+        if textless:
+            log.warning("%s: %d rows have no %r field (the first one's keys: %s); set data.text_column to the caption's "
+                        "key", meta, len(textless), text_column, ", ".join(textless[0]))
         self.captions = captions
         self.files = sorted(
             p
@@ -359,7 +368,7 @@ def build_source(data: DataConfig, adapters: tuple[AdapterSpec, ...]) -> Source:
         if missing:
             raise ConfigError(f"condition(s) {missing}: give data.conditions.<name> (stored) or the adapter's `extractor`")
         if data.kind == "folder":
-            source = FolderSource(data.path, stored)
+            source = FolderSource(data.path, stored, data.text_column)
         elif data.kind == "datasets":
             source = DatasetsSource(data.path, data.split, data.image_column, data.text_column, stored)
         else:
