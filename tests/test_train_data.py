@@ -143,3 +143,32 @@ def test_folder_captions_come_from_the_text_column_and_a_missing_field_is_said(t
     said = " | ".join(r.getMessage() for r in caplog.records)
     assert "2 rows have no 'text' field" in said and "caption, file_name" in said
     assert "2 of 2 images under" in said
+
+
+def _shard(path: Path, entries: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in entries.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_webdataset_captions_from_txt_by_default_and_missing_ones_are_said(tmp_path, caplog):
+    """The default text_column `text` read no `KEY.txt` caption (WebDataset's own key, the one the docs show): every
+    sample trained with an empty prompt, silently."""
+    import logging
+
+    spec = (AdapterSpec(condition="sketch"),)
+    _shard(tmp_path / "a.tar", {"0.png": _png((9, 9, 9)), "0.txt": b"a red circle", "0.sketch.png": _png(255, mode="L")})
+    data = DataConfig(kind="webdataset", path=str(tmp_path / "a.tar"), conditions={"sketch": "sketch.png"},
+                      resolution=64)
+    assert SampleStream(build_source(data, spec), data, spec, seed=0)[0]["caption"] == "a red circle"
+    _shard(tmp_path / "b.tar", {"0.png": _png((9, 9, 9)), "0.cap": b"a blue square", "0.sketch.png": _png(255, mode="L")})
+    with caplog.at_level(logging.WARNING, logger="t2iadapter.train.data"):
+        build_source(DataConfig(kind="webdataset", path=str(tmp_path / "b.tar"), resolution=64,
+                                conditions={"sketch": "sketch.png"}), spec)
+    said = " | ".join(r.getMessage() for r in caplog.records)
+    assert "1 of 1 samples" in said and "'text' or 'txt'" in said and "empty prompt" in said
+    data = DataConfig(kind="webdataset", path=str(tmp_path / "b.tar"), conditions={"sketch": "sketch.png"},
+                      resolution=64, text_column="cap")
+    assert SampleStream(build_source(data, spec), data, spec, seed=0)[0]["caption"] == "a blue square"

@@ -280,7 +280,8 @@ class WebDatasetSource(Source):
                 raise DataError(f"no WebDataset shard matches {part!r}")
             shards += found
         self.shards = shards
-        self.text_key = text_key
+        # the caption entry: `text_column`; its default `text` also finds WebDataset's own `KEY.txt`
+        self.text_keys = (text_key.lower(), "txt") if text_key.lower() == "text" else (text_key.lower(),)
         self.cond_keys = dict(conditions)
         self.samples: list[tuple[int, str, dict[str, tarfile.TarInfo]]] = []
         for s, shard in enumerate(shards):
@@ -304,6 +305,11 @@ class WebDatasetSource(Source):
                 self.samples.append((s, key, groups[key]))
         if not self.samples:
             raise DataError(f"no samples in the WebDataset shards {spec!r}")
+        uncaptioned = sum(1 for _, _, members in self.samples if not any(k in members for k in self.text_keys))
+        if uncaptioned:
+            log.warning("%d of %d samples in %s have no %s entry; they train with an empty prompt (data.text_column "
+                        "names the caption key)", uncaptioned, len(self.samples), spec,
+                        " or ".join(repr(k) for k in self.text_keys))
         self._open: dict[int, tarfile.TarFile] = {}
 
     def __len__(self) -> int:
@@ -332,7 +338,8 @@ class WebDatasetSource(Source):
         image_key = next((k for k in self.IMAGE_KEYS if k in members), None)
         if image_key is None:
             raise FileNotFoundError(f"{key}: no image ({'/'.join(self.IMAGE_KEYS)}) in the shard")
-        caption = self._read(s, members[self.text_key]).decode("utf-8").strip() if self.text_key in members else ""
+        text_key = next((k for k in self.text_keys if k in members), None)
+        caption = self._read(s, members[text_key]).decode("utf-8").strip() if text_key is not None else ""
         conds = {}
         for name, ckey in self.cond_keys.items():
             member = members.get(ckey.lower())
