@@ -150,7 +150,8 @@ def test_config_errors(tmp_path):
     # values that reached torch or the DataLoader before anything named them (tracebacks, exit 1)
     for override, words in (("data.conditions={sketch: 3}", "data.conditions maps"), ("data.num_samples=-3", "num_samples"),
                             ("data.num_workers=-1", "num_workers"), ("recipe.weight_decay=-1", "weight_decay"),
-                            ("recipe.warmup_steps=-2", "warmup_steps")):
+                            ("recipe.warmup_steps=-2", "warmup_steps"), ("recipe.betas=[1.5, 0.9]", r"betas must be .* \[0, 1\)"),
+                            ("recipe.betas=[0.9, 1]", "betas must be"), ("recipe.betas=[a, 0.9]", "betas needs two numbers")):
         with pytest.raises(ConfigError, match=words):
             load_config(TINY, [override])
 

@@ -136,13 +136,15 @@ class RecipeConfig:
                 raise ConfigError(f"recipe.{name} must be a probability in [0, 1], got {value}")
         if self.keep_all_prob + self.drop_all_prob > 1:
             raise ConfigError("recipe.keep_all_prob + recipe.drop_all_prob must be <= 1")
-        if len(self.betas) != 2:
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in self.betas):
             raise ConfigError(f"recipe.betas needs two numbers (β1, β2), got {list(self.betas)}")
         for name in ("lr", "weight_decay", "ema_decay", "grad_clip", "max_minutes", "betas"):
             value = getattr(self, name, None)
             for v in value if isinstance(value, tuple) else (value,):
                 if v is not None and not math.isfinite(v):
                     raise ConfigError(f"recipe.{name} must be a finite number, got {v}")
+        if not all(0 <= b < 1 for b in self.betas):  # AdamW's own bounds
+            raise ConfigError(f"recipe.betas must be two numbers in [0, 1), got {list(self.betas)}")
         if self.lr <= 0:
             raise ConfigError(f"recipe.lr must be > 0, got {self.lr}")
         if self.weight_decay < 0:
