@@ -45,6 +45,7 @@ class Denoise:
     source: Any = None  # img2img.Source: start from an image (and mask); None: text-to-image
     run_timesteps: Any = None  # the timesteps run (set by start(); img2img runs the schedule's tail)
     latents: torch.Tensor | None = None  # the caller's initial noise (diffusers' `latents=`), scaled like drawn noise
+    guidance_cond: torch.Tensor | None = None  # [B, dim]: a guidance-distilled UNet's scale input (`guidance_embedding`)
 
     def start(self, timestep_device: Any, dtype: torch.dtype) -> torch.Tensor:
         """Set the timesteps and draw the initial latents (as diffusers: CPU generator, scaled by init_noise_sigma)."""
@@ -132,6 +133,17 @@ class Denoise:
         return latents
 
 
+def guidance_embedding(guidance_scale: float, dim: int, rows: int) -> torch.Tensor:
+    """The sinusoidal embedding [rows, dim] of w = scale − 1 that a guidance-distilled UNet (LCM, `time_cond_proj_dim`)
+    takes as `timestep_cond` instead of running CFG (LCM paper §4.2; diffusers' `get_guidance_scale_embedding`)."""
+    w = torch.tensor(guidance_scale - 1).repeat(rows) * 1000.0
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    emb = w.float()[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+    return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
+
+
 def denoise_eager(d: Denoise) -> torch.Tensor:
     """The loop as diffusers writes it: features absent (not zero) outside every window."""
     unet = d.base.unet
@@ -142,7 +154,7 @@ def denoise_eager(d: Denoise) -> torch.Tensor:
         scaled, context = d.scaled_input(latents, t), d.prompts.context(seq)
         control = d.controlnets.at(i, d.evaluations, scaled, t, context, d.added) if d.controlnets else None  # issue 16
         noise = unet_hook.unet_forward(unet, d.unet_input(scaled), t, context, maps, added_cond_kwargs=d.added,
-                                       control=control)
+                                       timestep_cond=d.guidance_cond, control=control)
         latents = d.step(i, t, noise, latents, kwargs)
     return latents
 
@@ -168,7 +180,7 @@ def denoise_fast(d: Denoise) -> torch.Tensor:
         scaled, ut, context = d.scaled_input(latents, t).to(dtype), clock.unet_timestep(i), d.prompts.context(seq)
         control = d.controlnets.at(i, d.evaluations, scaled, ut, context, d.added, static=True) if d.controlnets else None  # issue 16
         noise = unet_hook.unet_forward(unet, d.unet_input(scaled), ut, context, zeros if maps is None else maps,
-                                       added_cond_kwargs=d.added, control=control)
+                                       added_cond_kwargs=d.added, timestep_cond=d.guidance_cond, control=control)
         latents = d.step(i, t, noise.to(torch.float32, copy=True), latents, kwargs)
     return latents
 
@@ -194,9 +206,12 @@ def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
     return t if t.shape[0] >= n else torch.cat([t, t[-1:].expand(n - t.shape[0], *t.shape[1:])])
 
 
-def batched_unet(unet: Any, inputs: list[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor] | None, dict | None]],
-                 timestep: Any, *, fast: bool = False) -> list[torch.Tensor]:
-    """One UNet call per context length over many requests' (sample, context, features, added) → each one's output.
+Row = tuple[torch.Tensor, torch.Tensor, list[torch.Tensor] | None, dict | None, torch.Tensor | None]
+
+
+def batched_unet(unet: Any, inputs: list[Row], timestep: Any, *, fast: bool = False) -> list[torch.Tensor]:
+    """One UNet call per context length over many requests' (sample, context, features, added, guidance_cond) → each
+    one's output.
 
     A request without active features next to one with them adds zeros (a no-op, bitwise). Requests whose
     context lengths differ (style tokens in or out of their window) go in separate calls. In fast mode the rows
@@ -205,7 +220,7 @@ def batched_unet(unet: Any, inputs: list[tuple[torch.Tensor, torch.Tensor, list[
     outs: list[torch.Tensor | None] = [None] * len(inputs)
     device, dtype = placement(unet)
     groups: dict[int, list[int]] = {}
-    for k, (_x, ctx, _maps, _added) in enumerate(inputs):
+    for k, (_x, ctx, _maps, _added, _cond) in enumerate(inputs):
         groups.setdefault(ctx.shape[1], []).append(k)
     for members in groups.values():
         sizes = [inputs[k][0].shape[0] for k in members]
@@ -225,10 +240,14 @@ def batched_unet(unet: Any, inputs: list[tuple[torch.Tensor, torch.Tensor, list[
         added = inputs[members[0]][3]
         if added is not None:
             added = {key: _rows(torch.cat([inputs[k][3][key] for k in members]), total) for key in added}
+        cond = inputs[members[0]][4]
+        if cond is not None:
+            cond = _rows(torch.cat([inputs[k][4] for k in members]), total)
         if fast:
-            out = unet_hook.unet_forward(unet, x.to(dtype), timestep, ctx, maps, added_cond_kwargs=added)
+            out = unet_hook.unet_forward(unet, x.to(dtype), timestep, ctx, maps, added_cond_kwargs=added,
+                                         timestep_cond=cond)
         else:
-            out = _pieces(unet, x, timestep, ctx, maps, added, CPU_MAX_ROWS if device.type == "cpu" else total)
+            out = _pieces(unet, x, timestep, ctx, maps, added, cond, CPU_MAX_ROWS if device.type == "cpu" else total)
         if fast:
             out = out.to(torch.float32, copy=True)  # out of the CUDA-graph buffer before the next replay
         for k, part in zip(members, out[: sum(sizes)].split(sizes)):
@@ -237,10 +256,10 @@ def batched_unet(unet: Any, inputs: list[tuple[torch.Tensor, torch.Tensor, list[
 
 
 def _pieces(unet: Any, x: torch.Tensor, timestep: Any, ctx: torch.Tensor, maps: list[torch.Tensor] | None,
-            added: dict | None, rows: int) -> torch.Tensor:
+            added: dict | None, cond: torch.Tensor | None, rows: int) -> torch.Tensor:
     """The UNet's output for all of `x`'s rows, from calls of at most `rows` rows (each at least MIN_ROWS)."""
     if x.shape[0] <= rows:
-        return unet_hook.unet_forward(unet, x, timestep, ctx, maps, added_cond_kwargs=added)
+        return unet_hook.unet_forward(unet, x, timestep, ctx, maps, added_cond_kwargs=added, timestep_cond=cond)
     outs = []
     for start in range(0, x.shape[0], rows):
         n = min(rows, x.shape[0] - start)
@@ -249,7 +268,8 @@ def _pieces(unet: Any, x: torch.Tensor, timestep: Any, ctx: torch.Tensor, maps: 
             return _rows(t[start:start + n], MIN_ROWS)
 
         out = unet_hook.unet_forward(unet, piece(x), timestep, piece(ctx), maps and [piece(m) for m in maps],
-                                     added_cond_kwargs=added and {key: piece(v) for key, v in added.items()})
+                                     added_cond_kwargs=added and {key: piece(v) for key, v in added.items()},
+                                     timestep_cond=None if cond is None else piece(cond))
         outs.append(out[:n])
     return torch.cat(outs)
 
@@ -271,7 +291,7 @@ def denoise_batch(runs: list[Denoise], *, fast: bool = False,
         for d, x in zip(runs, latents):
             maps, seq = d.composition.at(i, d.evaluations)
             inputs.append((d.unet_input(d.scaled_input(x, d.scheduler.timesteps[i])), d.prompts.context(seq), maps,
-                           d.added))
+                           d.added, d.guidance_cond))
         noise = batched_unet(unet, inputs, clock.unet_timestep(i) if clock else t, fast=fast)
         latents = [d.step(i, d.scheduler.timesteps[i], n, x, kw) for d, n, x, kw in zip(runs, noise, latents, kwargs)]
         if callback is not None:

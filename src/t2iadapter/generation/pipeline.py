@@ -315,7 +315,12 @@ class AdapterPipeline:
         canvas = self._sizes(requests[0])[1]
         images = sum(len(r.prompts) * r.num_images for r in requests)
         return self.compile_cache.first_call(compile_cache.Shape(canvas[0], canvas[1], images,
-                                                                 requests[0].guidance_scale > 1.0, batched))
+                                                                 self._cfg(requests[0].guidance_scale), batched))
+
+    def _cfg(self, guidance_scale: float) -> bool:
+        """Whether a call runs the unconditional branch: guidance above 1, on a UNet not distilled with the guidance
+        scale as an input (LCM's `time_cond_proj_dim`: that one takes `loop.guidance_embedding` instead, as diffusers)."""
+        return guidance_scale > 1.0 and getattr(self.base.unet.config, "time_cond_proj_dim", None) is None
 
     def warm_up(self, sizes: Sequence[tuple[int, int]], batches: Sequence[int] = (1,), *, batched: bool = False,
                 guidance_scale: float | None = None, steps: int = 2) -> None:
@@ -706,7 +711,10 @@ class AdapterPipeline:
         if latents is not None and tuple(latents.shape) != shape:
             raise ConfigError(f"latents must have shape {shape} (images, channels, height/{f}, width/{f} of the "
                               f"{canvas[0]}x{canvas[1]} canvas), got {tuple(latents.shape)}")
-        cfg = req.guidance_scale > 1.0
+        cfg = self._cfg(req.guidance_scale)
+        proj = getattr(self.base.unet.config, "time_cond_proj_dim", None)
+        guidance_cond = None if proj is None else \
+            loop.guidance_embedding(req.guidance_scale, proj, batch).to(self.device, self.dtype)
         self._warn_unknown_words(req)
 
         def finish(maps: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -736,7 +744,8 @@ class AdapterPipeline:
         run = loop.Denoise(self.base, schedulers.make_scheduler(req.scheduler, self.base.scheduler), shape, generator,
                            prompts, composition, req.run_steps, req.guidance_scale,
                            prompts.added(self.base, canvas, self.device, req.original_size), req.eta, callback, progress,
-                           controlnets=self._controlnets(req, (w, h), canvas, batch, cfg), source=source, latents=latents)
+                           controlnets=self._controlnets(req, (w, h), canvas, batch, cfg), source=source, latents=latents,
+                           guidance_cond=guidance_cond)
         return run, seed, (w, h), source
 
     def _warn_unknown_words(self, req: GenerationRequest) -> None:
