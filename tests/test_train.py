@@ -252,3 +252,24 @@ def test_no_stale_or_empty_diffusers_folder_when_diffusers_cannot_express_the_ad
     fresh = tmp_path / "fresh"
     common[4] = str(fresh)
     assert main([*common, "--set", "adapter.options={ksize: 3}"]) == 0 and not (fresh / "adapter-diffusers").exists()
+
+
+def test_style_adapter_trains_with_the_style_extractor_on_the_fly(base, tmp_path, monkeypatch):
+    """`adapter.extractor: style` gives [1, L, width] tokens per image (CLIPVisionModel's last_hidden_state); they were
+    stacked to [B, 1, L, width] and the first step failed ('style adapter takes CLIP-vision tokens [N, L, ...]')."""
+    from PIL import Image
+
+    import t2iadapter.extractors
+
+    monkeypatch.setattr(t2iadapter.extractors, "get", lambda name, **kw: lambda image: torch.randn(1, 5, 16))
+    (tmp_path / "data").mkdir()
+    for i in range(2):
+        Image.new("RGB", (80, 64), (40 * i, 90, 200)).save(tmp_path / "data" / f"{i}.png")
+        (tmp_path / "data" / f"{i}.txt").write_text("a red circle")
+    cfg = load_config(TINY, [f"output_dir={tmp_path / 'out'}", "recipe.max_steps=1", "checkpoint.every=0",
+                             "data.kind=folder", f"data.path={tmp_path / 'data'}", "data.num_samples=null",
+                             "adapter.kind=style", "adapter.condition=style", "adapter.extractor=style",
+                             "adapter.options={width: 16, num_heads: 2, num_layers: 1, num_tokens: 4}"])
+    trainer = Trainer(cfg, base=base)
+    assert first_batch(trainer, 2)["conditions"]["style"].shape == (2, 5, 16)
+    assert trainer.run().step == 1

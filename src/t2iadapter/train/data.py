@@ -445,8 +445,8 @@ class SampleStream(torch.utils.data.Dataset):
                 value = self._extractor(spec.extractor)(image)
             else:
                 value = raw.conditions[name]
-            if isinstance(value, torch.Tensor):  # style tokens [L, width]
-                conds[name] = value.float()
+            if isinstance(value, torch.Tensor):  # style tokens [L, width]; the `style` extractor gives [1, L, width]
+                conds[name] = (value[0] if value.ndim == 3 else value).float()
                 continue
             cond = resize_crop(value, size, nearest=name in LABEL_CONDITIONS)
             conds[name] = to_tensor(cond, spec.in_channels)
