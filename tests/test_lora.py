@@ -82,6 +82,17 @@ def test_lora_then_fast_mode_fuses(loras):
         fast.load_lora(a, name="late")
 
 
+def test_a_lora_after_fast_mode_is_refused(loras):
+    """optimize() without LoRAs, then load_lora: the fused q/k/v projections (copies) ignored the LoRA's attention
+    layers while its text-encoder part acted, an image neither plain nor the LoRA's (0.13 off), without a word."""
+    a, _ = loras
+    fast = AdapterPipeline(load_base("tiny")).optimize(compile=False, dtype=torch.float32)
+    plain = ours(fast)
+    with pytest.raises(ConfigError, match="load LoRAs before optimize"):
+        fast.load_lora(a, scale=0.7)
+    assert fast.loras.scales == {} and np.abs(ours(fast) - plain).max() == 0
+
+
 def test_lora_for_another_family_is_refused(loras):
     a, _ = loras
     pipe = AdapterPipeline(load_base("tiny-xl"))

@@ -62,8 +62,10 @@ class Loras:
     def load(self, source: str | os.PathLike | dict, *, scale: float = 1.0, name: str | None = None,
              **kwargs: Any) -> str:
         """Load a LoRA (file, folder, hub id or state dict; `kwargs` go to diffusers, e.g. `weight_name=`)."""
-        if self.fused:
-            raise ConfigError("LoRAs are fused into the weights in fast mode; load them before optimize()")
+        if self.fused or self.base.extras.get("fast") is not None:
+            # (a LoRA loaded after optimize() missed the fused q/k/v projections: half of it acted, silently)
+            raise ConfigError("this base is in fast mode (optimize()); load LoRAs before optimize(), which fuses them "
+                              "into the weights")
         # checked before anything is loaded: a refused call leaves no LoRA behind
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
             raise ConfigError(f"LoRA scale must be a finite number (1.0: as trained, 0: off), got {scale!r}")
