@@ -61,3 +61,29 @@ def test_cli_train_with_mid_run_validation_and_ema_off(tmp_path, capsys):
                  "--set", "checkpoint.every=0", "--set", f"output_dir={tmp_path}"]) == 0
     assert "trained to step 6" in capsys.readouterr().out
     assert (tmp_path / "validation" / "step-00000005.png").is_file()
+
+
+def test_a_style_adapters_grid_shows_it(base, tmp_path, caplog):
+    """A style adapter's grid: its tokens (a `.safetensors` as it trains on) were never handed to the pipeline, so the
+    'with adapter' column equalled the base's; a token file as the validation condition was an error."""
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    (tmp_path / "data" / "style").mkdir(parents=True)
+    for i in range(2):
+        Image.new("RGB", (80, 64), (40 * i, 90, 200)).save(tmp_path / "data" / f"{i}.png")
+        save_file({"last_hidden_state": torch.randn(1, 5, 16)}, str(tmp_path / "data" / "style" / f"{i}.safetensors"))
+    cfg = load_config(TINY, [f"output_dir={tmp_path / 'out'}", "recipe.max_steps=1", "checkpoint.every=0",
+                             "data.kind=folder", f"data.path={tmp_path / 'data'}", "data.conditions={style: style}",
+                             "data.num_samples=null", "adapter.kind=style", "adapter.condition=style",
+                             "adapter.options={width: 16, num_heads: 2, num_layers: 1, num_tokens: 4}",
+                             "validation.every=1", "validation.steps=2", "validation.world_seeds=[]",
+                             "validation.prompts=[a red circle]",
+                             f"validation.conditions=[{tmp_path / 'data' / 'style' / '0.safetensors'}]"])
+    with caplog.at_level(logging.WARNING):
+        assert Trainer(cfg, base=base).run().step == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+    grid = np.asarray(Image.open(tmp_path / "out" / "validation" / "step-00000001.png")).astype(int)
+    assert grid.shape == (64, 192, 3)
+    assert np.abs(grid[:, 64:128] - grid[:, 128:]).max() > 0  # base alone | with the style tokens

@@ -9,17 +9,27 @@ log = logging.getLogger(__name__)
 
 
 def validation_items(config, resolution: int) -> list[tuple[str, dict[str, Any]]]:
-    """(prompt, {condition name: PIL image}) pairs from the config: explicit files, or world scenes."""
+    """(prompt, {condition name: PIL image, or a style adapter's tokens [1, L, width]}) pairs from the config: explicit
+    files (a style adapter's: a reference image, or a `.safetensors` of tokens as it trains on), or world scenes."""
     from PIL import Image
 
-    from t2iadapter.train.data import _open_image, resize_crop
+    from t2iadapter.train.data import TENSOR_SUFFIXES, _load_tokens, _open_image, resize_crop
 
     val = config.validation
     names = [a.condition for a in config.adapters]
+    style = {a.condition for a in config.adapters if a.kind == "style"}
+
+    def read(name: str, path: Any) -> Any:
+        if name not in style:
+            return resize_crop(_open_image(path), resolution)
+        if Path(str(path)).suffix.lower() in TENSOR_SUFFIXES:
+            return _load_tokens(Path(path))[None]
+        return _open_image(path)  # the pipeline's style encoder takes the whole reference
+
     items: list[tuple[str, dict[str, Any]]] = []
     for prompt, cond in zip(val.prompts, val.conditions):
         paths = cond if isinstance(cond, dict) else {names[0]: cond}
-        items.append((prompt, {n: resize_crop(_open_image(p), resolution) for n, p in paths.items()}))
+        items.append((prompt, {n: read(n, p) for n, p in paths.items()}))
     if val.world_seeds:
         from t2iadapter.demo import world
 
@@ -58,15 +68,18 @@ def render_grid(trainer, path: Path) -> Path:
     adapters = {n: m for n, m in adapters.items() if n not in controlnets}
     pipe = AdapterPipeline(trainer.base, adapters=adapters, fuser=fuser, controlnets=controlnets)
     spatial = [n for n in names if n in controlnets or adapters[n].kind != "style"]
+    style = [n for n in names if n not in spatial]
     compose = "fuser" if fuser is not None else "sum"
     rows = []
     for prompt, conds in validation_items(config, res):
+        with_style = {"style_image": conds[style[0]]} if style else {}  # the base column runs without the tokens
+        pictures = [conds.get(n) for n in names if isinstance(conds.get(n), Image.Image)]  # tokens have no picture
+        shown = pictures[0].convert("RGB").resize((res, res)) if pictures else Image.new("RGB", (res, res), "grey")
         for seed in val.seeds:
             common = dict(conditions={n: conds[n] for n in spatial}, steps=val.steps, seed=int(seed), size=(res, res),
                           guidance_scale=val.guidance_scale, compose=compose, progress=False)
             base_img = pipe(prompt, weights={n: 0.0 for n in spatial}, **common).images[0]
-            with_img = pipe(prompt, weights={n: 1.0 for n in spatial}, **common).images[0]
-            shown = conds[names[0]].convert("RGB").resize((res, res))
+            with_img = pipe(prompt, weights={n: 1.0 for n in spatial + style}, **with_style, **common).images[0]
             rows.append([shown, base_img.convert("RGB").resize((res, res)), with_img.convert("RGB").resize((res, res))])
     grid = Image.new("RGB", (3 * res, len(rows) * res), "white")
     for r, row in enumerate(rows):
