@@ -172,3 +172,28 @@ def test_webdataset_captions_from_txt_by_default_and_missing_ones_are_said(tmp_p
     data = DataConfig(kind="webdataset", path=str(tmp_path / "b.tar"), conditions={"sketch": "sketch.png"},
                       resolution=64, text_column="cap")
     assert SampleStream(build_source(data, spec), data, spec, seed=0)[0]["caption"] == "a blue square"
+
+
+def test_a_relative_condition_folder_in_both_data_path_and_the_working_directory_is_refused(tmp_path, monkeypatch):
+    """`conditions: {sketch: sk}` with a `sk` folder under data.path and another in the working directory took the
+    working directory's: other sketches under the same file names (silently misaligned), and data.path's own `sk`
+    images trained as photos."""
+    from t2iadapter.train.data import DataError
+
+    (tmp_path / "data" / "sk").mkdir(parents=True)
+    (tmp_path / "sk").mkdir()
+    for i in range(2):
+        Image.new("RGB", (64, 64), (9, 9, 9)).save(tmp_path / "data" / f"{i}.png")
+        Image.new("L", (64, 64), 255).save(tmp_path / "data" / "sk" / f"{i}.png")
+        Image.new("L", (64, 64), 0).save(tmp_path / "sk" / f"{i}.png")
+    monkeypatch.chdir(tmp_path)
+    spec = (AdapterSpec(condition="sketch"),)
+    with pytest.raises(DataError, match="both .* absolute path"):
+        build_source(DataConfig(kind="folder", path="data", conditions={"sketch": "sk"}, resolution=64), spec)
+    data = DataConfig(kind="folder", path="data", conditions={"sketch": str(tmp_path / "data" / "sk")}, resolution=64)
+    source = build_source(data, spec)
+    assert len(source) == 2 and SampleStream(source, data, spec, seed=0)[0]["conditions"]["sketch"].min() == 1
+    (tmp_path / "sk").rename(tmp_path / "elsewhere")  # only under data.path: that one
+    data = DataConfig(kind="folder", path="data", conditions={"sketch": "sk"}, resolution=64)
+    source = build_source(data, spec)
+    assert len(source) == 2 and SampleStream(source, data, spec, seed=0)[0]["conditions"]["sketch"].min() == 1

@@ -136,11 +136,16 @@ class WorldSource(Source):
         return Raw(Image.fromarray(batch.maps["image"][0]), batch.captions[0], conds)
 
 
-def _resolve_dir(path: str, root: Path) -> Path:
+def _resolve_dir(name: str, path: str, root: Path) -> Path:
+    """A condition folder: absolute, or relative to data.path or to the working directory (only one may hold it)."""
     p = Path(path).expanduser()
-    if not p.is_absolute() and not p.exists() and (root / p).exists():
-        p = root / p
-    return p
+    if p.is_absolute():
+        return p
+    inside = root / p
+    if inside.exists() and p.exists() and inside.resolve() != p.resolve():
+        raise DataError(f"the {name!r} condition folder {path!r} is both {inside} (under data.path) and {p.resolve()} "
+                        "(under the working directory); give the one you mean as an absolute path")
+    return inside if inside.exists() else p
 
 
 class FolderSource(Source):
@@ -151,7 +156,7 @@ class FolderSource(Source):
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise DataError(f"data.path {self.root} is not a folder")
-        self.cond_dirs = {name: _resolve_dir(d, self.root) for name, d in conditions.items()}
+        self.cond_dirs = {name: _resolve_dir(name, d, self.root) for name, d in conditions.items()}
         for name, d in self.cond_dirs.items():
             if not d.is_dir():
                 raise DataError(f"condition folder for {name!r} ({d}) does not exist")
