@@ -139,3 +139,28 @@ def test_resume_refuses_a_malicious_rng_file_in_one_line(straight, tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert code == 2 and not marker.exists()
     assert len(err.splitlines()) == 1 and "rng-0.pt" in err and "refused" in err, err
+
+
+@pytest.mark.parametrize("stored_count", [True, False], ids=["samples", "older-checkpoint"])
+def test_resume_on_another_number_of_processes_continues_the_data(tmp_path, stored_count):
+    """A 2-process checkpoint resumed on 1 process: the stream went on at step · GA · B of the new world (position 2
+    of the 4 already read), so half the data was trained again while the log said 'data continues'."""
+    args = ["data.num_samples=6", "recipe.batch_size=1", "recipe.max_steps=2", "checkpoint.every=2", "log_every=1",
+            f"output_dir={tmp_path}"]
+    Trainer(load_config(ROOT / "configs" / "tiny-cpu.yaml", args), base=load_base("tiny")).run()
+    newest = ckpt.checkpoints(tmp_path / "checkpoints")[-1]
+    state = torch.load(newest / ckpt.TRAINER_FILE, weights_only=True)
+    assert state["samples"] == 2
+    state["world_size"] = 2  # as 2 processes write it: 2 steps of batch 1 on each read positions 0..3
+    if stored_count:
+        state["samples"] = 4
+    else:
+        del state["samples"]
+    torch.save(state, newest / ckpt.TRAINER_FILE)
+    trainer = Trainer(load_config(ROOT / "configs" / "tiny-cpu.yaml", [*args, "recipe.max_steps=3"]), base=load_base("tiny"))
+    seen = []
+    real = trainer.train_step
+    trainer.train_step = lambda batches: seen.append(batches[0]["index"].tolist()) or real(batches)
+    trainer.run(resume="latest")
+    assert seen == [[trainer.stream[4]["index"]]]
+    assert torch.load(tmp_path / "checkpoints" / "step-00000003" / ckpt.TRAINER_FILE, weights_only=True)["samples"] == 5

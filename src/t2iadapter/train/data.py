@@ -494,15 +494,17 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 class StreamBatches(torch.utils.data.Sampler):
     """Batches of stream positions for one process: micro-batch m of the run holds positions
-    [(m·W + rank)·B, (m·W + rank + 1)·B), so every process reads its own slice of the same global stream."""
+    offset + [(m·W + rank)·B, (m·W + rank + 1)·B), so every process reads its own slice of the same global stream
+    (`offset`: the samples a resumed run's checkpoint had read, whatever its number of processes)."""
 
-    def __init__(self, batch_size: int, rank: int, world_size: int, start_micro: int) -> None:
+    def __init__(self, batch_size: int, rank: int, world_size: int, start_micro: int, offset: int = 0) -> None:
         self.batch_size, self.rank, self.world_size, self.start = batch_size, rank, world_size, start_micro
+        self.offset = offset
 
     def __iter__(self):
         m = self.start
         while True:
-            first = (m * self.world_size + self.rank) * self.batch_size
+            first = self.offset + (m * self.world_size + self.rank) * self.batch_size
             yield list(range(first, first + self.batch_size))
             m += 1
 
@@ -511,11 +513,11 @@ class StreamBatches(torch.utils.data.Sampler):
 
 
 def make_loader(stream: SampleStream, batch_size: int, rank: int, world_size: int, start_micro: int,
-                num_workers: int) -> torch.utils.data.DataLoader:
-    """An endless DataLoader over the stream, starting at micro-batch `start_micro` (resume)."""
+                num_workers: int, offset: int = 0) -> torch.utils.data.DataLoader:
+    """An endless DataLoader over the stream, starting at micro-batch `start_micro` after `offset` samples (resume)."""
     return torch.utils.data.DataLoader(
         stream,
-        batch_sampler=StreamBatches(batch_size, rank, world_size, start_micro),
+        batch_sampler=StreamBatches(batch_size, rank, world_size, start_micro, offset),
         collate_fn=collate,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,

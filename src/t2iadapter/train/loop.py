@@ -326,6 +326,8 @@ class Trainer:
         self.generator = torch.Generator(self.device).manual_seed(recipe.seed * 7919 + rank + 1)
         self.step = 0
         self.skipped = 0
+        self.samples_at_start = 0  # stream samples read (by all processes) before `start_step`: the data position
+        self.start_step = 0
         self.latent_cache: dict[int, torch.Tensor] = {}
         self.text_cache: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._encoders_offloaded = False
@@ -546,9 +548,16 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------
 
+    def samples_read(self) -> int:
+        """Stream samples read by all processes up to `self.step`: where the data continues after a resume."""
+        r = self.config.recipe
+        return self.samples_at_start + (self.step - self.start_step) * r.grad_accumulation * r.batch_size * \
+            self.accelerator.num_processes
+
     def _trainer_state(self) -> dict[str, Any]:
         return {
             "step": self.step,
+            "samples": self.samples_read(),
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -604,8 +613,11 @@ class Trainer:
                 self.ema = [p.detach().clone().float() for p in self.params]
             else:
                 self.ema = [e.to(self.device) for e in state["ema"]]
-        self.step = int(state["step"])
+        self.step = self.start_step = int(state["step"])
         self.skipped = int(state.get("skipped", 0))
+        world = state.get("world_size") or self.accelerator.num_processes
+        recipe = self.config.recipe  # a checkpoint without the count: every step read GA · B samples per process
+        self.samples_at_start = int(state.get("samples", self.step * recipe.grad_accumulation * recipe.batch_size * world))
         if state.get("world_size") != self.accelerator.num_processes:
             log.warning("resuming a %s-process run on %d processes: data continues, random draws differ",
                         state.get("world_size"), self.accelerator.num_processes)
@@ -705,8 +717,8 @@ class Trainer:
         writer = self._tensorboard() if self.is_main else None
         result = TrainResult(step=self.step, resumed_from=resumed_from)
         skipped_before = self.skipped
-        loader = make_loader(self.stream, recipe.batch_size, acc.process_index, acc.num_processes,
-                             self.step * recipe.grad_accumulation, cfg.data.num_workers)
+        loader = make_loader(self.stream, recipe.batch_size, acc.process_index, acc.num_processes, 0,
+                             cfg.data.num_workers, offset=self.samples_read())
         batches = iter(loader)
         bar = tqdm(total=recipe.max_steps, initial=self.step, disable=not self.is_main, unit="step",
                    dynamic_ncols=True, desc="train")
