@@ -136,6 +136,24 @@ def test_kohya_lora_loads_through_diffusers(loras, tmp_path):
     assert np.abs(images[0] - plain).max() > 1e-3
 
 
+def test_a_text_encoder_lora_with_the_text_model_level_loads(loras, tmp_path):
+    """LoRAs made before transformers 5 name the text encoder's modules `text_model.encoder...` (every SD1.x/SDXL
+    LoRA on the hub); diffusers strips that level where the model lost it, our fit check counted them missing and
+    refused a text-encoder LoRA as one "for another base"."""
+    from safetensors.torch import load_file, save_file
+
+    a, _ = loras
+    old = {k.replace("text_encoder.", "text_encoder.text_model.", 1): v for k, v in load_file(a).items()
+           if k.startswith("text_encoder.")}
+    save_file(old, tmp_path / "te.safetensors")
+    pipe = AdapterPipeline(load_base("tiny"))
+    plain = ours(pipe)
+    pipe.load_lora(tmp_path / "te.safetensors", scale=0.6)
+    got = ours(pipe)
+    assert np.abs(got - theirs(load_base("tiny"), [(tmp_path / "te.safetensors", 0.6)])).max() <= 1e-4
+    assert np.abs(got - plain).max() > 1e-3
+
+
 @pytest.mark.parametrize("scale", [None, "0.5", float("nan"), float("inf"), True])
 def test_a_bad_scale_is_refused_before_anything_loads(loras, scale):
     """It was checked after loading: the LoRA stayed active yet unlisted (unload could not reach it), or NaN images."""

@@ -157,6 +157,10 @@ class Loras:
                                       f"{_family(self.base)}")
                 continue
             path = rest.split(".lora", 1)[0]
+            if prefix != "unet" and "text_model" not in modules[prefix]:
+                # transformers 5's CLIP text models lost their `text_model.` level; LoRAs made before keep it, and
+                # diffusers strips it (`_load_lora_into_text_encoder`)
+                path = path.removeprefix("text_model.")
             module = modules[prefix].get(path)
             named += 1
             if module is None:
