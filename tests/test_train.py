@@ -151,7 +151,8 @@ def test_config_errors(tmp_path):
     for override, words in (("data.conditions={sketch: 3}", "data.conditions maps"), ("data.num_samples=-3", "num_samples"),
                             ("data.num_workers=-1", "num_workers"), ("recipe.weight_decay=-1", "weight_decay"),
                             ("recipe.warmup_steps=-2", "warmup_steps"), ("recipe.betas=[1.5, 0.9]", r"betas must be .* \[0, 1\)"),
-                            ("recipe.betas=[0.9, 1]", "betas must be"), ("recipe.betas=[a, 0.9]", "betas needs two numbers")):
+                            ("recipe.betas=[0.9, 1]", "betas must be"), ("recipe.betas=[a, 0.9]", "betas needs two numbers"),
+                            ("recipe.max_minutes=-1", "max_minutes must be > 0"), ("recipe.max_minutes=0", "max_minutes")):
         with pytest.raises(ConfigError, match=words):
             load_config(TINY, [override])
 

@@ -155,6 +155,8 @@ class RecipeConfig:
             raise ConfigError(f"recipe.ema_decay must be in (0, 1) or null, got {self.ema_decay}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError(f"recipe.grad_clip must be > 0 or null, got {self.grad_clip}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ConfigError(f"recipe.max_minutes must be > 0 or null (no limit), got {self.max_minutes}")
 
 
 @dataclass(frozen=True)
