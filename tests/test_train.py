@@ -155,6 +155,12 @@ def test_config_errors(tmp_path):
                             ("recipe.max_minutes=-1", "max_minutes must be > 0"), ("recipe.max_minutes=0", "max_minutes")):
         with pytest.raises(ConfigError, match=words):
             load_config(TINY, [override])
+    # validation that could never render: no grid and no word at every step, or an error only at the first grid
+    for override, words in ((["validation.every=5", "validation.world_seeds=[]"], "nothing to render"),
+                            (["validation.seeds=[a]"], "seeds must be a list of integers"),
+                            (["validation.world_seeds=[-1]"], "world_seeds must be")):
+        with pytest.raises(ConfigError, match=words):
+            load_config(TINY, override)
 
 
 def test_cli_train_and_its_errors(tmp_path, capsys):

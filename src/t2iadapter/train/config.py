@@ -190,6 +190,12 @@ class ValidationConfig:
             raise ConfigError(f"validation.every must be >= 0 (0: off), got {self.every}")
         if self.steps < 1:
             raise ConfigError(f"validation.steps must be >= 1, got {self.steps}")
+        if self.every and not (self.prompts or self.world_seeds):
+            raise ConfigError(f"validation.every is {self.every} but there is nothing to render: give validation.prompts "
+                              "with validation.conditions, or validation.world_seeds")
+        for name in ("seeds", "world_seeds"):
+            if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in getattr(self, name)):
+                raise ConfigError(f"validation.{name} must be a list of integers >= 0, got {list(getattr(self, name))}")
         if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
             raise ConfigError(f"validation.guidance_scale must be a finite number >= 0, got {self.guidance_scale}")
 
