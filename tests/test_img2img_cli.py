@@ -36,6 +36,9 @@ CASES = {
     "mask of another size": (lambda f: generate(f, "--init-image", str(f["image"]), "--mask", str(f["small"])),
                              "--mask is 32x32 but --init-image is 64x64"),
     "missing init image": (lambda f: generate(f, "--init-image", str(f["dir"] / "nope.png")), "does not exist"),
+    # the steps asked for, not int(steps·strength): "30 steps: LCMScheduler refuses them; use fewer steps" for --steps 60
+    "lcm steps from an image": (lambda f: generate(f, "--init-image", str(f["image"]), "--strength", "0.5", "--scheduler",
+                                                   "lcm", "--steps", "60"), "60 steps: LCMScheduler refuses them"),
     "missing lora": (lambda f: generate(f, "--lora", str(f["dir"] / "nope.safetensors") + ":0.5"), "LoRA"),
 }
 

@@ -50,16 +50,16 @@ class Denoise:
     def start(self, timestep_device: Any, dtype: torch.dtype) -> torch.Tensor:
         """Set the timesteps and draw the initial latents (as diffusers: CPU generator, scaled by init_noise_sigma)."""
         name = type(self.scheduler).__name__
+        steps = self.source.schedule_steps if self.source else self.steps  # img2img: the whole schedule's, as asked
         try:
-            self.scheduler.set_timesteps(self.source.schedule_steps if self.source else self.steps,
-                                         device=timestep_device)
+            self.scheduler.set_timesteps(steps, device=timestep_device)
         except ValueError as exc:  # LCM/TCD: at most their original_inference_steps (50)
-            raise ConfigError(f"{self.steps} steps: {name} refuses them ({str(exc).strip().splitlines()[0]}); "
+            raise ConfigError(f"{steps} steps: {name} refuses them ({str(exc).strip().splitlines()[0]}); "
                               f"use fewer steps") from None
         trained = self.scheduler.config.num_train_timesteps
         timesteps = self.scheduler.timesteps
         if float(timesteps.max()) >= trained:  # DDIM's "leading" spacing + steps_offset at 1000 steps
-            raise ConfigError(f"{self.steps} steps are more than this scheduler can take here (its timesteps would pass "
+            raise ConfigError(f"{steps} steps are more than this scheduler can take here (its timesteps would pass "
                               f"{trained - 1}, the last it was trained on); use fewer steps or another scheduler")
         repeats = len(timesteps) - len(torch.unique(timesteps))
         if repeats > 1 and self.scheduler.order == 1 and not self.scheduler.config.get("use_karras_sigmas", False):
@@ -67,7 +67,7 @@ class Denoise:
             # timestep repeated, and multistep solvers divide by the zero step between them — an all-NaN image.
             # (PNDM repeats one timestep by design, second-order schedulers each one, and Karras sigmas round to
             # repeated timesteps from ~70 steps on, harmlessly.)
-            raise ConfigError(f"{self.steps} steps are more than {name} can space over its {trained} trained "
+            raise ConfigError(f"{steps} steps are more than {name} can space over its {trained} trained "
                               f"timesteps (some repeat); use fewer steps")
         self.run_timesteps = timesteps
         latents = self.source.start(self, dtype) if self.source is not None else self._noise(dtype)  # (cuts img2img's)
