@@ -197,3 +197,22 @@ def test_a_relative_condition_folder_in_both_data_path_and_the_working_directory
     data = DataConfig(kind="folder", path="data", conditions={"sketch": "sk"}, resolution=64)
     source = build_source(data, spec)
     assert len(source) == 2 and SampleStream(source, data, spec, seed=0)[0]["conditions"]["sketch"].min() == 1
+
+
+def test_unreadable_data_in_a_worker_is_one_line(tmp_path, capsys):
+    """With data.num_workers > 0 the 'samples in a row could not be read' error came back from the DataLoader worker
+    with the worker's whole traceback as its message: `error:` and 20 lines of traceback."""
+    from t2iadapter.cli import main
+
+    (tmp_path / "data" / "sk").mkdir(parents=True)
+    for i in range(3):
+        (tmp_path / "data" / f"{i}.png").write_bytes(b"not a png")
+        Image.new("L", (64, 64), 255).save(tmp_path / "data" / "sk" / f"{i}.png")
+    code = main(["train", "--config", str(ROOT / "configs" / "tiny-cpu.yaml"), "--set", "data.kind=folder",
+                 "--set", f"data.path={tmp_path / 'data'}", "--set", "data.conditions={sketch: sk}",
+                 "--set", "data.num_samples=null", "--set", "data.num_workers=1", "--set", "max_steps=1",
+                 "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    (line,) = [x for x in err.splitlines() if x.startswith("error:")]
+    assert line.startswith("error: 3 samples in a row could not be read; the last: ")

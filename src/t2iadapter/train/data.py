@@ -512,6 +512,21 @@ class StreamBatches(torch.utils.data.Sampler):
         return 2**62
 
 
+def next_batch(batches) -> dict[str, Any]:
+    """The next batch of a loader; our error raised in a DataLoader worker keeps its one-line message (torch re-raises
+    it with the worker's whole traceback as the message)."""
+    from t2iadapter.errors import T2IAdapterError
+
+    try:
+        return next(batches)
+    except T2IAdapterError as exc:
+        text = str(exc)
+        if not (text.startswith("Caught ") and "Original Traceback" in text):
+            raise
+        last = text.rstrip().splitlines()[-1]  # "t2iadapter.train.data.DataError: <the message>"
+        raise type(exc)(last.split(": ", 1)[-1]) from None
+
+
 def make_loader(stream: SampleStream, batch_size: int, rank: int, world_size: int, start_micro: int,
                 num_workers: int, offset: int = 0) -> torch.utils.data.DataLoader:
     """An endless DataLoader over the stream, starting at micro-batch `start_micro` after `offset` samples (resume)."""

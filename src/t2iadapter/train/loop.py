@@ -692,7 +692,7 @@ class Trainer:
         logging and validating; `resume`: 'latest' (newest in output_dir) or a checkpoint folder."""
         from tqdm.auto import tqdm
 
-        from t2iadapter.train.data import make_loader
+        from t2iadapter.train.data import make_loader, next_batch
 
         cfg, recipe, acc = self.config, self.config.recipe, self.accelerator
         t0 = time.time()
@@ -730,7 +730,7 @@ class Trainer:
                                  time.perf_counter())
         try:
             while self.step < end:
-                micro = [next(batches) for _ in range(recipe.grad_accumulation)]
+                micro = [next_batch(batches) for _ in range(recipe.grad_accumulation)]
                 for b in micro:
                     for err in b.get("errors", ())[:3]:
                         log.debug("skipped: %s", err)
