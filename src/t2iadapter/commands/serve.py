@@ -7,6 +7,7 @@ import os
 
 from t2iadapter.commands import (DEMO_BASE, add_fast_arguments, add_threads_argument, check_fast_arguments, fast_precision,
                                  parse_adapters)
+from t2iadapter.errors import ConfigError
 from t2iadapter.server.limits import Limits
 
 log = logging.getLogger(__name__)
@@ -131,9 +132,13 @@ def run(args: argparse.Namespace) -> int:
     if settings.fast:  # when compiling starts, how long it took, and whether the compiled-graph cache served
         logging.getLogger("t2iadapter.generation.compile_cache").setLevel(logging.INFO)
 
-    import uvicorn
+    try:
+        import uvicorn
 
-    from t2iadapter.server import create_app
+        from t2iadapter.server import create_app
+    except ImportError as exc:  # the serve extra is not installed: one line, as every user error
+        raise ConfigError(f"t2iadapter serve needs the serve extra (pip install 't2iadapter[serve]'); "
+                          f"importing it failed: {exc}") from None
 
     app = create_app(settings, limits=limits, token=token)  # a base that cannot load fails here: one line, no warnings
     if not settings.adapters:
