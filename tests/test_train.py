@@ -280,3 +280,34 @@ def test_style_adapter_trains_with_the_style_extractor_on_the_fly(base, tmp_path
     trainer = Trainer(cfg, base=base)
     assert first_batch(trainer, 2)["conditions"]["style"].shape == (2, 5, 16)
     assert trainer.run().step == 1
+
+
+def test_force_deletes_the_earlier_runs_files_and_nothing_else(tmp_path):
+    """--force deleted only the checkpoints: a two-adapter run's adapter-sketch/adapter-color files stayed beside a
+    later single adapter's adapter.safetensors, and its TensorBoard events mixed with the new run's curves."""
+    import json
+
+    from t2iadapter.cli import main
+
+    two = tmp_path.parent / f"{tmp_path.name}-two.yaml"
+    two.write_text(TINY.read_text().replace("adapter:\n  kind: full\n  condition: sketch        # the world renders "
+                                            "exact sketches\n  in_channels: 1\n",
+                                            "adapters:\n  - {kind: full, condition: sketch, in_channels: 1}\n"
+                                            "  - {kind: light, condition: color}\nfuser: {}\n"))
+    common = ["train", "--output-dir", str(tmp_path), "--max-steps", "1",
+              "--set", "checkpoint.every=0", "--set", "batch_size=1", "--set", "data.num_samples=1"]
+    assert main([*common, "--config", str(two)]) == 0
+    earlier = set(json.loads((tmp_path / "train_summary.json").read_text())["outputs"])
+    assert {"adapter-sketch.safetensors", "adapter-color.safetensors"} <= earlier
+    (tmp_path / "logs").mkdir(exist_ok=True)
+    (tmp_path / "logs" / "events.old").write_text("the earlier run's curve")
+    (tmp_path / "validation").mkdir(exist_ok=True)
+    (tmp_path / "validation" / "step-00000001.png").write_bytes(b"grid")
+    (tmp_path / "notes.txt").write_text("the user's own file")
+    assert main([*common, "--config", str(TINY), "--force"]) == 0
+    names = {p.name for p in tmp_path.iterdir()}
+    assert not any(name.startswith(("adapter-sketch", "adapter-color")) for name in names), names
+    assert "adapter.safetensors" in names and (tmp_path / "notes.txt").read_text() == "the user's own file"
+    assert not (tmp_path / "logs" / "events.old").exists() and not (tmp_path / "validation").exists()
+    assert set(json.loads((tmp_path / "train_summary.json").read_text())["outputs"]) == {
+        "adapter.safetensors", "adapter-diffusers"}

@@ -25,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", nargs="?", const="latest", metavar="CKPT",
                    help="continue from the newest checkpoint in the output dir, or from CKPT (a checkpoint folder)")
     p.add_argument("--force", action="store_true",
-                   help="start over in an output dir that already holds a run (its checkpoints are deleted)")
+                   help="start over in an output dir that already holds a run (its checkpoints, logs, validation grids and "
+                   "final files are deleted)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     add_threads_argument(p)
     p.set_defaults(func=run)
@@ -38,7 +39,7 @@ def check_output_dir(out: Path, *, resume: bool, force: bool) -> None:
     earlier = out.is_dir() and any((out / name).exists() for name in ("checkpoints", "train_config.json"))
     if earlier and not (resume or force):
         raise ConfigError(f"{out} already holds a training run: --resume continues it, --force starts over "
-                          "(deleting its checkpoints), or choose another --output-dir")
+                          "(deleting that run's files), or choose another --output-dir")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -698,10 +698,8 @@ class Trainer:
         t0 = time.time()
         reset_peak_memory(self.device)
         resumed_from = None
-        if start_over and not resume and self.is_main and self.ckpt_dir.is_dir():
-            # --force: an earlier run's checkpoints would count as newer than this run's, and a later --resume
-            # would continue that run
-            shutil.rmtree(self.ckpt_dir)
+        if start_over and not resume and self.is_main:
+            self._clear_earlier_run()
         if resume:
             path = ckpt.resolve(resume, self.ckpt_dir)
             if path is None:
@@ -784,6 +782,32 @@ class Trainer:
             self._write_summary(result)
         return result
 
+    def _clear_earlier_run(self) -> None:
+        """--force: delete what an earlier run wrote here — its checkpoints (they would count as newer than this
+        run's, and a later --resume would continue that run), its TensorBoard events (the curves would mix), its
+        validation grids, its summary and the final files its summary lists (a CoAdapter run's adapter files
+        stayed beside a later single adapter's). Nothing else in the folder is touched."""
+        import json
+
+        out = self.output_dir
+        summary = out / SUMMARY_FILE
+        earlier: list[str] = []
+        if summary.is_file():
+            try:
+                earlier = [str(name) for name in json.loads(summary.read_text()).get("outputs", [])]
+            except (ValueError, AttributeError, TypeError):
+                log.warning("%s is unreadable; the earlier run's final files stay", summary)
+        for name in earlier:
+            path = out / Path(name).name  # names inside this folder only, whatever the file says
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.is_file():
+                path.unlink()
+        for folder in (self.ckpt_dir, out / "logs", out / "validation"):
+            if folder.is_dir():
+                shutil.rmtree(folder)
+        summary.unlink(missing_ok=True)
+
     def _write_summary(self, result: TrainResult) -> Path:
         """`train_summary.json` in the output dir: samples/s, peak memory, the card, the batch, the last loss."""
         import json
@@ -808,6 +832,7 @@ class Trainer:
             "last_loss": result.losses[-1] if result.losses else None,
             "loss_curve": loss_curve(result.losses, result.step),  # 20 means over equal step ranges: the plateau
             "run_seconds": result.seconds,
+            "outputs": [path.name for path in result.outputs],  # what --force deletes when it starts over here
         }
         path = self.output_dir / SUMMARY_FILE
         path.write_text(json.dumps(summary, indent=2) + "\n")
