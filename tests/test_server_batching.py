@@ -294,3 +294,33 @@ def test_fast_mode_batches_pad_to_few_shapes_and_match_eager():
     assert np.array_equal(alone, got[0])
     for x, y in zip(got, want):
         assert np.abs(x - y).max() < 1e-4
+
+
+def test_a_worker_goes_on_when_the_work_around_a_batch_raises():
+    """Anything raising after a batch's outcome (the metrics observer, `release_memory` after a CUDA fault) ended
+    the worker thread while /health still said up: every later job waited for its timeout."""
+    from t2iadapter.server.jobs import Lane, ModelWorker
+
+    class Observer:
+        calls = 0
+
+        def batch(self, jobs, images):
+            pass
+
+        def finished(self, job):
+            Observer.calls += 1
+            if Observer.calls == 1:
+                raise RuntimeError("observer broke")
+
+    worker = ModelWorker(4, [Lane("cpu", lambda jobs, progress: [job.payload * 2 for job in jobs])],
+                         observer=Observer())
+    worker.start()
+    try:
+        first = worker.submit(1, timeout=10)
+        assert first.future.result(timeout=10) == 2  # its outcome came before the observer raised
+        second = worker.submit(21, timeout=10)
+        assert second.future.result(timeout=10) == 42
+        lane = worker.lanes[0]
+        assert lane.status == "up" and lane.thread.is_alive() and lane.failures == 1
+    finally:
+        worker.stop()

@@ -297,12 +297,27 @@ class ModelWorker:
                                                          "(the server log says why)"))
                 return
         lane.status = "up"
-        while (batch := self._next()) is not None:
-            try:
-                self._run(lane, batch)
-            finally:
-                with self._cond:
-                    self._running.difference_update(batch)
+        try:
+            while (batch := self._next()) is not None:
+                try:
+                    self._run(lane, batch)
+                except Exception as exc:  # around the batch (metrics, memory release): the worker must go on
+                    lane.failures += 1
+                    log.error("worker %s failed around a batch; it goes on", lane.name, exc_info=exc)
+                    for job in batch:
+                        settle(job, exc=WorkerError(f"the model worker {lane.name} failed around this request: "
+                                                    f"{type(exc).__name__}: {exc}"))
+                finally:
+                    with self._cond:
+                        self._running.difference_update(batch)
+        finally:
+            with self._cond:  # a thread that ends for any reason but stop() is no worker: /health and the queue know
+                if not self._stopping and lane.status == "up":
+                    lane.status = "failed"
+                    log.error("worker %s stopped", lane.name)
+                    if not any(other.status in ("starting", "up") for other in self.lanes):
+                        self._fail_waiting(WorkerStopped("no model worker is up: the last one stopped (the server "
+                                                         "log says why)"))
 
     def _run(self, lane: Lane, batch: list[Job]) -> None:
         live = [job for job in batch if job.future.set_running_or_notify_cancel()]  # drop those cancelled meanwhile
