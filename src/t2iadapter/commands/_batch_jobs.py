@@ -30,7 +30,7 @@ from typing import Any
 from t2iadapter.errors import ConfigError, T2IAdapterError
 
 FIELDS = ("prompt", "negative_prompt", "conditions", "adapters", "seed", "steps", "guidance_scale", "width", "height",
-          "scheduler", "compose", "fuser_windows", "num_images")
+          "scheduler", "compose", "fuser_windows", "num_images", "eta")
 
 
 @dataclass(frozen=True)
@@ -173,7 +173,7 @@ def to_request(job: dict[str, Any], index: int, where: str, root: Path, args: ar
             steps=job.get("steps", args.steps), guidance_scale=job.get("guidance_scale", args.guidance),
             size=size, seed=job.get("seed", (args.seed or 0) + index), scheduler=job.get("scheduler", args.scheduler),
             num_images=job.get("num_images", args.num_images), compose=job.get("compose", "fuser" if args.fuser else "sum"),
-            fuser_windows=job.get("fuser_windows", args.fuser_windows))
+            fuser_windows=job.get("fuser_windows", args.fuser_windows), eta=job.get("eta", args.eta))
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
 
@@ -189,7 +189,7 @@ def check_defaults(args: argparse.Namespace) -> None:
         GenerationRequest(args.prompt or "x", (), negative_prompt=args.negative_prompt, steps=args.steps,
                           guidance_scale=args.guidance, size=args.size, seed=args.seed, scheduler=args.scheduler,
                           num_images=args.num_images, compose="fuser" if args.fuser else "sum",
-                          fuser_windows=args.fuser_windows)
+                          fuser_windows=args.fuser_windows, eta=args.eta)
     except ConfigError as exc:
         raise ConfigError(as_flags(str(exc))) from None
 

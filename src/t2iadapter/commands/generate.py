@@ -33,6 +33,8 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d["seed"], help="random seed (default: a random one, stored in the PNG)")
     p.add_argument("--size", type=parse_size, default=d["size"], help="output WIDTHxHEIGHT (any size; default: the base's)")
     p.add_argument("--scheduler", default=d["scheduler"], help=", ".join(scheduler_names()) + " (default: the base's)")
+    p.add_argument("--eta", type=float, default=d["eta"],
+                   help=f"0..1: DDIM's eta (noise added back each step), TCD's gamma (default {d['eta']:g})")
     p.add_argument("--num-images", type=int, default=d["num_images"], help="images to generate (FILE-0.png, FILE-1.png, ...)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default: fp16 on GPU, fp32 on CPU")
@@ -124,7 +126,7 @@ def _controlnet_uses(args: argparse.Namespace, names: list[str], conditions: lis
 FLAGS = {"guidance_scale": "--guidance", "mask_image": "--mask", "init_image": "--init-image",
          "num_images": "--num-images", "negative_prompt": "--negative-prompt", "paste_back": "--paste-back",
          "fuser_windows": "--fuser-windows", "steps": "--steps", "strength": "--strength", "seed": "--seed",
-         "size": "--size", "scheduler": "--scheduler", "prompt": "--prompt"}
+         "size": "--size", "scheduler": "--scheduler", "prompt": "--prompt", "eta": "--eta"}
 
 
 def as_flags(message: str) -> str:
@@ -185,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
                                     scheduler=args.scheduler, num_images=args.num_images,
                                     compose="fuser" if args.fuser else "sum", fuser_windows=args.fuser_windows,
                                     init_image=args.init_image, strength=args.strength, mask_image=args.mask,
-                                    paste_back=args.paste_back)
+                                    paste_back=args.paste_back, eta=args.eta)
     except ConfigError as exc:
         raise ConfigError(as_flags(str(exc))) from None
     windows = [Window.parse(w) for w in args.window]

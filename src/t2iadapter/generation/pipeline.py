@@ -842,6 +842,7 @@ class AdapterPipeline:
             "windows": [[u.window.start, u.window.end] for u in req.adapters],
             "compose": req.compose,
             "num_images": req.num_images,
+            **({"eta": req.eta} if req.eta else {}),
             **({"controlnets": [{"name": u.name, "weight": u.weight, "window": [u.window.start, u.window.end]}
                                 for u in req.controlnets]} if req.controlnets else {}),
             **({"loras": dict(self.loras.scales)} if self.loras.scales else {}),

@@ -67,7 +67,7 @@ def prepare(req: GenerateRequest, pipe: Any, limits: Limits, uploads: dict[str, 
     return GenerationRequest(req.prompt, tuple(uses), negative_prompt=req.negative_prompt, steps=req.steps,
                              guidance_scale=req.guidance_scale, size=(w, h), seed=req.seed, scheduler=req.scheduler,
                              num_images=req.num_images, compose=req.compose, fuser_windows=req.fuser_windows,
-                             strength=req.strength, paste_back=req.paste_back, **source,
+                             strength=req.strength, paste_back=req.paste_back, eta=req.eta, **source,
                              controlnets=_controlnet_uses(req, controlnets, images))
 
 

@@ -57,6 +57,8 @@ class GenerateRequest(BaseModel):
         DEFAULTS["fuser_windows"], description="with compose=fuser: 'once' (fuse all conditions once, gate by window; "
         "the original CoAdapter) or 'active' (fuse the adapters active at each step)")
     num_images: int = Field(DEFAULTS["num_images"], ge=1)
+    eta: float = Field(DEFAULTS["eta"], ge=0.0, le=1.0, allow_inf_nan=False,
+                       description="DDIM's eta (noise added back each step) or TCD's gamma; other schedulers take 0")
     # --- img2img / inpainting (issue 15) ---
     init_image: str | None = Field(None, description="img2img: base64 image to start from (default size: its own)")
     strength: float | None = Field(DEFAULTS["strength"], gt=0.0, le=1.0, allow_inf_nan=False,
@@ -67,7 +69,7 @@ class GenerateRequest(BaseModel):
     controlnets: dict[str, AdapterOptions] = Field(
         default_factory=dict, description="ControlNet name → weight (controlnet_conditioning_scale) and window")
 
-    _numbers = field_validator("seed", "steps", "guidance_scale", "width", "height", "num_images", "strength",
+    _numbers = field_validator("seed", "steps", "guidance_scale", "width", "height", "num_images", "strength", "eta",
                                mode="before")(not_bool)
 
 
