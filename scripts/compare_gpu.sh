@@ -5,8 +5,11 @@
 #                                                         # ControlNet, each alone on the GPU for MINUTES
 #   bash scripts/compare_gpu.sh measure SCENES            # quality on SCENES held-out scenes, fast-mode ms/image
 #   bash scripts/compare_gpu.sh rest MINUTES FUSER_MINUTES    # seg, depth, pose, colour at once, then the fuser
+#   bash scripts/compare_gpu.sh eval SCENES               # issue 11's table: `t2iadapter eval` of every setting with
+#                                                         # RUN's adapters, fuser and ControlNet (eval-demo.json/.md)
 # Environment: BASE (default: demo, the shipped base, v2 by then), RUN (/root/demo-adapters), BATCH (48), WORKERS (6 DataLoader
-# workers per run: the compare phase runs one process at a time; `rest` runs four, so give it WORKERS=3).
+# workers per run: the compare phase runs one process at a time; `rest` runs four, so give it WORKERS=3), DEVICE (cuda;
+# cpu rehearses `measure` and `eval` on a CPU).
 # What comes back in $OUT (each file under 15 MiB): the fp16 sketch adapter and ControlNet, the script's log with
 # both runs' samples/s and peak memory, compare_gpu.json/.md (merge it on the CPU: docs/demo-model.md).
 set -euo pipefail
@@ -20,6 +23,7 @@ RUN=${RUN:-/root/demo-adapters}
 OUT=${OUT:-/tmp/out}
 BATCH=${BATCH:-48}
 WORKERS=${WORKERS:-6}
+DEVICE=${DEVICE:-cuda}
 mkdir -p "$RUN" "$OUT"
 phase=$1; shift
 case $phase in
@@ -37,12 +41,18 @@ case $phase in
     measure)
         python3 benchmarks/compare_adapter_controlnet.py --base "$BASE" --adapter "$RUN/adapters/sketch.safetensors" \
             --controlnet "$RUN/controlnets/controlnet-sketch.safetensors" --train-log "$RUN/adapters_log.json" \
-            --scenes "$1" --device cuda --json "$OUT/compare_gpu.json" --out "$OUT/compare_gpu.md" 2>&1 | tail -20 ;;
+            --scenes "$1" --device "$DEVICE" --json "$OUT/compare_gpu.json" --out "$OUT/compare_gpu.md" 2>&1 | tail -20 ;;
+    eval)
+        adapters=()
+        for c in sketch seg depth pose color; do adapters+=(--adapter "$c=$RUN/adapters/$c.safetensors"); done
+        python3 -m t2iadapter.cli eval --base "$BASE" "${adapters[@]}" --fuser "$RUN/adapters/fuser.safetensors" \
+            --controlnet "controlnet-sketch=$RUN/controlnets/controlnet-sketch.safetensors" --scenes "$1" \
+            --device "$DEVICE" --batch "${EVAL_BATCH:-25}" --json "$OUT/eval-demo.json" --out "$OUT/eval-demo.md" --force 2>&1 | tail -16 ;;
     rest)
         python3 scripts/train_demo_adapters.py --base "$BASE" --out "$RUN" --controlnet-sketch --phases adapters,fuser \
             --minutes "$1" --fuser-minutes "$2" --batch "$BATCH" --workers "$WORKERS" 2>&1 | tee "$OUT/rest_train.log" | tail -8
         mkdir -p "$OUT/adapters" && cp "$RUN"/adapters/*.safetensors "$OUT/adapters/" && cp "$RUN/adapters_log.json" "$OUT/" ;;
     *)
-        echo "usage: $0 train MINUTES | measure SCENES | rest MINUTES FUSER_MINUTES" >&2; exit 2 ;;
+        echo "usage: $0 train MINUTES | measure SCENES | rest MINUTES FUSER_MINUTES | eval SCENES" >&2; exit 2 ;;
 esac
 ls -la "$OUT"

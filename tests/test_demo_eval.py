@@ -63,7 +63,7 @@ def test_merged_summaries_weight_by_counts():
 
 
 def test_training_time_budget_stops_early(tmp_path):
-    assert cli(["train", "--config", "configs/tiny-cpu.yaml", "--set", "max_minutes=0", "--set", "max_steps=40",
+    assert cli(["train", "--config", "configs/tiny-cpu.yaml", "--set", "max_minutes=1e-9", "--set", "max_steps=40",
                 "--set", "checkpoint.every=0", "--output-dir", str(tmp_path)]) == 0
     steps = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert steps == ["step-00000001"]  # log_every=1: the budget is checked after the first step
@@ -89,3 +89,32 @@ def test_eval_refuses_an_adapter_it_would_not_score(tmp_path, capsys):
     assert cli(["eval", "--adapter", str(tmp_path / "my-sketch-v2.safetensors"), "--scenes", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--adapter my-sketch-v2: eval scores an adapter by the condition it takes" in err[0]
+
+
+def test_batched_evaluation_scores_what_one_by_one_does():
+    """`eval --batch N` (GPU evaluation of hundreds of scenes) runs a setting's scenes through generate_batch: each
+    scene keeps its own prompt, conditions, seed, weights and window; images equal the unbatched ones to rounding."""
+    from t2iadapter.demo import world
+    from t2iadapter.demo.loading import demo_pipeline
+    from t2iadapter.errors import ConfigError
+    from t2iadapter.evaluation.controllability import default_settings, evaluate
+
+    torch.set_num_threads(1)
+    pipe = demo_pipeline(device="cpu")
+    settings = [s for s in default_settings(pipe.spatial_names, True, {})
+                if s.name in ("text only", "sketch", "sketch+color (fuser)", "sketch, window 0–0.5")]
+    assert len(settings) == 4
+    scenes = [world.generate(s) for s in range(world.EVAL_SEEDS.start, world.EVAL_SEEDS.start + 3)]
+    one, one_images = evaluate(pipe, scenes, settings, steps=2, progress=False, keep_images=True)
+    batched, batched_images = evaluate(pipe, scenes, settings, steps=2, progress=False, keep_images=True, batch=2)
+    for name in one_images:
+        assert len(batched_images[name]) == 3
+        for a, b in zip(one_images[name], batched_images[name]):
+            assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() <= 2, name
+    scenes_differ = np.abs(np.asarray(one_images["sketch"][0], np.int16) - np.asarray(one_images["sketch"][1], np.int16))
+    assert scenes_differ.mean() > 10  # each scene is its own, not the batch's first
+    for r1, r2 in zip(one, batched):
+        for key in ("structure_iou", "colour_accuracy", "spurious_foreground"):
+            assert r1.summary()[key] == pytest.approx(r2.summary()[key], abs=0.01), (r1.setting.name, key)
+    with pytest.raises(ConfigError, match="batch"):
+        evaluate(pipe, scenes, settings, batch=0)
