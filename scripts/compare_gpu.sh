@@ -3,7 +3,8 @@
 # Each fits one call of under ten minutes; RUN (kept on the warm machine between calls) holds the runs.
 #   bash scripts/compare_gpu.sh train MINUTES             # the compare phase: the sketch adapter, then the sketch
 #                                                         # ControlNet, each alone on the GPU for MINUTES
-#   bash scripts/compare_gpu.sh measure SCENES            # quality on SCENES held-out scenes, fast-mode ms/image
+#   bash scripts/compare_gpu.sh measure SCENES            # quality on SCENES held-out scenes (or from an earlier
+#                                                         # `eval` call's RUN/eval-demo.json), fast-mode ms/image
 #   bash scripts/compare_gpu.sh rest MINUTES FUSER_MINUTES    # seg, depth, pose, colour at once, then the fuser
 #   bash scripts/compare_gpu.sh eval SCENES               # issue 11's table: `t2iadapter eval` of every setting with
 #                                                         # RUN's adapters, fuser and ControlNet (eval-demo.json/.md)
@@ -39,15 +40,18 @@ case $phase in
         done
         cp "$RUN/adapters_log.json" "$OUT/" ;;
     measure)
+        # quality from an earlier `eval` call's table on the same scenes when there is one (no second generation)
+        if [ -f "$RUN/eval-demo.json" ]; then quality=(--scenes 0 --eval-json "$RUN/eval-demo.json"); else quality=(--scenes "$1"); fi
         python3 benchmarks/compare_adapter_controlnet.py --base "$BASE" --adapter "$RUN/adapters/sketch.safetensors" \
             --controlnet "$RUN/controlnets/controlnet-sketch.safetensors" --train-log "$RUN/adapters_log.json" \
-            --scenes "$1" --device "$DEVICE" --json "$OUT/compare_gpu.json" --out "$OUT/compare_gpu.md" 2>&1 | tail -20 ;;
+            "${quality[@]}" --device "$DEVICE" --json "$OUT/compare_gpu.json" --out "$OUT/compare_gpu.md" 2>&1 | tail -20 ;;
     eval)
         adapters=()
         for c in sketch seg depth pose color; do adapters+=(--adapter "$c=$RUN/adapters/$c.safetensors"); done
         python3 -m t2iadapter.cli eval --base "$BASE" "${adapters[@]}" --fuser "$RUN/adapters/fuser.safetensors" \
             --controlnet "controlnet-sketch=$RUN/controlnets/controlnet-sketch.safetensors" --scenes "$1" \
-            --device "$DEVICE" --batch "${EVAL_BATCH:-25}" --json "$OUT/eval-demo.json" --out "$OUT/eval-demo.md" --force 2>&1 | tail -16 ;;
+            --device "$DEVICE" --batch "${EVAL_BATCH:-25}" --json "$OUT/eval-demo.json" --out "$OUT/eval-demo.md" --force 2>&1 | tail -16
+        cp "$OUT/eval-demo.json" "$RUN/" ;;
     rest)
         python3 scripts/train_demo_adapters.py --base "$BASE" --out "$RUN" --controlnet-sketch --phases adapters,fuser \
             --minutes "$1" --fuser-minutes "$2" --batch "$BATCH" --workers "$WORKERS" 2>&1 | tee "$OUT/rest_train.log" | tail -8
