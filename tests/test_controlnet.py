@@ -362,3 +362,18 @@ def test_controlnet_windows_count_every_evaluation_of_heun(sd_base):
                        generator=torch.Generator().manual_seed(0), control_guidance_start=start,
                        control_guidance_end=end, output_type="np").images[0]
         assert np.abs(ours - ref).max() <= 1e-4, (start, end)
+
+
+def test_a_controlnet_call_without_a_size_takes_its_condition_size_as_diffusers(sd_base):
+    """diffusers' ControlNet pipelines default height/width to the control image's (rounded down to the VAE's
+    factor); the keyword call gave the base's size (64² here, diffusers 128²). A spatial adapter's condition still
+    decides where there is one (diffusers' adapter pipelines)."""
+    cn, cond = random_controlnet(sd_base, 1), condition(128, 3)
+    ours = AdapterPipeline(sd_base, controlnets={"pose": cn})(PROMPT, image=cond, num_inference_steps=2, seed=0,
+                                                              output_type="np", progress=False).images[0]
+    ref = sd_reference(sd_base, cn)(PROMPT, image=cond, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                                    output_type="np").images[0]
+    assert ours.shape == ref.shape == (128, 128, 3) and np.abs(ours - ref).max() <= 1e-4
+    both = AdapterPipeline(sd_base, {"sketch": build_adapter(tiny_adapter_config(sd_base, 1))}, controlnets={"pose": cn})
+    out = both(PROMPT, [condition(64, 4).convert("L"), cond], steps=1, seed=0, progress=False).images[0]
+    assert out.size == (64, 64)

@@ -637,13 +637,20 @@ class AdapterPipeline:
         return (w, h), (math.ceil(w / m) * m, math.ceil(h / m) * m)
 
     def _condition_size(self, req: GenerationRequest) -> tuple[int, int] | None:
-        """diffusers' adapter pipelines' default height/width: the first condition's, rounded down to its adapter's
-        pixel-unshuffle factor (None: the request has a size or an init image, or no spatial condition)."""
+        """diffusers' default height/width: the first spatial adapter's condition, rounded down to its adapter's
+        pixel-unshuffle factor (the adapter pipelines), else the first ControlNet's, rounded down to the VAE's factor
+        (the ControlNet pipelines); None: the request has a size or an init image, or no spatial condition."""
+        if req.size is not None or req.init_image is not None:
+            return None
         use = next((u for u in req.adapters if u.name in self.spatial_names), None)
-        if req.size is not None or req.init_image is not None or use is None:
+        if use is not None:
+            factor = self.adapters[use.name].config.downscale_factor
+        elif req.controlnets:
+            use, factor = req.controlnets[0], self.base.vae_scale_factor
+        else:
             return None
         item = use.condition[0] if isinstance(use.condition, (list, tuple)) else use.condition
-        return img2img.image_size(item, self.adapters[use.name].config.downscale_factor, "condition image")
+        return img2img.image_size(item, factor, "condition image")
 
     @torch.no_grad()
     def generate(self, req: GenerationRequest, *, generator: Any = None, callback: loop.Callback | None = None,
