@@ -113,3 +113,63 @@ def test_draw_extract_generate_in_chromium(server_url):
             assert not errors, errors
         finally:
             browser.close()
+
+
+def test_the_page_offers_registered_controlnets(tmp_path):
+    """A ControlNet registered with the server (`serve --controlnet`) is a row on the page beside the adapters; checked,
+    it goes in `controlnets` with its weight and window (the page listed the adapters only: no way to use one)."""
+    import json
+
+    import uvicorn
+    from playwright.sync_api import expect, sync_playwright
+
+    from t2iadapter.bases import load_base, tiny_adapter_config
+    from t2iadapter.generation.controlnet import controlnet_from_unet
+    from t2iadapter.models import build_adapter
+    from t2iadapter.pipeline import AdapterPipeline
+    from t2iadapter.server import Limits, create_app
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    base = load_base("tiny")
+    pipe = AdapterPipeline(base, {"sketch": build_adapter(tiny_adapter_config(base, 1))},
+                           controlnets={"pose": controlnet_from_unet(base.unet, base.vae_scale_factor)})
+    sent: list[dict] = []
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(pipe, limits=Limits(max_steps=4)), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.05)
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 900})
+                errors: list[str] = []
+                page.on("pageerror", lambda exc: errors.append(str(exc)))
+                page.on("request", lambda r: sent.append(json.loads(r.post_data)) if r.method == "POST" else None)
+                page.goto(f"http://127.0.0.1:{port}/")
+                expect(page.locator("#controlnet-pose")).not_to_be_checked(timeout=15_000)
+                expect(page.locator("#adapter-sketch")).not_to_be_checked()
+                page.check("#controlnet-pose")
+                row = page.locator(".adapter", has=page.locator("#controlnet-pose"))
+                row.locator(".weight").fill("0.5")
+                row.locator(".start").fill("0.5")
+                page.fill("#steps", "2")
+                page.fill("#seed", "3")
+                page.click("#generate")
+                expect(page.locator("#status")).to_contain_text("seed 3", timeout=30_000)
+                assert sent[-1]["controlnets"] == {"pose": {"weight": 0.5, "window": "0.5:1"}}
+                assert set(sent[-1]["conditions"]) == {"pose"} and sent[-1]["adapters"] == {}
+                expect(page.locator("#history li")).to_contain_text("pose")
+                assert not errors, errors
+            finally:
+                browser.close()
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        torch.set_num_threads(threads)

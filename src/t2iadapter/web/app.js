@@ -1,8 +1,9 @@
-// The t2iadapter page: draw or upload a condition, extract, pick adapters, generate with progress, keep a history.
+// The t2iadapter page: draw or upload a condition, extract, pick adapters and ControlNets, generate with progress, keep a
+// history.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { models: null, source: null, job: null, adapters: {} };
+const state = { models: null, source: null, job: null, adapters: {}, controlnets: {} };
 
 // ------------------------------------------------------------------ API
 
@@ -112,7 +113,8 @@ async function extract() {
 
 // ------------------------------------------------------------------ adapters
 
-function adapterRow(a, index) {
+// A row per registered adapter and ControlNet (`group`: "adapters" or "controlnets", the request field of its options).
+function adapterRow(a, group = "adapters") {
   const div = document.createElement("div");
   div.className = "adapter";
   div.innerHTML = `
@@ -127,9 +129,9 @@ function adapterRow(a, index) {
       <button type="button" class="snap">Use canvas</button>
     </div>`;
   div.querySelector("b").textContent = a.name;
-  div.querySelector(".kind").textContent = `${a.kind}, ${a.channels || "?"}-ch`;
+  div.querySelector(".kind").textContent = group === "controlnets" ? "ControlNet" : `${a.kind}, ${a.channels || "?"}-ch`;
   div.querySelector(".use").checked = false;  // the user picks which adapter the drawing goes to
-  div.querySelector(".use").id = `adapter-${a.name}`;
+  div.querySelector(".use").id = `${group === "controlnets" ? "controlnet" : "adapter"}-${a.name}`;
   const weight = div.querySelector(".weight");
   weight.addEventListener("input", () => { div.querySelector(".weight-value").textContent = Number(weight.value).toFixed(2); });
   const entry = { el: div, condition: null };
@@ -137,7 +139,7 @@ function adapterRow(a, index) {
     entry.condition = canvasBase64();
     div.querySelector("img").src = "data:image/png;base64," + entry.condition;
   });
-  state.adapters[a.name] = entry;
+  state[group][a.name] = entry;
   return div;
 }
 
@@ -156,15 +158,16 @@ function request() {
     fuser_windows: $("fuser-windows").value,
     conditions: {},
     adapters: {},
+    controlnets: {},
   };
   if ($("seed").value !== "") req.seed = Number($("seed").value);
   sourceFields(req);
   const drawn = canvasBase64();
   let shown = null;
-  for (const [name, a] of Object.entries(state.adapters)) {
+  for (const [group, name, a] of ["adapters", "controlnets"].flatMap((g) => Object.entries(state[g]).map(([n, e]) => [g, n, e]))) {
     if (!a.el.querySelector(".use").checked) continue;
     req.conditions[name] = a.condition || drawn;
-    req.adapters[name] = {
+    req[group][name] = {
       weight: Number(a.el.querySelector(".weight").value),
       window: `${a.el.querySelector(".start").value}:${a.el.querySelector(".end").value}`,
     };
@@ -246,7 +249,8 @@ function showResult(result, condition) {
     link.download = `t2iadapter-${p.seed}-${i}.png`;
     link.textContent = "download PNG";
     const caption = document.createElement("div");
-    caption.textContent = `${p.prompt} · seed ${p.seed} · ${p.steps} steps · ${(p.adapters || []).join("+") || "text only"}`;
+    const used = [...(p.adapters || []), ...(p.controlnets || []).map((c) => c.name)];
+    caption.textContent = `${p.prompt} · seed ${p.seed} · ${p.steps} steps · ${used.join("+") || "text only"}`;
     li.append(img, cond, caption, link);
     $("history").prepend(li);
   });
@@ -259,8 +263,9 @@ async function load() {
     const m = await api("GET", "/v1/models");
     state.models = m;
     $("base").textContent = `base: ${m.base}`;
-    $("adapters").replaceChildren(...m.adapters.map(adapterRow));
-    if (!m.adapters.length) $("adapters").textContent = "no adapters registered: text only";
+    const controlnets = (m.controlnets || []).map((name) => ({ name }));
+    $("adapters").replaceChildren(...m.adapters.map((a) => adapterRow(a)), ...controlnets.map((c) => adapterRow(c, "controlnets")));
+    if (!m.adapters.length && !controlnets.length) $("adapters").textContent = "no adapters registered: text only";
     $("extractor").replaceChildren(...m.extractors.map((e) => new Option(`${e.name}${e.needs_weights ? " (model)" : ""}`, e.name)));
     for (const s of m.schedulers) $("scheduler").append(new Option(s, s));
     $("width").value = m.default_size[0];
