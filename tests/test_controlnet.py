@@ -377,3 +377,16 @@ def test_a_controlnet_call_without_a_size_takes_its_condition_size_as_diffusers(
     both = AdapterPipeline(sd_base, {"sketch": build_adapter(tiny_adapter_config(sd_base, 1))}, controlnets={"pose": cn})
     out = both(PROMPT, [condition(64, 4).convert("L"), cond], steps=1, seed=0, progress=False).images[0]
     assert out.size == (64, 64)
+
+
+def test_a_request_takes_one_controlnet_use_or_a_list_of_them_as_its_adapters():
+    """`controlnets=` as `adapters=`: one use or a list; anything else is a ConfigError (a bare use raised TypeError,
+    a (name, image) pair AttributeError)."""
+    from t2iadapter.generation.request import ControlNetUse, GenerationRequest
+
+    use = ControlNetUse("pose", condition(64, 0), 0.5)
+    assert GenerationRequest(PROMPT, controlnets=use).controlnets == (use,)
+    with pytest.raises(ConfigError, match=r"controlnets must be ControlNetUse\(name, condition, ...\) items"):
+        GenerationRequest(PROMPT, controlnets=[("pose", condition(64, 0))])
+    with pytest.raises(ConfigError, match="controlnets must be a list of ControlNetUse, not int"):
+        GenerationRequest(PROMPT, controlnets=3)

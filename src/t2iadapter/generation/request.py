@@ -254,14 +254,22 @@ class GenerationRequest:
     def prompts(self) -> tuple[str, ...]:
         return (self.prompt,) if isinstance(self.prompt, str) else self.prompt
 
-    def _check_controlnets(self) -> None:  # ControlNets (issue 16)
-        object.__setattr__(self, "controlnets", tuple(self.controlnets))
+    def _check_controlnets(self) -> None:  # ControlNets (issue 16), taken as the adapters are: one, or a list
+        uses = (self.controlnets,) if isinstance(self.controlnets, AdapterUse) else self.controlnets
+        try:
+            object.__setattr__(self, "controlnets", tuple(uses))
+        except TypeError:
+            raise ConfigError(f"controlnets must be a list of ControlNetUse, not {type(self.controlnets).__name__}") from None
+        for use in self.controlnets:
+            if not isinstance(use, AdapterUse):
+                raise ConfigError(f"controlnets must be ControlNetUse(name, condition, ...) items, got {use!r:.60}")
         names = [u.name for u in self.controlnets]
         if len(set(names)) != len(names):
             raise ConfigError(f"a ControlNet is used twice: {names}")
         both = set(names) & {u.name for u in self.adapters}
         if both:
             raise ConfigError(f"{sorted(both)} named both as an adapter and as a ControlNet")
+
     def batch_key(self, size: tuple[int, int] | None = None) -> tuple:
         """What requests must share to run in one UNet call (`AdapterPipeline.generate_batch`): size, steps,
         scheduler, guidance, eta, composition and the adapter set. Prompts, conditions, seeds, weights and
