@@ -390,3 +390,24 @@ def test_a_request_takes_one_controlnet_use_or_a_list_of_them_as_its_adapters():
         GenerationRequest(PROMPT, controlnets=[("pose", condition(64, 0))])
     with pytest.raises(ConfigError, match="controlnets must be a list of ControlNetUse, not int"):
         GenerationRequest(PROMPT, controlnets=3)
+
+
+def test_diffusers_scale_names_weigh_their_own_kind_of_model(sd_base):
+    """adapter_conditioning_scale weighs the adapters only (it scaled the ControlNets too, and a list of one per
+    adapter was refused beside a ControlNet); controlnet_conditioning_scale, diffusers' name, weighs the ControlNets."""
+    cn, pose, sketch = random_controlnet(sd_base, 1), condition(64, 2), condition(64, 1).convert("L")
+    pipe = AdapterPipeline(sd_base, {"sketch": build_adapter(tiny_adapter_config(sd_base, 1))}, controlnets={"pose": cn})
+    for scale in (0.5, [0.5]):
+        req = pipe.request(PROMPT, [sketch, pose], adapter_conditioning_scale=scale)
+        assert [u.weight for u in req.adapters] == [0.5] and [u.weight for u in req.controlnets] == [1.0]
+    req = pipe.request(PROMPT, [sketch, pose], adapter_conditioning_scale=0.5, controlnet_conditioning_scale=[0.7])
+    assert [u.weight for u in req.adapters] == [0.5] and [u.weight for u in req.controlnets] == [0.7]
+    with pytest.raises(ConfigError, match="not both"):
+        pipe.request(PROMPT, [sketch, pose], weights=1.0, controlnet_conditioning_scale=0.7)
+    ours = AdapterPipeline(sd_base, controlnets={"pose": cn})(PROMPT, image=pose, num_inference_steps=2, height=64, width=64,
+                                                             seed=0, controlnet_conditioning_scale=0.6, output_type="np",
+                                                             progress=False).images[0]
+    ref = sd_reference(sd_base, cn)(PROMPT, image=pose, num_inference_steps=2, height=64, width=64,
+                                    generator=torch.Generator().manual_seed(0), controlnet_conditioning_scale=0.6,
+                                    output_type="np").images[0]
+    assert np.abs(ours - ref).max() <= 1e-4

@@ -441,7 +441,8 @@ class AdapterPipeline:
         `controlnet_conditioning_scale`).
 
         diffusers' names are understood too (`image`, `height`/`width`, `num_inference_steps`,
-        `num_images_per_prompt`, `adapter_conditioning_scale`); one condition list for one adapter with one
+        `num_images_per_prompt`, `adapter_conditioning_scale` for the adapters and `controlnet_conditioning_scale`
+        for the ControlNets, each one value or one per model of its kind); one condition list for one adapter with one
         image per prompt is a batch of per-prompt conditions, as diffusers' `image=[...]`.
         """
         options = _from_diffusers_names(options)
@@ -449,10 +450,12 @@ class AdapterPipeline:
             if conditions is not None:
                 raise ConfigError("give the condition images once: as `conditions` or as diffusers' `image`, not both")
             conditions = options.pop("image")
-        if "adapter_conditioning_scale" in options:
-            if weights is not None:
-                raise ConfigError("give weights or diffusers' adapter_conditioning_scale, not both")
-            weights = options.pop("adapter_conditioning_scale")
+        scales = {}  # diffusers' scales of one kind of model each: the other kind keeps its default weight
+        for key in ("adapter_conditioning_scale", "controlnet_conditioning_scale"):
+            if key in options:
+                if weights is not None:
+                    raise ConfigError(f"give weights or diffusers' {key}, not both")
+                scales[key] = options.pop(key)
         unknown = set(options) - set(_REQUEST_FIELDS)
         if unknown:
             raise ConfigError(f"unknown option(s) {', '.join(sorted(unknown))}; options are {', '.join(_REQUEST_FIELDS)} "
@@ -487,6 +490,12 @@ class AdapterPipeline:
                 raise ConfigError("style_image given but no style adapter is loaded")
             cond_of.update({n: style_image for n in self.style_names})
         used = list(cond_of)
+        if scales:
+            adapters = [n for n in used if n not in self.controlnets]
+            controlnets = [n for n in used if n in self.controlnets]
+            weights = {**self._align(scales.get("adapter_conditioning_scale"), adapters, "adapter_conditioning_scale", 1.0),
+                       **self._align(scales.get("controlnet_conditioning_scale"), controlnets,
+                                     "controlnet_conditioning_scale", 1.0)}
         weight_of = self._align(weights, used, "weights", 1.0)
         window_of = self._align(windows, used, "windows", None)
         uses = tuple(AdapterUse(n, tuple(c) if isinstance(c, list) else c, weight_of[n], Window.parse(window_of[n]))
