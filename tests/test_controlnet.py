@@ -411,3 +411,23 @@ def test_diffusers_scale_names_weigh_their_own_kind_of_model(sd_base):
                                     generator=torch.Generator().manual_seed(0), controlnet_conditioning_scale=0.6,
                                     output_type="np").images[0]
     assert np.abs(ours - ref).max() <= 1e-4
+
+
+def test_an_adapter_given_as_a_controlnet_is_named_so(sd_base, tmp_path, capsys):
+    """An adapter file or folder given as a ControlNet: one line saying so (diffusers read a T2IAdapter folder as a
+    ControlNet of default config, "does not fit this base", and our adapter file sent it looking for SD1.5 online)."""
+    from t2iadapter.cli import main as cli
+    from t2iadapter.errors import CheckpointError
+    from tiny_models import as_diffusers
+
+    adapter = build_adapter(tiny_adapter_config(sd_base, 1))
+    adapter.save_file(tmp_path / "sketch.safetensors")
+    adapter.save_pretrained(tmp_path / "ours")
+    as_diffusers(adapter).save_pretrained(tmp_path / "theirs")
+    for source in ("sketch.safetensors", "ours", "theirs"):
+        with pytest.raises(CheckpointError, match="is a T2I-Adapter, not a ControlNet: give it as one"):
+            AdapterPipeline(sd_base, controlnets={"x": tmp_path / source})
+    condition(64, 0).save(tmp_path / "c.png")
+    assert cli(["generate", "--base", "tiny", "--controlnet", f"x={tmp_path / 'theirs'}", "--condition", str(tmp_path / "c.png"),
+                "--prompt", PROMPT, "--out", str(tmp_path / "o.png")]) == 2
+    assert "is a T2I-Adapter, not a ControlNet" in capsys.readouterr().err

@@ -36,6 +36,7 @@ import torch
 from t2iadapter import hub
 from t2iadapter.errors import CheckpointError, ConfigError
 from t2iadapter.formats import CONTROLNET_METADATA_KEY
+from t2iadapter.formats import METADATA_KEY as ADAPTER_METADATA_KEY  # an adapter file's config
 from t2iadapter.generation.img2img import INPAINT_UNET_CHANNELS
 from t2iadapter.generation.request import Window
 
@@ -79,6 +80,8 @@ def load_controlnet(source: Any) -> ControlNetModel:
             raise CheckpointError(f"ControlNet {text}: no such file or folder")
         else:
             path = hub.adapter_path(text)
+    if is_adapter(path):  # diffusers would read it as a ControlNet of default config, or look for its base online
+        raise CheckpointError(f"{text} is a T2I-Adapter, not a ControlNet: give it as one (--adapter, adapters=)")
     try:
         if path.is_dir():
             return ControlNetModel.from_pretrained(path)
@@ -88,6 +91,26 @@ def load_controlnet(source: Any) -> ControlNetModel:
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"ControlNet {text}: diffusers cannot read it ({type(exc).__name__}: "
                               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from None
+
+
+def is_adapter(path: Path) -> bool:
+    """Whether `path` is an adapter: our single file (its config in the metadata) or a folder of a `T2IAdapter`."""
+    import json
+
+    if path.is_dir():
+        try:
+            return json.loads((path / "config.json").read_text()).get("_class_name") == "T2IAdapter"
+        except (OSError, ValueError, AttributeError, RecursionError):
+            return False
+    if path.suffix.lower() != ".safetensors" or not path.is_file():
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return ADAPTER_METADATA_KEY in (f.metadata() or {})
+    except Exception:  # noqa: BLE001 - not a readable safetensors file: let diffusers' loader say why
+        return False
 
 
 def is_single_file(path: str | os.PathLike) -> bool:
@@ -217,5 +240,5 @@ def prepare(modules: Mapping[str, ControlNetModel], uses: Any, on_device: Callab
     return ControlNets(modules, images, {u.name: u.weight for u in uses}, {u.name: u.window for u in uses}, cond_only)
 
 
-__all__ = ["ControlNets", "METADATA_KEY", "residuals", "check_fits", "controlnet_from_unet", "is_controlnet", "is_single_file",
+__all__ = ["ControlNets", "METADATA_KEY", "residuals", "check_fits", "controlnet_from_unet", "is_adapter", "is_controlnet", "is_single_file",
            "load_controlnet", "prepare", "read_single_file"]
