@@ -296,7 +296,8 @@ def test_server_takes_controlnet_conditions_weights_and_windows(sd_base, tmp_pat
         params = json.loads(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]["png"]))).text[CHUNK])
         assert params["adapters"] == ["sketch"] and params["controlnets"] == [{"name": "pose", "weight": 0.5, "window": [0.5, 1.0]}]
         assert client.post("/v1/generate", json=dict(req, controlnets={"nope": {"weight": 1}})).status_code == 404
-        assert client.post("/v1/generate", json=dict(req, conditions={"sketch": req["conditions"]["sketch"]})).status_code == 422
+        r = client.post("/v1/generate", json=dict(req, conditions={"sketch": req["conditions"]["sketch"]}))
+        assert r.status_code == 422 and "ControlNet 'pose' has options but no condition image" in r.text, r.text
 
 
 def test_serve_registers_controlnets(tmp_path):

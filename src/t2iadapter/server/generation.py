@@ -51,9 +51,11 @@ def prepare(req: GenerateRequest, pipe: Any, limits: Limits, uploads: dict[str, 
         check_name(name, registered, "adapter")
     for name in list(req.controlnets):
         check_name(name, controlnets, "ControlNet")
-    missing = sorted((set(req.adapters) | set(req.controlnets)) - set(raw))
-    if missing:
-        raise ConfigError(f"adapters {missing} have options but no condition image")
+    for kind, options in (("adapter", req.adapters), ("ControlNet", req.controlnets)):
+        missing = sorted(set(options) - set(raw))
+        if missing:
+            raise ConfigError(f"{kind} {', '.join(map(repr, missing))} has options but no condition image; add its "
+                              f"image under conditions or drop its options")
     images = {name: open_bounded(data, f"condition for {name!r}", limits.max_input_side) for name, data in raw.items()}
     style = [n for n in images if n in pipe.style_names]
     if len(style) > 1:
