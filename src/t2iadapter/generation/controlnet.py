@@ -102,26 +102,23 @@ def is_adapter(path: Path) -> bool:
             return json.loads((path / "config.json").read_text()).get("_class_name") == "T2IAdapter"
         except (OSError, ValueError, AttributeError, RecursionError):
             return False
+    return _metadata_has(path, ADAPTER_METADATA_KEY)
+
+
+def is_single_file(path: str | os.PathLike) -> bool:
+    """Whether `path` is our single ControlNet file (safetensors whose metadata holds the config)."""
+    return _metadata_has(Path(path), METADATA_KEY)
+
+
+def _metadata_has(path: Path, key: str) -> bool:
+    """Whether `path` is a readable safetensors file whose metadata holds `key`."""
     if path.suffix.lower() != ".safetensors" or not path.is_file():
         return False
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), "pt") as f:
-            return ADAPTER_METADATA_KEY in (f.metadata() or {})
-    except Exception:  # noqa: BLE001 - not a readable safetensors file: let diffusers' loader say why
-        return False
-
-
-def is_single_file(path: str | os.PathLike) -> bool:
-    """Whether `path` is our single ControlNet file (safetensors whose metadata holds the config)."""
-    if Path(path).suffix.lower() != ".safetensors" or not Path(path).is_file():
-        return False
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            return METADATA_KEY in (f.metadata() or {})
+            return key in (f.metadata() or {})
     except Exception:  # noqa: BLE001 - not a readable safetensors file: let diffusers' loader say why
         return False
 
