@@ -1,4 +1,5 @@
 """The page in a real headless Chromium: draw a stroke, extract, generate, and see the result and its history entry."""
+import contextlib
 import os
 import socket
 import threading
@@ -63,8 +64,10 @@ def broken_images(page) -> list[str]:
     return page.evaluate(BROKEN)
 
 
-def test_draw_extract_generate_in_chromium(server_url):
-    from playwright.sync_api import expect, sync_playwright
+@contextlib.contextmanager
+def chromium_page():
+    """A headless Chromium page and the list its uncaught script errors go to."""
+    from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
@@ -72,47 +75,54 @@ def test_draw_extract_generate_in_chromium(server_url):
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto(server_url + "/")
-            expect(page.locator("#adapter-sketch")).not_to_be_checked(timeout=15_000)  # none pre-checked (issue 14)
-            assert page.locator("#adapters input.use:checked").count() == 0
-            assert broken_images(page) == []  # no broken-image placeholders before anything is generated
-            prompt = page.locator("#prompt").input_value()
-            assert prompt and set(prompt.split()) <= set(VOCABULARY), prompt  # the demo's own words
-            expect(page.locator("#compose")).to_have_value("sum")
-            assert page.locator("#compose option[value=fuser]").is_disabled()  # this server has no fuser
-            page.check("#adapter-sketch")
-            expect(page.locator("#steps")).to_have_value("4")  # clamped to the server's max_steps
-            page.fill("#steps", "2")
-            page.fill("#seed", "3")
-
-            box = page.locator("#canvas").bounding_box()
-            page.mouse.move(box["x"] + box["width"] * 0.2, box["y"] + box["height"] * 0.2)
-            page.mouse.down()
-            page.mouse.move(box["x"] + box["width"] * 0.8, box["y"] + box["height"] * 0.7, steps=12)
-            page.mouse.up()
-            lit = page.evaluate("""() => {
-                const c = document.getElementById('canvas');
-                const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-                let n = 0; for (let i = 0; i < d.length; i += 4) if (d[i] > 128) n++; return n; }""")
-            assert lit > 500, f"the stroke lit only {lit} pixels"
-
-            page.select_option("#extractor", "canny")
-            page.click("#extract")
-            expect(page.locator("#extract-status")).to_contain_text("canny: 512x512", timeout=15_000)
-
-            page.click("#generate")
-            result = page.locator("#result")
-            expect(result).to_have_attribute("src", __import__("re").compile(r"^data:image/png;base64,"), timeout=30_000)
-            expect(page.locator("#status")).to_contain_text("seed 3")
-            assert page.evaluate("document.getElementById('result').naturalWidth") == 64
-            entry = page.locator("#history li")
-            expect(entry).to_have_count(1)
-            assert entry.locator("a").get_attribute("download") == "t2iadapter-3-0.png"
-            assert page.locator("#sent-condition").get_attribute("src").startswith("data:image/png;base64,")
-            assert broken_images(page) == []
-            assert not errors, errors
+            yield page, errors
         finally:
             browser.close()
+
+
+def test_draw_extract_generate_in_chromium(server_url):
+    from playwright.sync_api import expect
+
+    with chromium_page() as (page, errors):
+        page.goto(server_url + "/")
+        expect(page.locator("#adapter-sketch")).not_to_be_checked(timeout=15_000)  # none pre-checked (issue 14)
+        assert page.locator("#adapters input.use:checked").count() == 0
+        assert broken_images(page) == []  # no broken-image placeholders before anything is generated
+        prompt = page.locator("#prompt").input_value()
+        assert prompt and set(prompt.split()) <= set(VOCABULARY), prompt  # the demo's own words
+        expect(page.locator("#compose")).to_have_value("sum")
+        assert page.locator("#compose option[value=fuser]").is_disabled()  # this server has no fuser
+        page.check("#adapter-sketch")
+        expect(page.locator("#steps")).to_have_value("4")  # clamped to the server's max_steps
+        page.fill("#steps", "2")
+        page.fill("#seed", "3")
+
+        box = page.locator("#canvas").bounding_box()
+        page.mouse.move(box["x"] + box["width"] * 0.2, box["y"] + box["height"] * 0.2)
+        page.mouse.down()
+        page.mouse.move(box["x"] + box["width"] * 0.8, box["y"] + box["height"] * 0.7, steps=12)
+        page.mouse.up()
+        lit = page.evaluate("""() => {
+            const c = document.getElementById('canvas');
+            const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+            let n = 0; for (let i = 0; i < d.length; i += 4) if (d[i] > 128) n++; return n; }""")
+        assert lit > 500, f"the stroke lit only {lit} pixels"
+
+        page.select_option("#extractor", "canny")
+        page.click("#extract")
+        expect(page.locator("#extract-status")).to_contain_text("canny: 512x512", timeout=15_000)
+
+        page.click("#generate")
+        result = page.locator("#result")
+        expect(result).to_have_attribute("src", __import__("re").compile(r"^data:image/png;base64,"), timeout=30_000)
+        expect(page.locator("#status")).to_contain_text("seed 3")
+        assert page.evaluate("document.getElementById('result').naturalWidth") == 64
+        entry = page.locator("#history li")
+        expect(entry).to_have_count(1)
+        assert entry.locator("a").get_attribute("download") == "t2iadapter-3-0.png"
+        assert page.locator("#sent-condition").get_attribute("src").startswith("data:image/png;base64,")
+        assert broken_images(page) == []
+        assert not errors, errors
 
 
 def test_the_page_offers_registered_controlnets(tmp_path):
@@ -121,7 +131,7 @@ def test_the_page_offers_registered_controlnets(tmp_path):
     import json
 
     import uvicorn
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     from t2iadapter.bases import load_base, tiny_adapter_config
     from t2iadapter.generation.controlnet import controlnet_from_unet
@@ -145,30 +155,23 @@ def test_the_page_offers_registered_controlnets(tmp_path):
         while not server.started:
             assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
             time.sleep(0.05)
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-            try:
-                page = browser.new_page(viewport={"width": 1400, "height": 900})
-                errors: list[str] = []
-                page.on("pageerror", lambda exc: errors.append(str(exc)))
-                page.on("request", lambda r: sent.append(json.loads(r.post_data)) if r.method == "POST" else None)
-                page.goto(f"http://127.0.0.1:{port}/")
-                expect(page.locator("#controlnet-pose")).not_to_be_checked(timeout=15_000)
-                expect(page.locator("#adapter-sketch")).not_to_be_checked()
-                page.check("#controlnet-pose")
-                row = page.locator(".adapter", has=page.locator("#controlnet-pose"))
-                row.locator(".weight").fill("0.5")
-                row.locator(".start").fill("0.5")
-                page.fill("#steps", "2")
-                page.fill("#seed", "3")
-                page.click("#generate")
-                expect(page.locator("#status")).to_contain_text("seed 3", timeout=30_000)
-                assert sent[-1]["controlnets"] == {"pose": {"weight": 0.5, "window": "0.5:1"}}
-                assert set(sent[-1]["conditions"]) == {"pose"} and sent[-1]["adapters"] == {}
-                expect(page.locator("#history li")).to_contain_text("pose")
-                assert not errors, errors
-            finally:
-                browser.close()
+        with chromium_page() as (page, errors):
+            page.on("request", lambda r: sent.append(json.loads(r.post_data)) if r.method == "POST" else None)
+            page.goto(f"http://127.0.0.1:{port}/")
+            expect(page.locator("#controlnet-pose")).not_to_be_checked(timeout=15_000)
+            expect(page.locator("#adapter-sketch")).not_to_be_checked()
+            page.check("#controlnet-pose")
+            row = page.locator(".adapter", has=page.locator("#controlnet-pose"))
+            row.locator(".weight").fill("0.5")
+            row.locator(".start").fill("0.5")
+            page.fill("#steps", "2")
+            page.fill("#seed", "3")
+            page.click("#generate")
+            expect(page.locator("#status")).to_contain_text("seed 3", timeout=30_000)
+            assert sent[-1]["controlnets"] == {"pose": {"weight": 0.5, "window": "0.5:1"}}
+            assert set(sent[-1]["conditions"]) == {"pose"} and sent[-1]["adapters"] == {}
+            expect(page.locator("#history li")).to_contain_text("pose")
+            assert not errors, errors
     finally:
         server.should_exit = True
         thread.join(10)
