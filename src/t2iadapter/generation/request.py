@@ -147,17 +147,7 @@ class GenerationRequest:
                 if not isinstance(getattr(self, name), str) and len(getattr(self, name)) != len(self.prompts):
                     label = "negative prompts" if name == "negative_prompt" else name
                     raise ConfigError(f"got {len(getattr(self, name))} {label} for {len(self.prompts)} prompts")
-        adapters = (self.adapters,) if isinstance(self.adapters, AdapterUse) else self.adapters
-        try:
-            object.__setattr__(self, "adapters", tuple(adapters))
-        except TypeError:
-            raise ConfigError(f"adapters must be a list of AdapterUse, not {type(self.adapters).__name__}") from None
-        for use in self.adapters:
-            if not isinstance(use, AdapterUse):
-                raise ConfigError(f"adapters must be AdapterUse(name, condition, ...) items, got {use!r:.60}")
-        names = [u.name for u in self.adapters]
-        if len(set(names)) != len(names):
-            raise ConfigError(f"an adapter is used twice: {names}")
+        self._check_uses("adapters", "AdapterUse", "an adapter")
         for use in self.adapters:  # a list of conditions: one per prompt (diffusers' batched `image`)
             if isinstance(use.condition, (list, tuple)) and len(use.condition) != len(self.prompts):
                 raise ConfigError(f"{use.name!r} got {len(use.condition)} conditions for {len(self.prompts)} prompts; "
@@ -255,20 +245,24 @@ class GenerationRequest:
         return (self.prompt,) if isinstance(self.prompt, str) else self.prompt
 
     def _check_controlnets(self) -> None:  # ControlNets (issue 16), taken as the adapters are: one, or a list
-        uses = (self.controlnets,) if isinstance(self.controlnets, AdapterUse) else self.controlnets
-        try:
-            object.__setattr__(self, "controlnets", tuple(uses))
-        except TypeError:
-            raise ConfigError(f"controlnets must be a list of ControlNetUse, not {type(self.controlnets).__name__}") from None
-        for use in self.controlnets:
-            if not isinstance(use, AdapterUse):
-                raise ConfigError(f"controlnets must be ControlNetUse(name, condition, ...) items, got {use!r:.60}")
-        names = [u.name for u in self.controlnets]
-        if len(set(names)) != len(names):
-            raise ConfigError(f"a ControlNet is used twice: {names}")
-        both = set(names) & {u.name for u in self.adapters}
+        self._check_uses("controlnets", "ControlNetUse", "a ControlNet")
+        both = {u.name for u in self.controlnets} & {u.name for u in self.adapters}
         if both:
             raise ConfigError(f"{sorted(both)} named both as an adapter and as a ControlNet")
+
+    def _check_uses(self, field: str, kind: str, one: str) -> None:
+        """`field` (adapters or controlnets) as a tuple of uses: one use or a list of them, each named once."""
+        given = getattr(self, field)
+        try:
+            object.__setattr__(self, field, tuple((given,) if isinstance(given, AdapterUse) else given))
+        except TypeError:
+            raise ConfigError(f"{field} must be a list of {kind}, not {type(given).__name__}") from None
+        for use in getattr(self, field):
+            if not isinstance(use, AdapterUse):
+                raise ConfigError(f"{field} must be {kind}(name, condition, ...) items, got {use!r:.60}")
+        names = [u.name for u in getattr(self, field)]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{one} is used twice: {names}")
 
     def batch_key(self, size: tuple[int, int] | None = None) -> tuple:
         """What requests must share to run in one UNet call (`AdapterPipeline.generate_batch`): size, steps,
