@@ -182,16 +182,9 @@ def check_defaults(args: argparse.Namespace) -> None:
     """The command line's values that lines fall back on (--steps, --num-images, ...), checked once before any line:
     a bad one is one error (exit 2), not every line failing with it; --num-images -1 named no output file, so every
     line counted as done."""
-    from t2iadapter.commands.generate import as_flags
-    from t2iadapter.generation.request import GenerationRequest
+    from t2iadapter.commands.generate import request_from_args
 
-    try:
-        GenerationRequest(args.prompt or "x", (), negative_prompt=args.negative_prompt, steps=args.steps,
-                          guidance_scale=args.guidance, size=args.size, seed=args.seed, scheduler=args.scheduler,
-                          num_images=args.num_images, compose="fuser" if args.fuser else "sum",
-                          fuser_windows=args.fuser_windows, eta=args.eta)
-    except ConfigError as exc:
-        raise ConfigError(as_flags(str(exc))) from None
+    request_from_args(args, args.prompt or "x")
 
 
 def outputs(out: Path, index: int, images: int) -> list[Path]:

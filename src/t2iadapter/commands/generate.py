@@ -9,7 +9,7 @@ from t2iadapter.commands import (add_base_arguments, add_fast_arguments, add_thr
                                  fast_precision, parse_adapters)
 from t2iadapter.commands import _batch_jobs as batch_jobs
 from t2iadapter.errors import ConditionError, ConfigError
-from t2iadapter.generation.request import FUSER_WINDOW_MODES, defaults
+from t2iadapter.generation.request import FUSER_WINDOW_MODES, GenerationRequest, defaults
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -140,6 +140,20 @@ def as_flags(message: str) -> str:
     return message
 
 
+def request_from_args(args: argparse.Namespace, prompt: str | None = None) -> GenerationRequest:
+    """The command line's generation values as one request, without adapters yet: its checks run here, before any
+    model loads, and its errors name the flags. `prompt` stands in where --batch lines bring their own."""
+    try:
+        return GenerationRequest(prompt or args.prompt, (), negative_prompt=args.negative_prompt, steps=args.steps,
+                                 guidance_scale=args.guidance, size=args.size, seed=args.seed,
+                                 scheduler=args.scheduler, num_images=args.num_images,
+                                 compose="fuser" if args.fuser else "sum", fuser_windows=args.fuser_windows,
+                                 init_image=args.init_image, strength=args.strength, mask_image=args.mask,
+                                 paste_back=args.paste_back, eta=args.eta)
+    except ConfigError as exc:
+        raise ConfigError(as_flags(str(exc))) from None
+
+
 def run(args: argparse.Namespace) -> int:
     if args.batch:
         return batch_jobs.run(args)
@@ -177,19 +191,10 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from t2iadapter.generation.pipeline import AdapterPipeline, resolve_device
-    from t2iadapter.generation.request import AdapterUse, GenerationRequest, Window
+    from t2iadapter.generation.request import AdapterUse, Window
     from t2iadapter.pngmeta import save_png
 
-    # the request's own checks (seed, guidance, size, strength, ...) run before anything loads
-    try:
-        request = GenerationRequest(args.prompt, (), negative_prompt=args.negative_prompt, steps=args.steps,
-                                    guidance_scale=args.guidance, size=args.size, seed=args.seed,
-                                    scheduler=args.scheduler, num_images=args.num_images,
-                                    compose="fuser" if args.fuser else "sum", fuser_windows=args.fuser_windows,
-                                    init_image=args.init_image, strength=args.strength, mask_image=args.mask,
-                                    paste_back=args.paste_back, eta=args.eta)
-    except ConfigError as exc:
-        raise ConfigError(as_flags(str(exc))) from None
+    request = request_from_args(args)  # the request's own checks (seed, guidance, size, ...) before anything loads
     windows = [Window.parse(w) for w in args.window]
     for w in args.weight:  # AdapterUse's check (a finite number), before anything loads
         AdapterUse("--weight", None, w)
