@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 from t2iadapter.bases import load_base, tiny_adapter_config  # noqa: E402
 from t2iadapter.cli import main as cli  # noqa: E402
-from t2iadapter.errors import ConfigError  # noqa: E402
+from t2iadapter.errors import ConditionError, ConfigError  # noqa: E402
 from t2iadapter.generation.request import AdapterUse, GenerationRequest  # noqa: E402
 from t2iadapter.models import build_adapter  # noqa: E402
 from t2iadapter.pipeline import AdapterPipeline, GenerationResult  # noqa: E402
@@ -151,6 +151,8 @@ class Flaky:
     def generate_batch(self, requests, **kw):
         if any("boom" in r.prompt for r in requests):
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        if any("bad condition" in r.prompt for r in requests):  # a user's error found only while running
+            raise ConditionError("condition 'sketch' is not a readable image; upload a PNG or JPEG")
         if any("huge" in r.prompt for r in requests):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 40.00 GiB (GPU 0; 79.19 GiB total)")
         return self._inner.generate_batch(requests, **kw)
@@ -173,6 +175,20 @@ def test_a_failing_worker_answers_500_and_keeps_serving(pipe):
         health = c.get("/health").json()
         assert health["status"] == "ok" and health["workers"][0]["status"] == "up" and health["workers"][0]["failures"] == 3
         assert scrape(c)[("t2iadapter_rejected_requests_total", (("reason", "server_error"),))] == 2
+
+
+def test_a_bad_request_in_a_batch_fails_only_itself(pipe):
+    """A user's error raised while its batch ran (not caught when it was queued) failed every request batched with
+    it, with that user's message."""
+    limits = Limits(max_batch=4, batch_wait_ms=1000, max_steps=8, max_side=128)
+    with TestClient(create_app(Flaky(pipe), limits=limits)) as c:
+        ids = [c.post("/v1/jobs", json=body(p, i)).json()["id"] for i, p in enumerate(["fine", "bad condition", "ok"])]
+        states = wait_jobs(c, ids)
+        assert [s["status"] for s in states] == ["done", "failed", "done"]
+        assert states[1]["error"] == "condition 'sketch' is not a readable image; upload a PNG or JPEG"
+        r = c.post("/v1/generate", json=body("bad condition"))
+        assert r.status_code == 422 and "not a readable image" in r.json()["detail"]
+        assert c.get("/health").json()["workers"][0]["failures"] == 0  # the user's error, not the worker's
 
 
 def test_metrics_move(pipe):

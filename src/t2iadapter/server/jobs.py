@@ -364,7 +364,7 @@ class ModelWorker:
             for job in jobs:
                 settle(job, exc=job.stop or job.timeout_error())
         except Exception as exc:  # every outcome goes to the waiting client, which maps it to a status
-            if len(jobs) > 1 and not isinstance(exc, T2IAdapterError):
+            if len(jobs) > 1:  # a bad request (or a bad moment of the worker) fails only itself
                 log.warning("a batch of %d failed on %s (%s); running its jobs one by one", len(jobs), lane.name, exc)
                 for job in jobs:
                     if not job.future.done():
