@@ -311,3 +311,45 @@ def test_force_deletes_the_earlier_runs_files_and_nothing_else(tmp_path):
     assert not (tmp_path / "logs" / "events.old").exists() and not (tmp_path / "validation").exists()
     assert set(json.loads((tmp_path / "train_summary.json").read_text())["outputs"]) == {
         "adapter.safetensors", "adapter-diffusers"}
+
+
+def test_two_processes_log_the_loss_of_the_whole_batch(tmp_path):
+    """Under torchrun (two CPU processes, gloo) each step's logged loss is the mean of both processes' losses (the
+    global batch the gradients follow), on every rank; it was the main process's half alone."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    worker = tmp_path / "worker.py"
+    worker.write_text(
+        "import json, sys, torch\n"
+        "from t2iadapter.bases import load_base\n"
+        "from t2iadapter.train.config import load_config\n"
+        "from t2iadapter.train.loop import Trainer\n"
+        "torch.set_num_threads(1)\n"
+        f"cfg = load_config({str(TINY)!r}, ['data.resolution=64', 'data.num_samples=8', 'recipe.batch_size=1',\n"
+        f"                  'recipe.max_steps=4', 'log_every=2', 'output_dir={tmp_path / 'run'}'])\n"
+        "trainer = Trainer(cfg, base=load_base('tiny'))\n"
+        "own, data, real = [], [], trainer.train_step\n"
+        "def step(micro):\n"
+        "    data.append(micro[0]['index'].tolist())\n"
+        "    metrics = real(micro)\n"
+        "    own.append(float(metrics['loss']))\n"
+        "    return metrics\n"
+        "trainer.train_step = step\n"
+        "result = trainer.run()\n"
+        "rank = trainer.accelerator.process_index\n"
+        "json.dump({'own': own, 'logged': result.losses, 'data': data}, open(f'rank{rank}.json', 'w'))\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(worker)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["data"] != ranks[1]["data"] and ranks[0]["own"] != ranks[1]["own"]  # each its own half
+    mean = [(a + b) / 2 for a, b in zip(ranks[0]["own"], ranks[1]["own"], strict=True)]
+    for r in ranks:
+        assert r["logged"] == pytest.approx(mean, rel=1e-6, abs=1e-7)
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["processes"] == 2 and summary["last_loss"] == pytest.approx(mean[-1], rel=1e-6)

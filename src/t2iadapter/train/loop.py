@@ -224,7 +224,7 @@ class TrainResult:
     """What a run did."""
 
     step: int  # optimiser steps done (including those before a resume)
-    losses: list[float] = field(default_factory=list)  # per step, this run only (main process)
+    losses: list[float] = field(default_factory=list)  # per step, this run only, mean over the processes
     skipped: int = 0  # unreadable samples skipped (this run)
     outputs: list[Path] = field(default_factory=list)  # final adapter files/folders
     seconds: float = 0.0
@@ -374,6 +374,11 @@ class Trainer:
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
+
+    def _mean_over_processes(self, losses: list[torch.Tensor]) -> list[float]:
+        """Each step's loss averaged over every process's batch (the loss of the whole global batch, which the
+        gradients follow), not the main process's share alone: one collective per log interval."""
+        return self.accelerator.reduce(torch.stack(losses).float(), reduction="mean").cpu().tolist()
 
     # -- encoders (cached when asked) ----------------------------------------------------------
 
@@ -735,7 +740,7 @@ class Trainer:
                 metrics = self.train_step(micro)
                 pending.append(metrics["loss"])
                 if self.step % log_every == 0 or self.step == recipe.max_steps:
-                    losses = torch.stack(pending).float().cpu().tolist()  # waits for the device: a time mark
+                    losses = self._mean_over_processes(pending)  # waits for the device: a time mark
                     meter.mark(self.step, time.perf_counter())
                     result.losses += losses
                     pending.clear()
@@ -763,7 +768,7 @@ class Trainer:
                 writer.flush()
                 writer.close()
         if pending:
-            result.losses += torch.stack(pending).float().cpu().tolist()
+            result.losses += self._mean_over_processes(pending)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         result.throughput = meter.result(self.step, time.perf_counter())
