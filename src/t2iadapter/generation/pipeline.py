@@ -320,7 +320,12 @@ class AdapterPipeline:
     def _cfg(self, guidance_scale: float) -> bool:
         """Whether a call runs the unconditional branch: guidance above 1, on a UNet not distilled with the guidance
         scale as an input (LCM's `time_cond_proj_dim`: that one takes `loop.guidance_embedding` instead, as diffusers)."""
-        return guidance_scale > 1.0 and getattr(self.base.unet.config, "time_cond_proj_dim", None) is None
+        return guidance_scale > 1.0 and self._guidance_dim is None
+
+    @property
+    def _guidance_dim(self) -> int | None:
+        """The width of the guidance-scale embedding a guidance-distilled UNet takes (None: an ordinary UNet)."""
+        return getattr(self.base.unet.config, "time_cond_proj_dim", None)
 
     def warm_up(self, sizes: Sequence[tuple[int, int]], batches: Sequence[int] = (1,), *, batched: bool = False,
                 guidance_scale: float | None = None, steps: int = 2) -> None:
@@ -728,7 +733,7 @@ class AdapterPipeline:
             raise ConfigError(f"latents must have shape {shape} (images, channels, height/{f}, width/{f} of the "
                               f"{canvas[0]}x{canvas[1]} canvas), got {tuple(latents.shape)}")
         cfg = self._cfg(req.guidance_scale)
-        proj = getattr(self.base.unet.config, "time_cond_proj_dim", None)
+        proj = self._guidance_dim
         guidance_cond = None if proj is None else \
             loop.guidance_embedding(req.guidance_scale, proj, batch).to(self.device, self.dtype)
         self._warn_unknown_words(req)
