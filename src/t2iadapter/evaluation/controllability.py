@@ -101,17 +101,18 @@ class Row:
 
 
 def person_iou(image: np.ndarray, scene: world.Scene) -> float | None:
-    """IoU inside the persons' boxes: the pose adapter only controls people."""
+    """Foreground IoU against the true mask inside the persons' boxes: the pose adapter only controls people.
+
+    The truth is all of the scene's foreground in the boxes (other objects there included), as the image shows it.
+    """
     people = [o for o in scene.objects if o.kind == "person"]
     if not people:
         return None
     box = np.zeros_like(scene.mask)
-    truth = np.zeros_like(scene.mask)
     for o in people:
         x0, y0, x1, y1 = o.bbox
         box[y0:y1, x0:x1] = True
-        truth |= o.mask
-    return iou(foreground_mask(image) & box, truth & box)
+    return iou(foreground_mask(image) & box, scene.mask & box)
 
 
 def score(setting: Setting, image: Image.Image, scene: world.Scene, row: Row) -> None:
