@@ -118,3 +118,11 @@ def test_batched_evaluation_scores_what_one_by_one_does():
             assert r1.summary()[key] == pytest.approx(r2.summary()[key], abs=0.01), (r1.setting.name, key)
     with pytest.raises(ConfigError, match="batch"):
         evaluate(pipe, scenes, settings, batch=0)
+
+
+def test_eval_uses_the_fuser_it_is_given_with_the_demo_adapters(tmp_path, capsys):
+    # with the demo base and no --adapter, --fuser was ignored: the shipped fuser was scored under its name
+    missing = tmp_path / "my-fuser.safetensors"
+    assert cli(["eval", "--fuser", str(missing), "--scenes", "1", "--steps", "1", "--only", "text only"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(missing) in err[0]

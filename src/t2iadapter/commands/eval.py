@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     if args.base == DEMO_BASE and not pairs:
         from t2iadapter.demo.loading import demo_pipeline
 
-        pipe = demo_pipeline(device=device, controlnets=controlnets)
+        pipe = demo_pipeline(device=device, controlnets=controlnets, fuser=args.fuser)
     else:
         pipe = AdapterPipeline.from_pretrained(args.base, pairs, fuser=args.fuser, device=device, controlnets=controlnets)
     settings = default_settings(pipe.spatial_names, pipe.fuser is not None, pipe.controlnets)

@@ -8,16 +8,17 @@ from t2iadapter import assets
 
 
 def demo_pipeline(adapters: list[str] | None = None, *, device: str | None = None, dtype=None,
-                  controlnets: Mapping[str, Any] | None = None):
-    """`AdapterPipeline` on the shipped demo base with the shipped adapters (and the fuser, if shipped);
-    `controlnets`: {name: source} to load beside them (e.g. {"controlnet-sketch": "demo/controlnet-sketch"})."""
+                  controlnets: Mapping[str, Any] | None = None, fuser: Any = None):
+    """`AdapterPipeline` on the shipped demo base with the shipped adapters (and `fuser`, default the shipped one
+    if shipped); `controlnets`: {name: source} to load beside them (e.g. {"controlnet-sketch": "demo/controlnet-sketch"})."""
     import torch
 
     from t2iadapter.generation.pipeline import AdapterPipeline
 
     names = [n for n in assets.demo_adapter_names() if n != "fuser"]
     chosen = names if adapters is None else adapters
-    fuser = "demo/fuser" if "fuser" in assets.demo_adapter_names() else None
+    if fuser is None:
+        fuser = "demo/fuser" if "fuser" in assets.demo_adapter_names() else None
     pipe = AdapterPipeline.from_pretrained("demo", {n: f"demo/{n}" for n in chosen}, fuser=fuser,
                                            device=device or "cpu", dtype=dtype or torch.float32,
                                            controlnets=dict(controlnets or {}))
