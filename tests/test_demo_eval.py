@@ -126,3 +126,10 @@ def test_eval_uses_the_fuser_it_is_given_with_the_demo_adapters(tmp_path, capsys
     assert cli(["eval", "--fuser", str(missing), "--scenes", "1", "--steps", "1", "--only", "text only"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(missing) in err[0]
+
+
+def test_eval_only_refuses_a_name_that_matches_no_setting(capsys):
+    # "--only sketch --only skech" evaluated sketch alone and left the misspelt row out without a word
+    assert cli(["eval", "--scenes", "1", "--steps", "1", "--only", "sketch", "--only", "skech"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--only 'skech' matches no setting" in err[0] and "'sketch'" in err[0]

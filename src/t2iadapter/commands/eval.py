@@ -97,10 +97,11 @@ def run(args: argparse.Namespace) -> int:
         pipe = AdapterPipeline.from_pretrained(args.base, pairs, fuser=args.fuser, device=device, controlnets=controlnets)
     settings = default_settings(pipe.spatial_names, pipe.fuser is not None, pipe.controlnets)
     if args.only:
+        known = [s.name for s in settings]
+        unknown = [name for name in args.only if name not in known]
+        if unknown:  # a misspelt name among good ones was dropped from the table silently
+            raise ConfigError(f"--only {unknown[0]!r} matches no setting; settings are: {known}")
         settings = [s for s in settings if s.name in args.only]
-        if not settings:
-            known = [s.name for s in default_settings(pipe.spatial_names, True, pipe.controlnets)]
-            raise ConfigError(f"--only matched no setting; settings are: {known}")
     first = args.first_seed if args.first_seed is not None else world.EVAL_SEEDS.start
     scenes = [world.generate(s) for s in range(first, first + args.scenes)]
     rows, _ = evaluate(pipe, scenes, settings, steps=args.steps, guidance_scale=args.guidance, batch=args.batch)
