@@ -51,6 +51,17 @@ def test_palette_and_sixteen_bit_images_read_as_their_rgb_copies(scenes: list[wo
         np.testing.assert_array_equal(metrics.as_rgb(image), expected)
 
 
+def test_transparent_pixels_read_as_white_as_the_extractors_read_them(scenes: list[world.Scene]) -> None:
+    """An RGBA image was scored by the colours under its transparent pixels (alpha dropped, not composited)."""
+    s = scenes[0]
+    rgba = np.dstack([s.image, np.where(s.mask, 255, 0).astype(np.uint8)])
+    rgba[~s.mask, :3] = (230, 30, 30)  # saturated red under the fully transparent background
+    image = Image.fromarray(rgba, "RGBA")
+    expected = np.where(s.mask[..., None], s.image, 255).astype(np.uint8)
+    np.testing.assert_array_equal(metrics.as_rgb(image), expected)
+    assert structure_iou(image, s) >= 0.95 and metrics.spurious_foreground(image, s) < 0.002
+
+
 def test_blank_and_noise_score_low(scenes: list[world.Scene]) -> None:
     rng = np.random.default_rng(0)
     blank = np.full((256, 256, 3), 200, np.uint8)

@@ -26,14 +26,10 @@ MIN_COLOURED_SHARE = 0.25
 def as_rgb(image: Any, size: int | None = None) -> np.ndarray:
     """An RGB uint8 HxWx3 array from a PIL image or array (uint8, or float in [0, 1]), resized to size².
 
-    PIL images are read as the extractors read them: 16-bit grey scaled to 8 bits (`images.eight_bit`), a palette
-    (P) image by its colours, not its indices.
+    PIL images are read as the extractors read them (`images.to_rgb`): 16-bit grey scaled to 8 bits, a palette
+    (P) image by its colours, not its indices, transparency composited on white.
     """
-    if isinstance(image, Image.Image):
-        image = images.eight_bit(image)
-        if image.mode not in ("RGB", "RGBA", "L"):
-            image = image.convert("RGB")
-    arr = np.asarray(image)
+    arr = images.to_rgb(image) if isinstance(image, Image.Image) else np.asarray(image)
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=2)
     if arr.ndim != 3 or arr.shape[2] not in (3, 4):
