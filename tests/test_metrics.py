@@ -32,6 +32,15 @@ def test_accepts_pil_and_other_sizes(scenes: list[world.Scene]) -> None:
     assert colour_accuracy(s.image.astype(np.float32) / 255.0, s) == 1.0
 
 
+def test_other_integer_arrays_are_refused_not_read_as_floats(scenes: list[world.Scene]) -> None:
+    """An int64/uint16 array was read as floats in [0, 1], so every pixel clipped to white and every score was 0."""
+    s = scenes[0]
+    for dtype in (np.int16, np.int64, np.uint16):
+        with pytest.raises(ValueError, match=f"uint8 image or floats in \\[0, 1\\], got dtype {np.dtype(dtype).name}"):
+            structure_iou(s.image.astype(dtype), s)
+    assert metrics.as_rgb(np.ones((2, 2), bool))[0, 0].tolist() == [255, 255, 255]
+
+
 def test_palette_and_sixteen_bit_images_read_as_their_rgb_copies(scenes: list[world.Scene], tmp_path) -> None:
     """A P-mode (indexed) image was scored by its palette indices, 16-bit grey clipped to white."""
     s = scenes[0]

@@ -35,6 +35,9 @@ def as_rgb(image: Any, size: int | None = None) -> np.ndarray:
     if arr.ndim != 3 or arr.shape[2] not in (3, 4):
         raise ValueError(f"expected an RGB image HxWx3, got shape {arr.shape}")
     arr = arr[..., :3]
+    if arr.dtype != np.uint8 and arr.dtype != bool and not np.issubdtype(arr.dtype, np.floating):
+        # int16/int64/uint16 were read as floats in [0, 1]: every pixel clipped to white, every score 0
+        raise ValueError(f"expected a uint8 image or floats in [0, 1], got dtype {arr.dtype}")
     if arr.dtype != np.uint8:
         arr = np.clip(np.asarray(arr, np.float32) * 255.0 + 0.5, 0, 255).astype(np.uint8)
     if size is not None and arr.shape[:2] != (size, size):
