@@ -12,6 +12,7 @@ from t2iadapter.bases import load_base, tiny_adapter_config
 from t2iadapter.errors import ConfigError
 from t2iadapter.formats import ours_to_diffusers
 from t2iadapter.generation.controlnet import controlnet_from_unet
+from t2iadapter.generation.request import AdapterUse, ControlNetUse, GenerationRequest
 from t2iadapter.models import build_adapter
 from t2iadapter.pipeline import AdapterPipeline
 from tiny_models import PROMPT
@@ -215,6 +216,32 @@ def test_fast_mode_with_controlnet_equals_eager_and_windows_never_recompile():
     finally:
         torch._dynamo.reset()
     assert np.abs(first - eager[0]).max() < 1e-4 and np.abs(second - eager[1]).max() < 1e-4
+
+
+def test_warm_up_compiles_the_controlnet_graph_before_the_first_request():
+    """A server's fast-mode warm-up ran the adapters only: the first request with a ControlNet (another UNet graph,
+    with its residuals) compiled while its user waited."""
+    import torch._dynamo.testing
+
+    base = load_base("tiny")  # optimize() takes the base over: not the shared fixture
+    torch.manual_seed(0)
+    pipe = AdapterPipeline(base, {"sketch": build_adapter(tiny_adapter_config(base, 1))},
+                           controlnets={"pose": random_controlnet(base, 6)})
+    sketch = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64), dtype=np.uint8), "L")
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+    try:
+        pipe.optimize(dtype=torch.float32, backend=counter)
+        pipe.warm_up([(64, 64)], [1], batched=True, steps=1)
+        warmed = counter.frame_count
+        sketched = GenerationRequest(PROMPT, (AdapterUse("sketch", sketch),), steps=2, size=(64, 64))
+        posed = GenerationRequest(PROMPT, controlnets=(ControlNetUse("pose", condition(64, 2), 0.8),), steps=2,
+                                  size=(64, 64))
+        for batch in ([sketched], [posed]):
+            pipe.generate_batch(batch)  # as a server's worker runs them
+        assert counter.frame_count == warmed, "a request after the warm-up compiled"
+    finally:
+        torch._dynamo.reset()
 
 
 def test_controlnet_parameters_vs_adapter_on_meta_device():

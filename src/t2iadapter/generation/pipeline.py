@@ -331,7 +331,10 @@ class AdapterPipeline:
                 guidance_scale: float | None = None, steps: int = 2) -> None:
         """Run each size at each number of images once, with every spatial adapter (blank conditions), so fast mode
         compiles (or loads its compiled graphs) before anyone waits; `batched` goes through `generate_batch` (one
-        request repeated), as a server does, else through `generate`."""
+        request repeated), as a server does, else through `generate`. With ControlNets loaded, each size and number
+        of images runs once more with every ControlNet (the UNet then takes their residuals: another graph), as one
+        request of that many images, since a server runs ControlNet requests alone; adapters and ControlNets in one
+        request compile on first use."""
         from t2iadapter.generation.request import defaults
 
         guidance = defaults()["guidance_scale"] if guidance_scale is None else guidance_scale
@@ -347,6 +350,11 @@ class AdapterPipeline:
                     request = GenerationRequest("", uses, steps=steps, size=(w, h), seed=0, num_images=n,
                                                 guidance_scale=guidance)
                     self.generate(request, progress=False)
+            controls = tuple(ControlNetUse(n, Image.new("RGB", (w, h))) for n in self.controlnets)
+            for n in batches if controls else ():
+                request = GenerationRequest("", controlnets=controls, steps=steps, size=(w, h), seed=0, num_images=n,
+                                            guidance_scale=guidance)
+                self.generate_batch([request]) if batched else self.generate(request, progress=False)
 
     def load_lora(self, source: str | os.PathLike | dict, *, scale: float = 1.0, name: str | None = None,
                   **kwargs: Any) -> str:
