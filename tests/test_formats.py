@@ -302,6 +302,17 @@ def test_writers_never_overwrite_silently(tmp_path):
     assert cli(["convert", str(tmp_path / "a.safetensors"), str(tmp_path / "a.safetensors"), "--force"]) == 0
 
 
+
+@pytest.mark.parametrize("name", ["x.safetensors", "x.pth"])
+def test_a_file_format_never_replaces_a_folder(tmp_path, capsys, name):
+    """A folder at a single-file target, even with --force: one line naming it, not os.replace's temp-file error."""
+    (tmp_path / name / "kept").mkdir(parents=True)
+    for force in ([], ["--force"]):
+        assert cli(["convert", "demo/sketch", str(tmp_path / name), *force]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{tmp_path / name} is a folder" in err[0] and ".tmp" not in err[0], err
+    assert (tmp_path / name / "kept").is_dir() and [p.name for p in tmp_path.iterdir()] == [name]
+
 def test_cli_convert_round_trip(tmp_path, capsys):
     m = build_adapter(LightAdapterConfig(channels=TINY, num_res_blocks=2))
     m.save_file(tmp_path / "c.safetensors")

@@ -72,6 +72,12 @@ def _check_target(path: Path, overwrite: bool) -> None:
         raise CheckpointError(f"{path} already exists; choose another name or pass overwrite (--force)")
 
 
+def _check_file_target(path: Path, overwrite: bool) -> None:
+    if path.is_dir():  # even with overwrite: a file never replaces a folder
+        raise CheckpointError(f"{path} is a folder, and this format is one file; name a new file")
+    _check_target(path, overwrite)
+
+
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """`write(tmp)` into a temp file beside `path`, then give it the usual permissions (mkstemp makes it 0600)
     and rename it into place; a failure or a kill never leaves a half-written `path`."""
@@ -109,7 +115,7 @@ def save_single_file(module: AdapterModule, path: str | Path, *, overwrite: bool
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise CheckpointError(f"{path}: our single-file format is safetensors; name it *.safetensors")
-    _check_target(path, overwrite)
+    _check_file_target(path, overwrite)
     _atomic_save_safetensors(module.state_dict(), path, _metadata(module))
     return path
 
@@ -169,7 +175,7 @@ def save_pretrained(module: AdapterModule, directory: str | Path, *, overwrite: 
 def save_original(module: AdapterModule, path: str | Path, *, overwrite: bool = False) -> Path:
     """The original TencentARC layout: a plain tensor dict, as .pth (torch.save) or .safetensors (no config)."""
     path = Path(path)
-    _check_target(path, overwrite)
+    _check_file_target(path, overwrite)
     sd = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     if path.suffix.lower() == ".safetensors":
         _atomic_save_safetensors(sd, path, None)
