@@ -313,6 +313,14 @@ def test_a_file_format_never_replaces_a_folder(tmp_path, capsys, name):
         assert len(err) == 1 and f"{tmp_path / name} is a folder" in err[0] and ".tmp" not in err[0], err
     assert (tmp_path / name / "kept").is_dir() and [p.name for p in tmp_path.iterdir()] == [name]
 
+
+def test_a_light_adapter_diffusers_cannot_hold_says_which_format_can(tmp_path, capsys):
+    """The demo colour adapter's last two channel counts differ: diffusers' light layout cannot hold it, so say what can."""
+    assert cli(["convert", "demo/color", str(tmp_path / "color")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "repeats its last channel count" in err[0] and "--to single" in err[0], err
+    assert not (tmp_path / "color").exists()
+
 def test_cli_convert_round_trip(tmp_path, capsys):
     m = build_adapter(LightAdapterConfig(channels=TINY, num_res_blocks=2))
     m.save_file(tmp_path / "c.safetensors")

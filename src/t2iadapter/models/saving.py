@@ -127,7 +127,8 @@ def diffusers_config(module: AdapterModule) -> dict[str, Any]:
         raise ConfigError(f"diffusers has no {cfg.kind} adapter; save it in our format (--to single)")
     if cfg.kind == "light":
         if len(cfg.channels) < 2 or cfg.channels[-1] != cfg.channels[-2]:
-            raise ConfigError("diffusers' light adapter repeats its last channel count; this one does not")
+            raise ConfigError("diffusers' light adapter repeats its last channel count; this one does not: save it in "
+                              "our format (--to single) or the original one (--to original)")
         channels = cfg.channels[:-1]
     else:
         standard = config_from_diffusers({"adapter_type": DIFFUSERS_TYPES[cfg.kind], "channels": list(cfg.channels),
