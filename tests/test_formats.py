@@ -288,6 +288,18 @@ def test_corrupt_and_wrong_files_give_clear_errors(tmp_path):
         load_adapter("someone/not-a-real-adapter")  # offline in tests
 
 
+
+def test_a_file_that_is_no_adapter_is_named_in_its_error(tmp_path):
+    """With several --adapter files the one line must say which file is not an adapter (it named none)."""
+    files = {"other.safetensors": {"foo": torch.zeros(2)},  # no adapter keys at all
+             "width.safetensors": {"conv_in.weight": torch.zeros(4, 4, 3, 3)},  # a UNet's conv_in: input width 4
+             "stages.safetensors": {"conv_in.weight": torch.zeros(4, 64, 3, 3), "body.0.block1.weight": torch.zeros(2)}}
+    for name, sd in files.items():
+        save_file(sd, str(tmp_path / name))
+        with pytest.raises(CheckpointError) as raised:
+            load_adapter(tmp_path / name)
+        assert str(raised.value).startswith(f"{tmp_path / name}: "), raised.value
+
 def test_writers_never_overwrite_silently(tmp_path):
     m = build_adapter(FullAdapterConfig.sd(1, channels=TINY))
     m.save_file(tmp_path / "a.safetensors")

@@ -293,6 +293,8 @@ def adapter_from_state_dict(sd: StateDict, config: Any = None, *, source: str = 
         except (KeyError, IndexError) as exc:  # a tensor the layout needs is missing, or has too few dimensions
             raise CheckpointError(f"{source}: not an adapter layout this library knows (no config inside, and its "
                                   f"tensors are incomplete or malformed: {type(exc).__name__} {exc})") from None
+        except CheckpointError as exc:  # not an adapter's tensors: say which file (one of several --adapter)
+            raise CheckpointError(f"{source}: {exc}") from None
     if config.kind in DIFFUSERS_TYPES and is_diffusers_layout(sd):
         sd = diffusers_to_ours(sd, config)
     _check_counts(config, sd, source)
