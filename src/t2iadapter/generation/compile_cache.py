@@ -69,8 +69,11 @@ def cache_dir(override: str | os.PathLike | None = None) -> Path:
         folder = Path(os.environ[ENV]).expanduser()
     else:
         folder = user_cache_root() / "t2iadapter" / "compiled"
-    if folder.exists() and not folder.is_dir():  # else a compile's minutes end in "could not write"
-        raise ConfigError(f"compiled-graph cache {folder} is a file; name a folder (--cache-dir or ${ENV})")
+    # a file there or above it (`out.png/cache`): refused now, else a compile's minutes end in "could not write"
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        where = "" if existing == folder else f": {existing}"
+        raise ConfigError(f"compiled-graph cache {folder}{where} is a file; name a folder (--cache-dir or ${ENV})")
     return folder
 
 
