@@ -192,6 +192,20 @@ def test_cli_generate_and_info(base, tmp_path, capsys):
         assert len(err) == 1 and "its t2iadapter chunk is not a JSON object" in err[0], (text, err)
 
 
+
+def test_info_of_a_png_whose_chunk_nests_too_deep_is_one_line(tmp_path, capsys):
+    """JSON nested past Python's recursion limit (a crafted chunk) is a damaged chunk too, not a RecursionError."""
+    from PIL.PngImagePlugin import PngInfo
+
+    from t2iadapter.pngmeta import CHUNK
+
+    meta = PngInfo()
+    meta.add_text(CHUNK, "[" * 100_000 + "]" * 100_000)
+    img(8, 8).save(tmp_path / "deep.png", pnginfo=meta)
+    assert cli(["info", str(tmp_path / "deep.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "its t2iadapter chunk is not a JSON object" in err[0], err
+
 def test_cli_export_base_writes_a_loadable_folder(tmp_path, capsys):
     from t2iadapter.bases import load_base as load
 

@@ -44,7 +44,7 @@ def read_parameters(path: str | Path) -> dict[str, Any]:
         raise T2IAdapterError(f"{path}: carries no t2iadapter generation parameters")
     try:
         params = json.loads(text[CHUNK])
-    except ValueError:
+    except (ValueError, RecursionError):  # (JSON nested past Python's recursion limit)
         params = None
     if not isinstance(params, dict) or not params:
         raise T2IAdapterError(f"{path}: its t2iadapter chunk is not a JSON object of generation parameters "
