@@ -111,6 +111,8 @@ CASES: dict[str, tuple[Callable[[dict[str, Path]], list[str]], str]] = {
     "demo --steps 0": (lambda f: ["demo", "--steps", "0", "--out", str(f["folder"])], "steps must be between"),
     "demo --out a file": (lambda f: ["demo", "--out", str(f["plain"])], "is a file"),
     "compile --cache-dir a file": (lambda f: ["compile", "--base", "tiny", "--size", "64x64", "--device", "cpu", "--cache-dir", str(f["plain"])], "is a file"),
+    "compile --batch past a call's images": (lambda f: ["compile", "--base", "tiny", "--size", "64x64", "--device", "cpu", "--batch", "300"], "--batch must be from 1 to 256"),
+    "compile --guidance nan": (lambda f: ["compile", "--base", "tiny", "--size", "64x64", "--device", "cpu", "--guidance", "nan"], "--guidance must be"),
     "eval --device bogus": (lambda f: ["eval", "--device", "bogus"], "bogus"),
     "serve --device bogus": (lambda f: ["serve", "--device", "bogus", "--port", "1"], "bogus"),
     "serve --port -1": (lambda f: ["serve", "--base", "tiny", "--port", "-1"], "65535"),

@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from t2iadapter.generation.request import SIDE_RANGE
+    from t2iadapter.generation.request import GUIDANCE_RANGE, MAX_IMAGES, SIDE_RANGE
 
     for w, h in args.size:
         if not (SIDE_RANGE[0] <= w <= SIDE_RANGE[1] and SIDE_RANGE[0] <= h <= SIDE_RANGE[1]):
@@ -53,6 +53,11 @@ def run(args: argparse.Namespace) -> int:
     batches = sorted(set(args.batch or [1]))
     if batches[0] < 1:
         raise ConfigError(f"--batch must be at least 1, got {batches[0]}")
+    if not args.serve and batches[-1] > MAX_IMAGES:  # one call's images (the request's own bound), before any loading
+        raise ConfigError(f"--batch must be from 1 to {MAX_IMAGES} images per call, got {batches[-1]}")
+    lo, hi = GUIDANCE_RANGE
+    if args.guidance is not None and not lo <= args.guidance <= hi:  # NaN fails both comparisons
+        raise ConfigError(f"--guidance must be a number from {lo:g} to {hi:g}, got {args.guidance}")
     if args.serve:
         top = batches[-1]
         batches = sorted({1, top} | {2**k for k in range(top.bit_length()) if 2**k <= top})
