@@ -55,6 +55,7 @@ CASES: dict[str, tuple[Callable[[dict[str, Path]], list[str]], str]] = {
     "extract to an unknown suffix": (lambda f: ["extract", "canny", str(f["image"]), str(f["folder"] / "out.xyz")], ".xyz"),
     "extract IN a folder": (lambda f: ["extract", "canny", str(f["folder"]), str(f["folder"] / "o.png")], "is a folder"),
     "extract --output-dir a file": (lambda f: ["extract", "canny", "--input-dir", str(f["image"].parent), "--output-dir", str(f["plain"])], "is a file"),
+    "extract --output-dir under a file": (lambda f: ["extract", "canny", "--input-dir", str(f["image"].parent), "--output-dir", str(f["plain"] / "out")], "plain.txt is a file"),
     "extract pose-json not JSON": (lambda f: ["extract", "pose-json", str(f["plain"]), str(f["folder"] / "o.png")], "plain.txt: not valid JSON"),
     "extract pose-json negative canvas": (lambda f: ["extract", "pose-json", str(f["pose neg"]), str(f["folder"] / "o.png")], "canvas_width must be a whole number of pixels from 1 to 4096, got -5"),
     "extract pose-json NaN keypoint": (lambda f: ["extract", "pose-json", str(f["pose nan"]), str(f["folder"] / "o.png")], "NaN or infinite"),

@@ -150,8 +150,10 @@ def run_batch(extractor: Extractor, args: argparse.Namespace) -> int:
         raise ConfigError(f"no input folder {input_dir}")
     if output_dir.resolve() == input_dir.resolve():
         raise ConfigError("--output-dir must differ from --input-dir")
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ConfigError(f"--output-dir {output_dir} is a file; name a folder")
+    existing = next(p for p in (output_dir, *output_dir.parents) if p.exists())  # a file there or above it
+    if not existing.is_dir():  # (`out.png/conds`: else every image fails alone, after the model loads)
+        where = "" if existing == output_dir else f": {existing}"
+        raise ConfigError(f"--output-dir {output_dir}{where} is a file; name a folder")
     sources = find_inputs(input_dir, extractor.input_suffixes, exclude=output_dir)
     if not sources:
         raise ConfigError(f"no {extractor.input_kind} files ({' '.join(extractor.input_suffixes)}) under {input_dir}")
