@@ -38,6 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_loaded_libraries() -> None:
+    """transformers and diffusers read HF_HUB_DISABLE_PROGRESS_BARS when imported; where main() runs in a process
+    that imported them before (an embedding program, a test run), their loading bars are turned off directly."""
+    for name in ("transformers", "diffusers"):
+        if name in sys.modules:
+            importlib.import_module(f"{name}.utils.logging").disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -50,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.setdefault(var, "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+        quiet_loaded_libraries()  # the variables are read at import: a process that imported them already
         # torchao (the fp8 extra) is imported by diffusers whenever it is installed; its import notices (C++
         # extensions for other torch builds, pytree registrations) and a CUDA build's C++-compile notice on a CPU
         # are not for a person running a command

@@ -88,6 +88,10 @@ def run(args: argparse.Namespace) -> int:
         if condition_of(name) is None:
             raise ConfigError(f"--controlnet {name}: name it after the condition it takes, e.g. controlnet-sketch=PATH "
                               f"(one of {', '.join(CONDITIONS)})")
+    if args.fuser is not None:
+        from t2iadapter.formats import resolve
+
+        resolve(args.fuser)  # a missing file is named before the base loads (whose progress bars would come first)
     device, _ = resolve_device(args.device, None)
     if args.base == DEMO_BASE and not pairs:
         from t2iadapter.demo.loading import demo_pipeline
