@@ -77,6 +77,7 @@ CASES: dict[str, tuple[Callable[[dict[str, Path]], list[str]], str]] = {
     "train --output-dir a file": (lambda f: ["train", "--config", TINY, "--output-dir", str(f["plain"])], "is a file"),
     "train over an earlier run": (lambda f: ["train", "--config", TINY, "--output-dir", str(f["run"])], "--resume"),
     "generate --condition NAME=PATH": (lambda f: ["generate", "--prompt", "x", "--adapter", "sketch=demo/sketch", "--condition", f"sketch={f['image']}", "--out", str(f["folder"] / "o.png")], "conditions take no NAME="),
+    "generate --adapter FUSER": (lambda f: ["generate", "--prompt", "x", "--adapter", "demo/fuser", "--condition", str(f["image"]), "--out", str(f["folder"] / "o.png")], "--fuser to generate"),
     "generate --mask without --init-image": (lambda f: ["generate", "--prompt", "x", "--mask", str(f["image"]), "--out", str(f["folder"] / "o.png")], "--mask needs --init-image"),
     "generate --guidance -1": (lambda f: ["generate", "--prompt", "x", "--guidance", "-1", "--out", str(f["folder"] / "o.png")], "--guidance must be"),
     "generate --out a folder": (lambda f: ["generate", "--base", "tiny", "--prompt", "x", "--out", str(f["folder"])], "folder"),

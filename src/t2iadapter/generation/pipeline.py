@@ -177,7 +177,8 @@ class AdapterPipeline:
             if name in self.adapters:
                 name = f"{name}-{i}"
             if module.kind == "fuser":
-                raise ConfigError(f"{name!r} is a CoAdapter fuser; pass it as fuser=, not among the adapters")
+                raise ConfigError(f"{name!r} is a CoAdapter fuser, not an adapter: pass it as the fuser (fuser= in "
+                                  "Python, --fuser to generate, eval and serve; compile needs none: it runs eagerly)")
             if module.kind == "style":
                 unet_hook.check_style_fits(base.unet, module.config, name)
             else:
