@@ -8,7 +8,8 @@
 #   bash scripts/compare_gpu.sh rest MINUTES FUSER_MINUTES    # seg, depth, pose, colour at once, then the fuser
 #   bash scripts/compare_gpu.sh eval SCENES               # issue 11's table: `t2iadapter eval` of every setting with
 #                                                         # RUN's adapters, fuser and ControlNet (eval-demo.json/.md)
-# Environment: BASE (default: demo, the shipped base, v2 by then), RUN (/root/demo-adapters), BATCH (48), WORKERS (6 DataLoader
+# Environment: BASE (default: demo, the shipped base: v2), INIT (a folder of {name}.safetensors the runs continue
+# from, e.g. src/t2iadapter/assets/demo/adapters; the compare phase continues only where INIT also holds the ControlNet), RUN (/root/demo-adapters), BATCH (48), WORKERS (6 DataLoader
 # workers per run: the compare phase runs one process at a time; `rest` runs four, so give it WORKERS=3), DEVICE (cuda;
 # cpu rehearses `measure` and `eval` on a CPU).
 # What comes back in $OUT (each file under 15 MiB): the fp16 sketch adapter and ControlNet, the script's log with
@@ -25,12 +26,13 @@ OUT=${OUT:-/tmp/out}
 BATCH=${BATCH:-48}
 WORKERS=${WORKERS:-6}
 DEVICE=${DEVICE:-cuda}
+init=(); [ -n "${INIT:-}" ] && init=(--init "$INIT")
 mkdir -p "$RUN" "$OUT"
 phase=$1; shift
 case $phase in
     train)
         python3 scripts/train_demo_adapters.py --base "$BASE" --out "$RUN" --controlnet-sketch --phases compare \
-            --compare-minutes "$1" --batch "$BATCH" --workers "$WORKERS" 2>&1 | tee "$OUT/compare_train.log" | tail -8
+            "${init[@]}" --compare-minutes "$1" --batch "$BATCH" --workers "$WORKERS" 2>&1 | tee "$OUT/compare_train.log" | tail -8
         mkdir -p "$OUT/adapters" "$OUT/controlnets" "$OUT/runs"
         cp "$RUN/adapters/sketch.safetensors" "$OUT/adapters/"
         cp "$RUN/controlnets/controlnet-sketch.safetensors" "$OUT/controlnets/"
@@ -54,7 +56,7 @@ case $phase in
         cp "$OUT/eval-demo.json" "$RUN/" ;;
     rest)
         python3 scripts/train_demo_adapters.py --base "$BASE" --out "$RUN" --controlnet-sketch --phases adapters,fuser \
-            --minutes "$1" --fuser-minutes "$2" --batch "$BATCH" --workers "$WORKERS" 2>&1 | tee "$OUT/rest_train.log" | tail -8
+            "${init[@]}" --minutes "$1" --fuser-minutes "$2" --batch "$BATCH" --workers "$WORKERS" 2>&1 | tee "$OUT/rest_train.log" | tail -8
         mkdir -p "$OUT/adapters" && cp "$RUN"/adapters/*.safetensors "$OUT/adapters/" && cp "$RUN/adapters_log.json" "$OUT/" ;;
     *)
         echo "usage: $0 train MINUTES | measure SCENES | rest MINUTES FUSER_MINUTES | eval SCENES" >&2; exit 2 ;;
