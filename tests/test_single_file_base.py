@@ -105,6 +105,18 @@ def test_ldm_single_file_loads_offline_with_config_dir(tmp_path):
     assert pipe.base.source == str(tmp_path / "model.safetensors")
 
 
+def test_a_single_file_named_in_upper_case_loads_as_the_lower_case_one(tmp_path):
+    """`MODEL.SAFETENSORS` was refused by the suffix check, and diffusers alone reads it with torch.load."""
+    base = load_base("tiny")
+    write_ldm_checkpoint(base, tmp_path)
+    upper = (tmp_path / "model.safetensors").rename(tmp_path / "MODEL.SAFETENSORS")
+    loaded = load_base(upper, config_dir=tmp_path / "configs")
+    for name in ("unet", "vae", "text_encoder"):
+        ours, theirs = getattr(loaded, name).state_dict(), getattr(base, name).state_dict()
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs), name
+    assert loaded.source == str(upper) and sorted(p.name for p in tmp_path.iterdir()) == ["MODEL.SAFETENSORS", "configs"]
+
+
 def test_a_dtype_loads_folders_and_single_files_without_deprecation_warnings(tmp_path):
     """diffusers ≥ 0.40 warns on `torch_dtype`: the keyword follows the installed version; the weights come cast."""
     base = load_base("tiny")

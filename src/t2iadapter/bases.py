@@ -6,9 +6,12 @@ A base is whatever diffusers can load: a pipeline folder, a single-file checkpoi
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -129,6 +132,23 @@ def _from_pipeline(pipe, source: str) -> BaseModel:
                      tokenizer_2=getattr(pipe, "tokenizer_2", None), source=source)
 
 
+@contextlib.contextmanager
+def _lower_case_suffix(path: Path) -> Iterator[Path]:
+    """`path`, or a link to it whose suffix is lower case: diffusers reads a single file as safetensors only by
+    its lower-case suffix (`MODEL.SAFETENSORS` went to torch.load). The weights are read while the link lives."""
+    if path.suffix == path.suffix.lower():
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="t2iadapter-base-") as folder:
+        link = Path(folder) / (path.stem + path.suffix.lower())
+        try:
+            link.symlink_to(path.resolve())
+        except OSError as exc:  # no symlinks here (Windows without the privilege)
+            raise CheckpointError(f"{path}: rename it to {link.name} (diffusers reads the suffix in lower case; "
+                                  f"a link could not be made: {exc.strerror})") from None
+        yield link
+
+
 def _single_file_is_sdxl(path: Path) -> bool:
     """SDXL checkpoints carry a second text encoder under `conditioner.embedders.1`."""
     if path.suffix.lower() == ".safetensors":
@@ -188,11 +208,12 @@ def load_base(
                 extra = {} if cls is StableDiffusionXLPipeline else dict(safety_checker=None, requires_safety_checker=False)
                 pipe = cls.from_pretrained(path, **extra, **kwargs)
             elif path.is_file():
-                if path.suffix not in (".safetensors", ".ckpt", ".pt", ".pth"):
+                if path.suffix.lower() not in (".safetensors", ".ckpt", ".pt", ".pth"):
                     raise CheckpointError(f"{path}: a base checkpoint is a folder, .safetensors or .ckpt")
                 cls = StableDiffusionXLPipeline if _single_file_is_sdxl(path) else StableDiffusionPipeline
                 sf = dict(config=str(config_dir), local_files_only=True) if config_dir else {}
-                pipe = cls.from_single_file(str(path), **sf, **kwargs)
+                with _lower_case_suffix(path) as named:
+                    pipe = cls.from_single_file(str(named), **sf, **kwargs)
             else:
                 raise CheckpointError(f"{text}: no such base model folder or file, and not a preset ({', '.join(PRESETS)})")
         except CheckpointError:
